@@ -1,0 +1,21 @@
+"""The three RELICT levels: voxel (NCC), feature (cosine of embeddings), segmentation (Dice)."""
+
+from .base import Level, Nearest
+from .feature import FeatureLevel
+from .segmentation import SegmentationLevel
+from .voxel import VoxelLevel
+
+__all__ = ["Level", "Nearest", "VoxelLevel", "FeatureLevel", "SegmentationLevel", "level_from_config"]
+
+
+def level_from_config(config: dict) -> Level:
+    """Rebuild a level from its saved config, where that needs no user object (extractor, segmenter, mask)."""
+    kind = config.get("type")
+    if kind == "VoxelLevel":
+        return VoxelLevel.from_config(config)
+    if kind == "SegmentationLevel":
+        return SegmentationLevel.from_config(config)
+    if kind == "FeatureLevel":
+        raise ValueError(f"this bank has a feature level {config['name']!r} ({config['model']}): pass "
+                         "levels=[..., FeatureLevel(extractor=...)] to load it")
+    raise ValueError(f"unknown level type {kind!r} in bank manifest")

@@ -1,0 +1,114 @@
+"""The level protocol: turn images into bank rows, and find each query's most similar bank row.
+
+A level has a ``name`` (its key in reports and metric names), a JSON ``config()`` (part of the bank
+fingerprint, and enough to rebuild it with ``from_config`` where no user object is involved), an ``embed``
+that turns a batch of validated items into named row arrays (first axis = item), and a ``nearest`` that
+scores query rows against bank rows, **larger = more similar**, as matrix products over bank chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..items import Item
+
+DEFAULT_GRID = {2: (128, 128), 3: (64, 64, 64)}
+
+
+@dataclass
+class Nearest:
+    """Per query: best similarity, index of the bank item, and the transform under which it matched."""
+
+    similarity: np.ndarray
+    index: np.ndarray
+    transform: list[str]
+
+
+class Level(ABC):
+    """Base class of the RELICT levels (voxel, feature, segmentation)."""
+
+    name: str
+
+    @abstractmethod
+    def config(self) -> dict:
+        """JSON-serialisable configuration; ``type`` names the class."""
+
+    @abstractmethod
+    def embed(self, items: list[Item], device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+        """Row arrays for a batch of items, each with the batch as first axis."""
+
+    @abstractmethod
+    def nearest(self, query: dict[str, torch.Tensor], bank: dict[str, np.ndarray], *,
+                exclude: torch.Tensor | None = None, index=None) -> Nearest:
+        """Most similar bank item per query; ``exclude[q]`` is a bank index query ``q`` may not match."""
+
+    def build_index(self, bank: dict[str, np.ndarray], kind: str):
+        """A faiss index over the bank rows, for levels whose similarity is a dot product (else None)."""
+        return None
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({params})"
+
+
+def resolve_grid(grid, ndim: int) -> tuple[int, ...]:
+    """The target grid for images with ``ndim`` spatial dims (``None`` -> 128² / 64³, an int -> isotropic)."""
+    if grid is None:
+        return DEFAULT_GRID[ndim]
+    if isinstance(grid, int):
+        return (grid,) * ndim
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != ndim:
+        raise ValueError(f"grid {grid} has {len(grid)} dims but the images have {ndim} spatial dims")
+    return grid
+
+
+def resample(image: torch.Tensor, grid: tuple[int, ...], *, nearest: bool = False) -> torch.Tensor:
+    """Resample ``[C, *spatial]`` to ``[C, *grid]``: area averaging when shrinking, linear when growing,
+    nearest-neighbour for label maps."""
+    if tuple(image.shape[1:]) == grid:
+        return image
+    batch = image[None].float()
+    if nearest:
+        return F.interpolate(batch, size=grid, mode="nearest-exact")[0]
+    if all(g <= s for g, s in zip(grid, image.shape[1:])):
+        return F.adaptive_avg_pool3d(batch, grid)[0] if len(grid) == 3 else F.adaptive_avg_pool2d(batch, grid)[0]
+    mode = "trilinear" if len(grid) == 3 else "bilinear"
+    return F.interpolate(batch, size=grid, mode=mode, align_corners=False)[0]
+
+
+@torch.no_grad()
+def call_model(model, images: torch.Tensor, device) -> torch.Tensor:
+    """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients."""
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+        device = next(module.parameters(), torch.empty(0, device=device)).device
+    try:
+        out = model(images.to(device))
+    finally:
+        if was_training:
+            module.train()
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != images.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{type(model).__name__} returned {shape} for a batch of {images.shape[0]} images")
+    return out
+
+
+def model_digest(model) -> dict:
+    """Identify a user model for the bank fingerprint: its class and, for modules, a hash of its weights."""
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if not isinstance(model, torch.nn.Module):
+        return {"model": getattr(model, "__qualname__", kind), "weights": None}
+    digest = hashlib.blake2b(digest_size=8)
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"model": kind, "weights": digest.hexdigest()}

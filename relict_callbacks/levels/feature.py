@@ -1,0 +1,66 @@
+"""Feature level: cosine similarity of encoder embeddings to the nearest training image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..items import Item, ItemError
+from ..search import FaissIndex, inner_product_topk
+from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+
+
+class FeatureLevel(Level):
+    """Cosine similarity between encoder embeddings of a sample and of its nearest training image.
+
+    Args:
+        extractor: an ``nn.Module`` or callable mapping ``[B, C, *spatial]`` to ``[B, D]`` (extra trailing
+            dims are flattened). Modules are run in eval mode under ``torch.no_grad``.
+        grid: resample every image to this grid before the extractor (default: keep the input size; items of
+            different sizes are then embedded one at a time).
+        name: the level's key in reports and metrics (change it to use two extractors side by side).
+
+    >>> import torch
+    >>> from relict_callbacks.items import Item
+    >>> level = FeatureLevel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)))
+    >>> rows = level.embed([Item(torch.rand(1, 8, 8), None, "a"), Item(torch.rand(1, 8, 8), None, "b")])
+    >>> rows["rows"].shape
+    (2, 8)
+    """
+
+    def __init__(self, extractor, grid=None, name: str = "feature") -> None:
+        if not callable(extractor):
+            raise TypeError(f"FeatureLevel extractor must be an nn.Module or callable, got {type(extractor).__name__}")
+        self.extractor, self.grid, self.name = extractor, grid, name
+
+    def config(self) -> dict:
+        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        return {"type": "FeatureLevel", "name": self.name, **model_digest(self.extractor), "grid": grid}
+
+    def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
+        if self.grid is not None:
+            grid = resolve_grid(self.grid, items[0].image.ndim - 1)
+            groups = [[resample(item.image, grid) for item in items]]
+        elif len({tuple(item.image.shape) for item in items}) == 1:
+            groups = [[item.image for item in items]]
+        else:
+            groups = [[item.image] for item in items]
+        features = torch.cat([call_model(self.extractor, torch.stack(group), device).flatten(1).float().cpu()
+                              for group in groups])
+        norms = features.norm(dim=1)
+        for item, norm, finite in zip(items, norms.tolist(), torch.isfinite(features).all(dim=1).tolist()):
+            if not finite or norm == 0:
+                problem = "NaN/Inf" if not finite else "an all-zero"
+                raise ItemError(f"item {item.id!r}: the feature extractor returned {problem} embedding")
+        return {"rows": (features / norms[:, None]).numpy()}
+
+    def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
+        q = query["rows"].float()
+        values, indices = index.search(q, 1) if index is not None else inner_product_topk(
+            q, bank["rows"], 1, exclude=exclude)
+        return Nearest(values[:, 0].cpu().numpy(), indices[:, 0].cpu().numpy(), ["identity"] * len(q))
+
+    def build_index(self, bank, kind: str) -> FaissIndex:
+        index = FaissIndex(kind)
+        index.add(bank["rows"])
+        return index

@@ -1,0 +1,231 @@
+"""Voxel level: normalized cross-correlation (NCC) to the nearest training image, tolerant to the mirrored and
+slightly shifted copies that generators trained with flip/shift augmentation emit.
+
+Images are resampled to a common grid and z-scored per channel, so NCC is a dot product divided by the voxel
+count. Search runs in three steps:
+
+1. exact NCC top-k against the whole bank (one chunked matmul: the cost of plain NCC);
+2. a thumbnail search (grid / 4 per axis) of the query and its mirror images, whose top-k adds candidates that
+   plain NCC ranks low because they are mirrored or shifted (a thumbnail barely notices a shift of a few voxels);
+3. the candidates are re-scored under every flip and every integer shift up to ``max_shift``: first at half
+   resolution, then at full resolution around the best half-resolution shift.
+
+The similarity reported is the full-resolution NCC of the best (candidate, flip, shift), and the record says
+which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image mirrored along spatial
+axis 0 and displaced by that many grid voxels).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..items import Item, ItemError
+from ..search import FaissIndex, inner_product_topk
+from .base import Level, Nearest, resample, resolve_grid
+
+LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
+THUMBNAIL_FACTOR = 4
+REFINE_CANDIDATES = 3
+
+
+def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool ``[B, C, *spatial]`` by ``factor`` per axis."""
+    return F.avg_pool3d(x, factor) if x.ndim == 5 else F.avg_pool2d(x, factor)
+
+
+def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of ``[B, C, *spatial]`` per image and channel over the voxels in ``mask``."""
+    dims = tuple(range(2, x.ndim))
+    if mask is None:
+        return x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True, unbiased=False)
+    count = mask.sum()
+    mean = (x * mask).sum(dim=dims, keepdim=True) / count
+    return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
+
+
+def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None)."""
+    mean, std = _moments(x, mask)
+    return (x - mean) / std.clamp_min(1e-12)
+
+
+class VoxelLevel(Level):
+    """NCC between a sample and its nearest training image, robust to mirroring and small shifts.
+
+    Args:
+        grid: common grid every image is resampled to (default 128² for 2D, 64³ for 3D; an int means isotropic).
+        mask: optional boolean array on ``grid``; only voxels inside it count (e.g. exclude a scanner table).
+        max_shift: largest translation, in grid voxels per axis, under which candidates are re-scored
+            (0 disables the shift search).
+        flips: spatial axes to mirror along: ``"lr"`` (default: left-right, i.e. axis 1 of a 2D ``[C, H, W]``
+            slice and axis 0 of a 3D RAS ``[C, X, Y, Z]`` volume), ``"all"``, a tuple of axes, or ``()``.
+        top_k: candidates taken from the exact search and from each thumbnail search.
+
+    >>> import torch
+    >>> from relict_callbacks.items import Item
+    >>> level = VoxelLevel(grid=32)
+    >>> rows = level.embed([Item(torch.rand(1, 40, 40), None, "a"), Item(torch.rand(1, 40, 40), None, "b")])
+    >>> query = {k: torch.from_numpy(v[:1]).float() for k, v in rows.items()}
+    >>> level.nearest(query, rows).index.tolist()
+    [0]
+    """
+
+    name = "voxel"
+
+    def __init__(self, grid=None, mask=None, max_shift: int = 3, flips="lr", top_k: int = 5) -> None:
+        if isinstance(flips, str) and flips not in ("lr", "all"):
+            raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
+        if max_shift < 0 or top_k < 1:
+            raise ValueError("max_shift must be >= 0 and top_k >= 1")
+        self.grid = grid
+        self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
+        self.max_shift = int(max_shift)
+        self.flips = flips if isinstance(flips, str) else tuple(int(a) for a in flips)
+        self.top_k = int(top_k)
+
+    def config(self) -> dict:
+        mask_digest = None
+        if self.mask is not None:
+            import hashlib
+
+            mask_digest = hashlib.blake2b(self.mask.numpy().tobytes(), digest_size=8).hexdigest()
+        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
+                "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k}
+
+    @classmethod
+    def from_config(cls, config: dict) -> VoxelLevel:
+        if config.get("mask"):
+            raise ValueError("this bank's voxel level uses a mask: pass levels=[VoxelLevel(mask=...), ...] to load it")
+        return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"])
+
+    # -- geometry -----------------------------------------------------------------------------------------
+    def _mask(self, grid: tuple[int, ...], factor: int = 1) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if tuple(self.mask.shape) != grid:
+            raise ValueError(f"VoxelLevel mask has shape {tuple(self.mask.shape)}, the grid is {grid}")
+        mask = self.mask[None, None].float()
+        return (mask if factor == 1 else _pool(mask, factor)).gt(0.5).float()
+
+    def flip_axes(self, ndim: int) -> list[int]:
+        """The spatial axes mirrored during the search, for images with ``ndim`` spatial dims."""
+        if self.flips == "lr":
+            return [LR_AXIS[ndim]]
+        if self.flips == "all":
+            return list(range(ndim))
+        return list(self.flips)
+
+    # -- embedding ----------------------------------------------------------------------------------------
+    def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
+        ndim = items[0].image.ndim - 1
+        grid = resolve_grid(self.grid, ndim)
+        mask = self._mask(grid)
+        mask = None if mask is None else mask.to(device)
+        batch = torch.stack([resample(item.image.to(device), grid) for item in items])
+        _, std = _moments(batch, mask)
+        scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
+        for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
+            if constant:
+                raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
+        rows = _standardize(batch, mask)
+        factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
+        thumb_mask = self._mask(grid, factor)
+        thumbs = _standardize(_pool(rows, factor), None if thumb_mask is None else thumb_mask.to(device))
+        return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
+
+    # -- search -------------------------------------------------------------------------------------------
+    def _orientations(self, ndim: int) -> list[tuple[int, ...]]:
+        return [()] + [(axis,) for axis in self.flip_axes(ndim)]
+
+    def _query_form(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Standardized, masked, divided by the voxel count and flattened: ``query_form @ rows.T`` is NCC."""
+        z = _standardize(x, mask)
+        count = x[0].numel() if mask is None else mask.sum() * x.shape[1]
+        return (z if mask is None else z * mask).flatten(1) / count
+
+    def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
+        rows, thumbs = bank["rows"], bank["thumbs"]
+        q = query["rows"].float()
+        n, ndim = len(rows), q.ndim - 2
+        grid, device = tuple(q.shape[2:]), q.device
+        mask = None if self._mask(grid) is None else self._mask(grid).to(device)
+        flat_rows, flat_thumbs = rows.reshape(n, -1), thumbs.reshape(n, -1)
+        k = min(self.top_k, n - (exclude is not None))
+
+        plain = self._query_form(q, mask)
+        if index is not None:
+            values, indices = index.search(plain, k)
+        else:
+            values, indices = inner_product_topk(plain, flat_rows, k, exclude=exclude)
+        candidates = [set(i.tolist()) - {-1} for i in indices]
+        factor = grid[0] // thumbs.shape[2]
+        thumb_mask = None if mask is None else self._mask(grid, factor).to(device)
+        for flip in self._orientations(ndim):
+            tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
+            for cand, idx in zip(candidates, inner_product_topk(tq, flat_thumbs, k, exclude=exclude)[1]):
+                cand.update(idx.tolist())
+
+        best, best_index = values[:, 0].clone(), indices[:, 0].clone()
+        transforms = ["identity"] * len(q)
+        if self.max_shift > 0 or len(self._orientations(ndim)) > 1:
+            for i, cand in enumerate(candidates):
+                cand = sorted(cand)
+                refs = torch.from_numpy(np.ascontiguousarray(rows[cand])).to(device).float()
+                sim, j, transform = self._rescore(q[i], refs, mask)
+                if sim > best[i]:
+                    best[i], best_index[i], transforms[i] = sim, cand[j], transform
+        return Nearest(best.cpu().numpy(), best_index.cpu().numpy(), transforms)
+
+    def build_index(self, bank, kind: str) -> FaissIndex:
+        index = FaissIndex(kind)
+        index.add(bank["rows"].reshape(len(bank["rows"]), -1))
+        return index
+
+    def _crops(self, image: torch.Tensor, shifts: list[tuple[int, ...]], pad: int) -> torch.Tensor:
+        """``[S, C, *grid]`` views of ``image`` ``[C, *grid]`` displaced by each shift (edge-replicated)."""
+        grid = image.shape[1:]
+        padded = F.pad(image[None], (pad,) * (2 * len(grid)), mode="replicate")[0] if pad else image
+        return torch.stack([
+            padded[(slice(None),) + tuple(slice(pad + s, pad + s + g) for s, g in zip(shift, grid))]
+            for shift in shifts
+        ])
+
+    def _rescore(self, query: torch.Tensor, refs: torch.Tensor, mask) -> tuple[float, int, str]:
+        """Best full-resolution NCC of ``query`` [C, *grid] against ``refs`` [M, C, *grid] over flips and shifts."""
+        ndim = query.ndim - 1
+        half_mask = None if mask is None else self._mask(tuple(query.shape[1:]), 2).to(query.device)
+        half_refs = _standardize(_pool(refs, 2), half_mask).flatten(1)
+        half_reach = (self.max_shift + 1) // 2
+        half_shifts = list(itertools.product(range(-half_reach, half_reach + 1), repeat=ndim))
+        coarse = []  # (half-res NCC, candidate, flip, half-res shift)
+        for flip in self._orientations(ndim):
+            oriented = query.flip([1 + a for a in flip])
+            half_query = _pool(oriented[None], 2)[0]
+            scores = self._query_form(self._crops(half_query, half_shifts, half_reach), half_mask) @ half_refs.T
+            best_shift = scores.argmax(dim=0)
+            coarse += [(float(scores[s, m]), m, flip, half_shifts[s]) for m, s in enumerate(best_shift.tolist())]
+        coarse.sort(key=lambda entry: -entry[0])
+        best = (-np.inf, 0, "identity")
+        for _, m, flip, half_shift in coarse[:REFINE_CANDIDATES]:
+            shifts = sorted({
+                tuple(max(-self.max_shift, min(self.max_shift, 2 * h + d)) for h, d in zip(half_shift, delta))
+                for delta in itertools.product((-1, 0, 1), repeat=ndim)
+            })
+            oriented = query.flip([1 + a for a in flip])
+            scores = self._query_form(self._crops(oriented, shifts, self.max_shift), mask) @ refs[m].flatten()
+            s = int(scores.argmax())
+            if float(scores[s]) > best[0]:
+                best = (float(scores[s]), m, _describe(flip, shifts[s]))
+        return best
+
+
+def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
+    parts = [f"flip{flip[0]}"] if flip else []
+    if any(shift):
+        parts.append("shift(" + ",".join(map(str, shift)) + ")")
+    return "+".join(parts) or "identity"

@@ -1,0 +1,211 @@
+"""ReplicaScorer: score synthetic samples against a ReferenceBank; ReplicaReport: what was found."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from .atomic import atomic_write
+from .bank import ReferenceBank
+from .items import ItemError, iter_batches, iter_raw
+
+RULES = ("any", "all", "majority")
+
+
+@dataclass
+class LevelMatch:
+    """One sample at one level: similarity to its nearest training image, which one, and the verdict."""
+
+    similarity: float
+    nearest_id: str
+    nearest_index: int
+    is_replica: bool
+    transform: str = "identity"
+
+
+@dataclass
+class SampleRecord:
+    """One sample: its per-level matches and the overall verdict under the scorer's rule."""
+
+    index: int
+    id: str
+    is_replica: bool
+    levels: dict[str, LevelMatch]
+
+
+@dataclass
+class RankTest:
+    """Dataset-level test that samples sit closer to the training set than unseen patients do (Wilcoxon
+    rank-sum, one-sided): ``z`` > 0 means closer; ``p`` is its p-value."""
+
+    z: float
+    p: float
+
+
+@dataclass
+class ReplicaReport:
+    """Result of :meth:`ReplicaScorer.score`."""
+
+    records: list[SampleRecord]
+    thresholds: dict[str, float]
+    rule: str
+    alpha: float
+    null_source: str
+    tests: dict[str, RankTest]
+    nulls: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def replica_rate(self) -> float:
+        """Fraction of samples flagged as replicas under ``rule``."""
+        return float(np.mean([r.is_replica for r in self.records]))
+
+    @property
+    def level_rates(self) -> dict[str, float]:
+        """Fraction of samples flagged at each level."""
+        return {name: float(np.mean([r.levels[name].is_replica for r in self.records])) for name in self.thresholds}
+
+    def similarities(self, level: str) -> np.ndarray:
+        """Nearest-training similarity of every sample at ``level``."""
+        return np.array([r.levels[level].similarity for r in self.records])
+
+    def metrics(self, prefix: str = "relict") -> dict[str, float]:
+        """Flat metrics with the keys the callbacks log (``relict/replica_rate``, ``relict/voxel/copy_z``, ...)."""
+        out = {f"{prefix}/replica_rate": self.replica_rate}
+        for name, rate in self.level_rates.items():
+            sims = self.similarities(name)
+            out.update({f"{prefix}/{name}/replica_rate": rate, f"{prefix}/{name}/nn_similarity_mean": float(sims.mean()),
+                        f"{prefix}/{name}/nn_similarity_max": float(sims.max()),
+                        f"{prefix}/{name}/copy_z": self.tests[name].z})
+        return out
+
+    def to_dict(self) -> dict:
+        null_summary = {name: {"n": int(len(v)), "mean": float(np.mean(v)), "max": float(np.max(v))}
+                        for name, v in self.nulls.items()}
+        return {"replica_rate": self.replica_rate, "level_rates": self.level_rates, "thresholds": self.thresholds,
+                "rule": self.rule, "alpha": self.alpha, "null_source": self.null_source, "null": null_summary,
+                "tests": {name: asdict(test) for name, test in self.tests.items()},
+                "records": [asdict(record) for record in self.records]}
+
+    def to_json(self, path) -> None:
+        """Write the whole report (summary, tests, per-sample records) as JSON, atomically."""
+        with atomic_write(path) as file:
+            json.dump(self.to_dict(), file, indent=1)
+
+    def to_csv(self, path) -> None:
+        """Write one row per sample: verdict, then per level similarity, nearest id, transform and flag."""
+        names = list(self.thresholds)
+        header = ["index", "id", "is_replica"] + [f"{n}_{c}" for n in names
+                                                  for c in ("similarity", "nearest_id", "transform", "is_replica")]
+        with atomic_write(path, newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            for r in self.records:
+                row = [r.index, r.id, r.is_replica]
+                for n in names:
+                    m = r.levels[n]
+                    row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, m.is_replica]
+                writer.writerow(row)
+
+    def summary(self) -> str:
+        """A few readable lines: overall rate, then per level rate, threshold, nearest similarity and test."""
+        lines = [f"replica rate {self.replica_rate:.3f} ({sum(r.is_replica for r in self.records)}/"
+                 f"{len(self.records)} samples, rule={self.rule}, null={self.null_source}, alpha={self.alpha})"]
+        for name, rate in self.level_rates.items():
+            sims, test = self.similarities(name), self.tests[name]
+            lines.append(f"  {name:<13} rate {rate:.3f}  threshold {self.thresholds[name]:.4f}  "
+                         f"nn-similarity mean {sims.mean():.4f} max {sims.max():.4f}  copy z {test.z:+.2f} (p={test.p:.2g})")
+        return "\n".join(lines)
+
+
+class ReplicaScorer:
+    """Score synthetic samples against a :class:`ReferenceBank` at every level of the bank.
+
+    Args:
+        bank: the reference bank (training set embedded per level, with calibration nulls).
+        alpha: false-positive rate the default thresholds aim at: a level's threshold is the ``1 - alpha``
+            quantile of its null (unseen patients -> nearest training image).
+        rule: ``"any"``, ``"all"`` or ``"majority"`` of the levels must flag a sample for it to be a replica.
+        thresholds: explicit ``{level: threshold}`` overriding the calibrated ones.
+        search: ``"exact"`` (chunked matmul) or a faiss index kind (``"flat"``, ``"ivf"``, ``"hnsw"``) for the
+            dot-product levels (voxel, feature); the segmentation level always searches exactly.
+        batch_size, device: how samples are streamed and where they are embedded and searched.
+
+    >>> import relict_callbacks as rc
+    >>> train = rc.data.make_phantoms(10, ndim=2, size=32)
+    >>> bank = rc.ReferenceBank.build(train, levels=[rc.VoxelLevel(grid=32)], progress=False)
+    >>> copy = rc.data.make_replica(train[3], "noise")
+    >>> report = rc.ReplicaScorer(bank, alpha=0.1).score([copy])
+    >>> report.records[0].levels["voxel"].nearest_id, report.replica_rate
+    ('head_ct-0003', 1.0)
+    """
+
+    def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
+                 search: str = "exact", batch_size: int = 16, device="cpu") -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        names = [level.name for level in bank.levels]
+        unknown = set(thresholds or {}) - set(names)
+        if unknown:
+            raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
+        self.bank, self.alpha, self.rule, self.batch_size, self.device = bank, alpha, rule, batch_size, device
+        self.thresholds = {name: float((thresholds or {}).get(name, self._calibrated(name))) for name in names}
+        self.indexes = {}
+        if search != "exact":
+            self.indexes = {level.name: level.build_index(bank.arrays[level.name], search) for level in bank.levels}
+
+    def _calibrated(self, name: str) -> float:
+        null = self.bank.nulls[name]
+        if len(null) < 1 / self.alpha:
+            warnings.warn(f"level {name!r}: the null has {len(null)} values, too few to resolve alpha={self.alpha}; "
+                          "its threshold is the null maximum (use a larger holdout or training set)", stacklevel=3)
+        return float(np.quantile(null, 1 - self.alpha, method="higher"))
+
+    def _samples(self, samples, labels):
+        if labels is None:
+            return samples
+        return ({"image": image, "label": label, "id": item_id}
+                for (image, _, item_id), label in zip(iter_raw(samples), labels, strict=True))
+
+    def score(self, samples, labels=None) -> ReplicaReport:
+        """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks
+        for them (for the segmentation level), aligned with the samples."""
+        sims = {level.name: [] for level in self.bank.levels}
+        indices = {level.name: [] for level in self.bank.levels}
+        transforms = {level.name: [] for level in self.bank.levels}
+        ids = []
+        for batch in iter_batches(self._samples(samples, labels), self.batch_size, name="sample"):
+            for item in batch:
+                self.bank.check_compatible(item.image, f"sample {len(ids)}")
+                ids.append(item.id)
+            for level in self.bank.levels:
+                found = self.bank.nearest(level, level.embed(batch, self.device), self.device,
+                                          index=self.indexes.get(level.name))
+                sims[level.name].append(found.similarity)
+                indices[level.name].append(found.index)
+                transforms[level.name] += found.transform
+        if not ids:
+            raise ItemError("no samples to score")
+        sims = {name: np.concatenate(parts) for name, parts in sims.items()}
+        indices = {name: np.concatenate(parts) for name, parts in indices.items()}
+        records = []
+        for i, sample_id in enumerate(ids):
+            levels = {}
+            for name in sims:
+                sim, j = float(sims[name][i]), int(indices[name][i])
+                levels[name] = LevelMatch(sim, self.bank.ids[j], j, sim > self.thresholds[name], transforms[name][i])
+            flags = [m.is_replica for m in levels.values()]
+            verdict = {"any": any(flags), "all": all(flags), "majority": sum(flags) > len(flags) / 2}[self.rule]
+            records.append(SampleRecord(i, sample_id, verdict, levels))
+        tests = {}
+        for name, null in self.bank.nulls.items():
+            result = stats.ranksums(sims[name], null, alternative="greater")
+            tests[name] = RankTest(float(result.statistic), float(result.pvalue))
+        return ReplicaReport(records, dict(self.thresholds), self.rule, self.alpha, self.bank.null_source, tests,
+                             {name: np.asarray(null) for name, null in self.bank.nulls.items()})
