@@ -307,7 +307,8 @@ class ReferenceBank:
 
 
 def _memmap_npz(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every array member of an uncompressed ``.npz`` (as written by ``np.savez``)."""
+    """Memory-map every array member of an uncompressed ``.npz`` (as written by ``np.savez``), copy-on-write:
+    writable in memory (as torch wants), never written back to the file."""
     out = {}
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as file:
@@ -328,7 +329,7 @@ def _memmap_npz(path: Path) -> dict[str, np.ndarray]:
                 if int(np.prod(shape)) == 0:
                     out[key] = np.empty(shape, dtype)
                 else:
-                    out[key] = np.memmap(path, dtype=dtype, mode="r", offset=file.tell(), shape=shape,
+                    out[key] = np.memmap(path, dtype=dtype, mode="c", offset=file.tell(), shape=shape,
                                          order="F" if fortran else "C")
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as err:
         if isinstance(err, BankError):

@@ -50,7 +50,7 @@ def chunked_topk(
         if best_values is not None:
             values = torch.cat([best_values, values], dim=1)
             indices = torch.cat([best_indices, indices], dim=1)
-            values, order = values.topk(k, dim=1)
+            values, order = values.topk(min(k, values.shape[1]), dim=1)
             indices = indices.gather(1, order)
         best_values, best_indices = values, indices
     return best_values, best_indices

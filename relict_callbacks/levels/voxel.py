@@ -5,8 +5,9 @@ Images are resampled to a common grid and z-scored per channel, so NCC is a dot 
 count. Search runs in three steps:
 
 1. exact NCC top-k against the whole bank (one chunked matmul: the cost of plain NCC);
-2. a thumbnail search (grid / 4 per axis) of the query and its mirror images, whose top-k adds candidates that
-   plain NCC ranks low because they are mirrored or shifted (a thumbnail barely notices a shift of a few voxels);
+2. a thumbnail search of the query and its mirror images, whose top-k adds candidates that plain NCC ranks low
+   because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the image's intensity
+   centroid, so a translated copy has the same thumbnail as its source;
 3. the candidates are re-scored under every flip and every integer shift up to ``max_shift``: first at half
    resolution, then at full resolution around the best half-resolution shift.
 
@@ -47,6 +48,22 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
 
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """Translate each ``[C, *spatial]`` image of a batch (integer voxels, edge-replicated) so that its intensity
+    centroid sits at the centre of the grid."""
+    out = torch.empty_like(x)
+    for i, image in enumerate(x):
+        weight = image.sum(0) - image.sum(0).min()
+        axes = [torch.arange(n, dtype=x.dtype, device=x.device) for n in image.shape[1:]]
+        grids = torch.meshgrid(*axes, indexing="ij")
+        centroid = [float((g * weight).sum() / weight.sum().clamp_min(1e-12)) for g in grids]
+        offset = [round(c - (n - 1) / 2) for c, n in zip(centroid, image.shape[1:])]
+        pad = max(abs(o) for o in offset)
+        padded = F.pad(image[None], (pad,) * (2 * len(offset)), mode="replicate")[0] if pad else image
+        out[i] = padded[(slice(None),) + tuple(slice(pad + o, pad + o + n) for o, n in zip(offset, image.shape[1:]))]
+    return out
+
+
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None)."""
     mean, std = _moments(x, mask)
@@ -60,7 +77,8 @@ class VoxelLevel(Level):
         grid: common grid every image is resampled to (default 128² for 2D, 64³ for 3D; an int means isotropic).
         mask: optional boolean array on ``grid``; only voxels inside it count (e.g. exclude a scanner table).
         max_shift: largest translation, in grid voxels per axis, under which candidates are re-scored
-            (0 disables the shift search).
+            (0 disables the shift search; default: 5% of the grid's smallest side, i.e. 6 voxels of the 128²
+            grid and 3 of the 64³ grid).
         flips: spatial axes to mirror along: ``"lr"`` (default: left-right, i.e. axis 1 of a 2D ``[C, H, W]``
             slice and axis 0 of a 3D RAS ``[C, X, Y, Z]`` volume), ``"all"``, a tuple of axes, or ``()``.
         top_k: candidates taken from the exact search and from each thumbnail search.
@@ -76,14 +94,14 @@ class VoxelLevel(Level):
 
     name = "voxel"
 
-    def __init__(self, grid=None, mask=None, max_shift: int = 3, flips="lr", top_k: int = 5) -> None:
+    def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="lr", top_k: int = 5) -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
-        if max_shift < 0 or top_k < 1:
+        if (max_shift is not None and max_shift < 0) or top_k < 1:
             raise ValueError("max_shift must be >= 0 and top_k >= 1")
         self.grid = grid
         self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
-        self.max_shift = int(max_shift)
+        self.max_shift = max_shift if max_shift is None else int(max_shift)
         self.flips = flips if isinstance(flips, str) else tuple(int(a) for a in flips)
         self.top_k = int(top_k)
 
@@ -112,6 +130,10 @@ class VoxelLevel(Level):
         mask = self.mask[None, None].float()
         return (mask if factor == 1 else _pool(mask, factor)).gt(0.5).float()
 
+    def shift_reach(self, grid: tuple[int, ...]) -> int:
+        """The largest shift searched on ``grid``."""
+        return max(1, round(0.05 * min(grid))) if self.max_shift is None else self.max_shift
+
     def flip_axes(self, ndim: int) -> list[int]:
         """The spatial axes mirrored during the search, for images with ``ndim`` spatial dims."""
         if self.flips == "lr":
@@ -135,7 +157,7 @@ class VoxelLevel(Level):
         rows = _standardize(batch, mask)
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
         thumb_mask = self._mask(grid, factor)
-        thumbs = _standardize(_pool(rows, factor), None if thumb_mask is None else thumb_mask.to(device))
+        thumbs = _standardize(_pool(_centre(rows), factor), None if thumb_mask is None else thumb_mask.to(device))
         return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
 
     # -- search -------------------------------------------------------------------------------------------
@@ -172,14 +194,14 @@ class VoxelLevel(Level):
 
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         transforms = ["identity"] * len(q)
-        if self.max_shift > 0 or len(self._orientations(ndim)) > 1:
+        if self.shift_reach(grid) > 0 or len(self._orientations(ndim)) > 1:
             for i, cand in enumerate(candidates):
                 cand = sorted(cand)
                 refs = torch.from_numpy(np.ascontiguousarray(rows[cand])).to(device).float()
                 sim, j, transform = self._rescore(q[i], refs, mask)
                 if sim > best[i]:
                     best[i], best_index[i], transforms[i] = sim, cand[j], transform
-        return Nearest(best.cpu().numpy(), best_index.cpu().numpy(), transforms)
+        return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
     def build_index(self, bank, kind: str) -> FaissIndex:
         index = FaissIndex(kind)
@@ -200,7 +222,8 @@ class VoxelLevel(Level):
         ndim = query.ndim - 1
         half_mask = None if mask is None else self._mask(tuple(query.shape[1:]), 2).to(query.device)
         half_refs = _standardize(_pool(refs, 2), half_mask).flatten(1)
-        half_reach = (self.max_shift + 1) // 2
+        reach = self.shift_reach(tuple(query.shape[1:]))
+        half_reach = (reach + 1) // 2
         half_shifts = list(itertools.product(range(-half_reach, half_reach + 1), repeat=ndim))
         coarse = []  # (half-res NCC, candidate, flip, half-res shift)
         for flip in self._orientations(ndim):
@@ -213,11 +236,11 @@ class VoxelLevel(Level):
         best = (-np.inf, 0, "identity")
         for _, m, flip, half_shift in coarse[:REFINE_CANDIDATES]:
             shifts = sorted({
-                tuple(max(-self.max_shift, min(self.max_shift, 2 * h + d)) for h, d in zip(half_shift, delta))
+                tuple(max(-reach, min(reach, 2 * h + d)) for h, d in zip(half_shift, delta))
                 for delta in itertools.product((-1, 0, 1), repeat=ndim)
             })
             oriented = query.flip([1 + a for a in flip])
-            scores = self._query_form(self._crops(oriented, shifts, self.max_shift), mask) @ refs[m].flatten()
+            scores = self._query_form(self._crops(oriented, shifts, reach), mask) @ refs[m].flatten()
             s = int(scores.argmax())
             if float(scores[s]) > best[0]:
                 best = (float(scores[s]), m, _describe(flip, shifts[s]))

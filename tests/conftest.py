@@ -1,0 +1,18 @@
+import numpy as np
+import pytest
+import torch
+
+
+def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1) -> torch.Tensor:
+    """``n`` smooth random images ``[n, C, *shape]`` (distinct, but correlated like real anatomy is not)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, *shape, generator=gen)
+    pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
+    for _ in range(2):
+        x = pool(x, 5, 1, 2)
+    return x
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

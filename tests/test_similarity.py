@@ -1,0 +1,108 @@
+"""Each level's similarity equals its textbook definition on random data."""
+
+import numpy as np
+import pytest
+import torch
+
+import relict_callbacks as rc
+from relict_callbacks.items import Item
+
+from conftest import smooth_field
+
+
+def _bank(images, level, labels=None):
+    labels = labels if labels is not None else [None] * len(images)
+    return rc.ReferenceBank.build([{"image": im, "label": lb} for im, lb in zip(images, labels)], [level],
+                                  progress=False)
+
+
+@pytest.mark.parametrize("shape,channels", [((24, 20), 1), ((12, 10, 8), 1), ((16, 16), 3)])
+def test_voxel_similarity_is_pearson_correlation(shape, channels):
+    refs = smooth_field(12, shape, seed=1, channels=channels)
+    queries = smooth_field(5, shape, seed=2, channels=channels)
+    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=())
+    bank = _bank(list(refs), level)
+    found = bank.nearest(level, level.embed([Item(q, None, str(i)) for i, q in enumerate(queries)]))
+
+    def ncc(a, b):  # per-channel z-scoring, then the mean product: Pearson r for one channel
+        a, b = a.flatten(1).double(), b.flatten(1).double()
+        if len(a) == 1:
+            return np.corrcoef(a[0].numpy(), b[0].numpy())[0, 1]
+        za = (a - a.mean(1, keepdim=True)) / a.std(1, unbiased=False, keepdim=True)
+        zb = (b - b.mean(1, keepdim=True)) / b.std(1, unbiased=False, keepdim=True)
+        return float((za * zb).mean())
+
+    for i, q in enumerate(queries):
+        expected = np.array([ncc(q, r) for r in refs])
+        assert found.index[i] == expected.argmax()
+        assert found.similarity[i] == pytest.approx(expected.max(), abs=2e-3)
+
+
+def test_voxel_ncc_with_mask_only_counts_masked_voxels():
+    refs = smooth_field(6, (16, 16), seed=3)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 2:14] = True
+    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=())
+    bank = _bank(list(refs), level)
+    query = smooth_field(1, (16, 16), seed=4)[0]
+    found = bank.nearest(level, level.embed([Item(query, None, "q")]))
+    expected = [np.corrcoef(query[0][mask].numpy(), r[0][mask].numpy())[0, 1] for r in refs]
+    assert found.similarity[0] == pytest.approx(max(expected), abs=2e-3)
+
+
+def test_dice_equals_direct_computation(rng):
+    masks = torch.from_numpy(rng.random((10, 1, 12, 12, 6)) < 0.3).to(torch.uint8)
+    queries = torch.from_numpy(rng.random((4, 1, 12, 12, 6)) < 0.3).to(torch.uint8)
+    level = rc.SegmentationLevel(grid=(12, 12, 6))
+    images = torch.rand(10, 1, 12, 12, 6)
+    bank = _bank(list(images), level, list(masks))
+    found = bank.nearest(level, level.embed([Item(torch.rand(1, 12, 12, 6), q, str(i)) for i, q in enumerate(queries)]))
+    for i, q in enumerate(queries):
+        a = q.bool().numpy()
+        dice = [2 * (a & m.bool().numpy()).sum() / (a.sum() + m.bool().numpy().sum()) for m in masks]
+        assert found.index[i] == int(np.argmax(dice))
+        assert found.similarity[i] == pytest.approx(max(dice), abs=1e-6)
+
+
+def test_multi_label_dice_is_mean_over_labels_and_empty_labels_are_documented():
+    level = rc.SegmentationLevel(labels=[1, 2], grid=(4, 4))
+    ref = torch.zeros(1, 4, 4)
+    ref[0, 0, :2] = 1  # label 1: 2 voxels; label 2 absent
+    same_label1 = ref.clone()
+    other = torch.zeros(1, 4, 4)
+    other[0, 2, 2] = 1
+    bank = _bank([torch.rand(1, 4, 4), torch.rand(1, 4, 4)], level, [ref, other])
+    query = lambda lab: level.embed([Item(torch.rand(1, 4, 4), lab, "q")])
+    # label 2 empty on both sides: left out of the mean -> Dice of label 1 alone
+    assert bank.nearest(level, query(same_label1)).similarity[0] == pytest.approx(1.0)
+    # label 2 present only in the sample: scores 0 for that label -> mean (1 + 0) / 2
+    with_label2 = same_label1.clone()
+    with_label2[0, 3, 3] = 2
+    assert bank.nearest(level, query(with_label2)).similarity[0] == pytest.approx(0.5)
+    # nothing segmented in either image: 0, never evidence of copying
+    empty_bank = _bank([torch.rand(1, 4, 4)] * 2, level, [torch.zeros(1, 4, 4)] * 2)
+    assert empty_bank.nearest(level, query(torch.zeros(1, 4, 4))).similarity[0] == 0.0
+
+
+def test_segmentation_uses_segmenter_for_items_without_labels():
+    segmenter = lambda images: (images > 0.5).float()
+    level = rc.SegmentationLevel(segmenter=segmenter, grid=8)
+    images = torch.rand(5, 1, 8, 8)
+    bank = _bank(list(images), level)
+    found = bank.nearest(level, level.embed([Item(images[2], None, "q")]))
+    assert found.index[0] == 2 and found.similarity[0] == pytest.approx(1.0)
+
+
+def test_feature_similarity_is_cosine_of_embeddings():
+    torch.manual_seed(0)
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+    level = rc.FeatureLevel(extractor)
+    refs = torch.rand(9, 1, 8, 8)
+    bank = _bank(list(refs), level)
+    query = torch.rand(1, 8, 8)
+    found = bank.nearest(level, level.embed([Item(query, None, "q")]))
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(extractor(query[None]), extractor(refs))
+    assert found.index[0] == int(cosine.argmax())
+    assert found.similarity[0] == pytest.approx(float(cosine.max()), abs=1e-5)
+    assert extractor.training, "the extractor's training mode is restored"
