@@ -155,7 +155,9 @@ class ReplicaScorer:
         if unknown:
             raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
         self.bank, self.alpha, self.rule, self.batch_size, self.device = bank, alpha, rule, batch_size, device
-        self.thresholds = {name: float((thresholds or {}).get(name, self._calibrated(name))) for name in names}
+        thresholds = thresholds or {}
+        self.thresholds = {name: float(thresholds[name]) if name in thresholds else self._calibrated(name)
+                           for name in names}
         self.indexes = {}
         if search != "exact":
             self.indexes = {level.name: level.build_index(bank.arrays[level.name], search) for level in bank.levels}

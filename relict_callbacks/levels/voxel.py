@@ -8,8 +8,8 @@ count. Search runs in three steps:
 2. a thumbnail search of the query and its mirror images, whose top-k adds candidates that plain NCC ranks low
    because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the image's intensity
    centroid, so a translated copy has the same thumbnail as its source;
-3. the candidates are re-scored under every flip and every integer shift up to ``max_shift``: first at half
-   resolution, then at full resolution around the best half-resolution shift.
+3. the best few (thumbnail candidate, flip) pairs are re-scored at full resolution at the shift their centroids
+   predict and its neighbours along each axis, within ``max_shift``.
 
 The similarity reported is the full-resolution NCC of the best (candidate, flip, shift), and the record says
 which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image mirrored along spatial
@@ -48,20 +48,32 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
 
+def _centroid(image: torch.Tensor) -> torch.Tensor:
+    """Intensity centroid (in voxels, per spatial axis) of ``[C, *spatial]``, weighting voxels by their
+    intensity above the image minimum."""
+    weight = image.sum(0)
+    weight = weight - weight.min()
+    total = weight.sum().clamp_min(1e-12)
+    axes = range(weight.ndim)
+    return torch.stack([
+        (weight.sum(dim=[b for b in axes if b != a]) * torch.arange(weight.shape[a], device=image.device)).sum()
+        for a in axes
+    ]) / total
+
+
+def _displace(image: torch.Tensor, shift) -> torch.Tensor:
+    """``out[x] = image[x + shift]`` for ``[C, *spatial]``, edge-replicated where that falls outside."""
+    pad = max(abs(s) for s in shift)
+    if pad == 0:
+        return image
+    padded = F.pad(image[None], (pad,) * (2 * len(shift)), mode="replicate")[0]
+    return padded[(slice(None),) + tuple(slice(pad + s, pad + s + n) for s, n in zip(shift, image.shape[1:]))]
+
+
 def _centre(x: torch.Tensor) -> torch.Tensor:
-    """Translate each ``[C, *spatial]`` image of a batch (integer voxels, edge-replicated) so that its intensity
-    centroid sits at the centre of the grid."""
-    out = torch.empty_like(x)
-    for i, image in enumerate(x):
-        weight = image.sum(0) - image.sum(0).min()
-        axes = [torch.arange(n, dtype=x.dtype, device=x.device) for n in image.shape[1:]]
-        grids = torch.meshgrid(*axes, indexing="ij")
-        centroid = [float((g * weight).sum() / weight.sum().clamp_min(1e-12)) for g in grids]
-        offset = [round(c - (n - 1) / 2) for c, n in zip(centroid, image.shape[1:])]
-        pad = max(abs(o) for o in offset)
-        padded = F.pad(image[None], (pad,) * (2 * len(offset)), mode="replicate")[0] if pad else image
-        out[i] = padded[(slice(None),) + tuple(slice(pad + o, pad + o + n) for o, n in zip(offset, image.shape[1:]))]
-    return out
+    """Translate each ``[C, *spatial]`` image of a batch by whole voxels so that its centroid is mid-grid."""
+    middle = torch.tensor([(n - 1) / 2 for n in x.shape[2:]], device=x.device)
+    return torch.stack([_displace(image, (_centroid(image) - middle).round().int().tolist()) for image in x])
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -81,7 +93,7 @@ class VoxelLevel(Level):
             grid and 3 of the 64³ grid).
         flips: spatial axes to mirror along: ``"lr"`` (default: left-right, i.e. axis 1 of a 2D ``[C, H, W]``
             slice and axis 0 of a 3D RAS ``[C, X, Y, Z]`` volume), ``"all"``, a tuple of axes, or ``()``.
-        top_k: candidates taken from the exact search and from each thumbnail search.
+        top_k: candidates taken from each thumbnail search (the best 3 of them, over all flips, are re-scored).
 
     >>> import torch
     >>> from relict_callbacks.items import Item
@@ -178,29 +190,32 @@ class VoxelLevel(Level):
         mask = None if self._mask(grid) is None else self._mask(grid).to(device)
         flat_rows, flat_thumbs = rows.reshape(n, -1), thumbs.reshape(n, -1)
         k = min(self.top_k, n - (exclude is not None))
-
         plain = self._query_form(q, mask)
         if index is not None:
-            values, indices = index.search(plain, k)
+            values, indices = index.search(plain, 1)
         else:
-            values, indices = inner_product_topk(plain, flat_rows, k, exclude=exclude)
-        candidates = [set(i.tolist()) - {-1} for i in indices]
-        factor = grid[0] // thumbs.shape[2]
-        thumb_mask = None if mask is None else self._mask(grid, factor).to(device)
-        for flip in self._orientations(ndim):
-            tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
-            for cand, idx in zip(candidates, inner_product_topk(tq, flat_thumbs, k, exclude=exclude)[1]):
-                cand.update(idx.tolist())
-
+            values, indices = inner_product_topk(plain, flat_rows, 1, exclude=exclude)
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         transforms = ["identity"] * len(q)
-        if self.shift_reach(grid) > 0 or len(self._orientations(ndim)) > 1:
-            for i, cand in enumerate(candidates):
-                cand = sorted(cand)
-                refs = torch.from_numpy(np.ascontiguousarray(rows[cand])).to(device).float()
-                sim, j, transform = self._rescore(q[i], refs, mask)
+        reach, orientations = self.shift_reach(grid), self._orientations(ndim)
+        if reach == 0 and len(orientations) == 1:
+            return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
+        factor = grid[0] // thumbs.shape[2]
+        thumb_mask = None if mask is None else self._mask(grid, factor).to(device)
+        proposals = [[] for _ in range(len(q))]  # (thumbnail similarity, bank index, flip) per query
+        for flip in orientations:
+            tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
+            thumb_values, thumb_indices = inner_product_topk(tq, flat_thumbs, k, exclude=exclude)
+            for found, v, j in zip(proposals, thumb_values.tolist(), thumb_indices.tolist()):
+                found += [(score, m, flip) for score, m in zip(v, j)]
+        for i, found in enumerate(proposals):
+            found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
+            chosen = sorted({m for _, m, _ in found})
+            refs = torch.from_numpy(np.ascontiguousarray(rows[chosen])).to(device).float()
+            for _, m, flip in found:
+                sim, transform = self._refine(q[i], refs[chosen.index(m)], flip, reach, mask)
                 if sim > best[i]:
-                    best[i], best_index[i], transforms[i] = sim, cand[j], transform
+                    best[i], best_index[i], transforms[i] = sim, m, transform
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
     def build_index(self, bank, kind: str) -> FaissIndex:
@@ -208,43 +223,22 @@ class VoxelLevel(Level):
         index.add(bank["rows"].reshape(len(bank["rows"]), -1))
         return index
 
-    def _crops(self, image: torch.Tensor, shifts: list[tuple[int, ...]], pad: int) -> torch.Tensor:
-        """``[S, C, *grid]`` views of ``image`` ``[C, *grid]`` displaced by each shift (edge-replicated)."""
-        grid = image.shape[1:]
-        padded = F.pad(image[None], (pad,) * (2 * len(grid)), mode="replicate")[0] if pad else image
-        return torch.stack([
-            padded[(slice(None),) + tuple(slice(pad + s, pad + s + g) for s, g in zip(shift, grid))]
-            for shift in shifts
-        ])
-
-    def _rescore(self, query: torch.Tensor, refs: torch.Tensor, mask) -> tuple[float, int, str]:
-        """Best full-resolution NCC of ``query`` [C, *grid] against ``refs`` [M, C, *grid] over flips and shifts."""
-        ndim = query.ndim - 1
-        half_mask = None if mask is None else self._mask(tuple(query.shape[1:]), 2).to(query.device)
-        half_refs = _standardize(_pool(refs, 2), half_mask).flatten(1)
-        reach = self.shift_reach(tuple(query.shape[1:]))
-        half_reach = (reach + 1) // 2
-        half_shifts = list(itertools.product(range(-half_reach, half_reach + 1), repeat=ndim))
-        coarse = []  # (half-res NCC, candidate, flip, half-res shift)
-        for flip in self._orientations(ndim):
-            oriented = query.flip([1 + a for a in flip])
-            half_query = _pool(oriented[None], 2)[0]
-            scores = self._query_form(self._crops(half_query, half_shifts, half_reach), half_mask) @ half_refs.T
-            best_shift = scores.argmax(dim=0)
-            coarse += [(float(scores[s, m]), m, flip, half_shifts[s]) for m, s in enumerate(best_shift.tolist())]
-        coarse.sort(key=lambda entry: -entry[0])
-        best = (-np.inf, 0, "identity")
-        for _, m, flip, half_shift in coarse[:REFINE_CANDIDATES]:
-            shifts = sorted({
-                tuple(max(-reach, min(reach, 2 * h + d)) for h, d in zip(half_shift, delta))
-                for delta in itertools.product((-1, 0, 1), repeat=ndim)
-            })
-            oriented = query.flip([1 + a for a in flip])
-            scores = self._query_form(self._crops(oriented, shifts, reach), mask) @ refs[m].flatten()
-            s = int(scores.argmax())
-            if float(scores[s]) > best[0]:
-                best = (float(scores[s]), m, _describe(flip, shifts[s]))
-        return best
+    def _refine(self, query: torch.Tensor, ref: torch.Tensor, flip: tuple[int, ...], reach: int,
+                mask) -> tuple[float, str]:
+        """Full-resolution NCC of the mirrored ``query`` [C, *grid] against ``ref`` at the shift predicted by their
+        centroids and its neighbours along each axis, within ``reach``; returns the best and its transform."""
+        oriented = query.flip([1 + a for a in flip])
+        predicted = (_centroid(oriented) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
+        shifts = {tuple(predicted)}
+        for axis, step in itertools.product(range(len(predicted)), (-1, 1)):
+            shift = list(predicted)
+            shift[axis] = max(-reach, min(reach, shift[axis] + step))
+            shifts.add(tuple(shift))
+        shifts = sorted(shifts)
+        crops = torch.stack([_displace(oriented, shift) for shift in shifts])
+        scores = self._query_form(crops, mask) @ ref.flatten()
+        s = int(scores.argmax())
+        return float(scores[s]), _describe(flip, shifts[s])
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:

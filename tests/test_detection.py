@@ -1,0 +1,92 @@
+"""End to end on phantoms: planted copies are caught with the right source, unseen patients are not."""
+
+import numpy as np
+import pytest
+
+import relict_callbacks as rc
+from relict_callbacks.data import PERTURBATIONS, make_phantoms, make_replica
+
+
+@pytest.mark.parametrize("kind", ["head_ct", "mra"])
+def test_every_kind_of_copy_is_caught_with_its_source_2d(kind):
+    train = make_phantoms(30, kind, ndim=2, size=64, seed=10)
+    holdout = make_phantoms(30, kind, ndim=2, size=64, seed=11)
+    bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(), rc.SegmentationLevel()], holdout=holdout, progress=False)
+    sources = [train[i] for i in (2, 13, 27)]
+    copies = [make_replica(src, p, seed=i) for p in PERTURBATIONS for i, src in enumerate(sources)]
+    report = rc.ReplicaScorer(bank, alpha=0.05).score(copies)
+    for copy, record in zip(copies, report.records):
+        voxel = record.levels["voxel"]
+        assert voxel.is_replica, f"{copy['id']} missed: NCC {voxel.similarity:.3f} <= {report.thresholds['voxel']:.3f}"
+        assert copy["id"].startswith(voxel.nearest_id + "~"), f"{copy['id']} matched {voxel.nearest_id}"
+    flips = [r.levels["voxel"].transform for c, r in zip(copies, report.records) if c["id"].endswith("~flip")]
+    assert all(t.startswith("flip1") for t in flips)
+    assert report.replica_rate == 1.0 and report.tests["voxel"].z > 3
+
+
+def test_mirrored_and_shifted_copies_in_3d():
+    train = make_phantoms(12, "head_ct", ndim=3, size=32, seed=20)
+    bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(grid=32)], progress=False)
+    copies = [make_replica(train[5], "flip"), make_replica(train[8], "shift", seed=3)]
+    report = rc.ReplicaScorer(bank, alpha=0.1).score(copies)
+    assert [r.levels["voxel"].nearest_id for r in report.records] == [train[5]["id"], train[8]["id"]]
+    assert report.records[0].levels["voxel"].transform.startswith("flip0")
+    assert all(r.is_replica for r in report.records)
+
+
+def test_plain_ncc_misses_mirrored_copies_that_the_default_catches():
+    train = make_phantoms(30, "head_ct", ndim=2, size=64, seed=30)
+    holdout = make_phantoms(30, "head_ct", ndim=2, size=64, seed=31)
+    copies = [make_replica(train[i], "flip") for i in range(0, 30, 5)]
+    plain = rc.ReferenceBank.build(train, [rc.VoxelLevel(max_shift=0, flips=())], holdout=holdout, progress=False)
+    default = rc.ReferenceBank.build(train, [rc.VoxelLevel()], holdout=holdout, progress=False)
+    assert rc.ReplicaScorer(plain, alpha=0.05).score(copies).replica_rate < 0.5
+    assert rc.ReplicaScorer(default, alpha=0.05).score(copies).replica_rate == 1.0
+
+
+@pytest.mark.parametrize("kind", ["head_ct", "mra"])
+def test_false_positive_rate_on_unseen_patients_stays_near_alpha(kind):
+    alpha = 0.1
+    train = make_phantoms(60, kind, ndim=2, size=64, seed=40)
+    holdout = make_phantoms(120, kind, ndim=2, size=64, seed=41)
+    fresh = make_phantoms(120, kind, ndim=2, size=64, seed=42)
+    bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(), rc.SegmentationLevel()], holdout=holdout, progress=False)
+    report = rc.ReplicaScorer(bank, alpha=alpha).score(fresh)
+    bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / len(fresh))
+    for level, rate in report.level_rates.items():
+        assert rate <= bound, f"{level}: {rate:.3f} of unseen patients flagged at alpha={alpha}"
+    assert abs(report.tests["voxel"].z) < 3, "unseen patients are no closer to the training set than the holdout"
+
+
+def test_rules_combine_levels():
+    train = make_phantoms(20, "head_ct", ndim=2, size=64, seed=50)
+    bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(), rc.SegmentationLevel()], progress=False)
+    copy = make_replica(train[4], "noise")
+    stranger = dict(make_phantoms(1, "head_ct", ndim=2, size=64, seed=51)[0])
+    stranger["label"] = train[4]["label"]  # same lesion mask, different head: only the segmentation level fires
+    thresholds = {"voxel": 0.95, "segmentation": 0.9}
+    verdicts = {rule: [r.is_replica for r in rc.ReplicaScorer(bank, rule=rule, thresholds=thresholds)
+                       .score([copy, stranger]).records] for rule in ("any", "all", "majority")}
+    assert verdicts == {"any": [True, True], "all": [True, False], "majority": [True, False]}
+
+
+def test_report_files_and_metrics(tmp_path):
+    import csv
+    import json
+
+    train = make_phantoms(15, "mra", ndim=2, size=64, seed=60)
+    bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(), rc.SegmentationLevel()], progress=False)
+    scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.95, "segmentation": 0.9})
+    report = scorer.score([make_replica(train[1], "blur")] + make_phantoms(3, "mra", seed=61))
+    report.to_json(tmp_path / "r.json")
+    report.to_csv(tmp_path / "r.csv")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["replica_rate"] == report.replica_rate == 0.25
+    assert saved["records"][0]["levels"]["voxel"]["nearest_id"] == train[1]["id"]
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert len(rows) == 4 and rows[0]["voxel_nearest_id"] == train[1]["id"] and rows[0]["is_replica"] == "True"
+    metrics = report.metrics()
+    assert set(metrics) == {"relict/replica_rate"} | {f"relict/{lv}/{m}" for lv in ("voxel", "segmentation")
+                                                      for m in ("replica_rate", "nn_similarity_mean",
+                                                                "nn_similarity_max", "copy_z")}
+    assert metrics["relict/voxel/nn_similarity_max"] == pytest.approx(report.similarities("voxel").max())
