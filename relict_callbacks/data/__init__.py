@@ -1,5 +1,5 @@
-"""Phantom patients (head CT with hemorrhage, TOF-MRA-like vessels) and a replica maker."""
+"""Synthetic patients (head CT with hemorrhage, TOF-MRA vessel trees) and their replicas, for tests and demos."""
 
 from .phantoms import LR_AXIS, PERTURBATIONS, make_phantoms, make_replica
 
-__all__ = ["make_phantoms", "make_replica", "PERTURBATIONS", "LR_AXIS"]
+__all__ = ["LR_AXIS", "PERTURBATIONS", "make_phantoms", "make_replica"]

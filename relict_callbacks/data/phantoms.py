@@ -5,9 +5,9 @@ small in-plane rotation, skull thickness, ventricles, sulci and texture, lesion 
 patients are similar but never near-duplicates, and no patient is left-right symmetric. ``make_replica`` turns
 one of them into the near-copy a memorizing generator would emit.
 
-Layout is channel-first, ``[1, H, W]`` in 2D (an axial slice as displayed: anterior at the top, left-right
-along the columns) and ``[1, X, Y, Z]`` in 3D (RAS axes: left-right, posterior-anterior, inferior-superior).
-Intensities lie in [0, 1]; only numpy and scipy are used.
+Layout is channel-first: ``[1, H, W]`` in 2D, an axial view as displayed (anterior at the top, left-right along
+the columns; a slice for CT, a projection of the vessel tree for MRA), and ``[1, X, Y, Z]`` in 3D with RAS axes
+(left-right, posterior-anterior, inferior-superior). Intensities lie in [0, 1]; only numpy and scipy are used.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class _Frame:
 
     def __init__(self, rng, ndim, size):
         self.ndim, self.centre = ndim, (size - 1) / 2
-        self.offset = np.float32(rng.uniform(-1, 1, 3) * size / 25)
-        self.angle = np.float32(rng.choice([-1, 1]) * rng.uniform(0.05, 0.15))  # never upright: mirror images differ
+        # a few voxels off-centre (>= 0.9 left-right) and a little rotated, so that mirror images differ
+        self.offset = np.float32(rng.choice([-1, 1], 3) * rng.uniform([0.35, 0, 0], 1) * max(2.5, size / 25))
+        self.angle = np.float32(rng.choice([-1, 1]) * rng.uniform(0.05, 0.15))
         ax = np.arange(size, dtype=np.float32) - self.centre
         if ndim == 2:  # rows run anterior -> posterior, columns left-right; the slice is si = 0
             row, col = np.meshgrid(ax, ax, indexing="ij", sparse=True)
@@ -69,7 +70,8 @@ class _Frame:
 
 
 def _head(rng, frame, size):
-    """Head outline: (normalized radius, occupancy of head, skull-and-inside, brain; brain semi-axes in voxels)."""
+    """A head: its radius normalized to 1 at the inner skull, the partial-volume occupancies of head (scalp
+    included), skull-and-inside and brain, and the brain's semi-axes (lr, ap, si) in voxels."""
     shape = (size,) * frame.ndim
     semi = size * rng.uniform([0.29, 0.36, 0.34], [0.35, 0.42, 0.40])  # lr, ap, si
     axes = range(frame.ndim)  # irregular outline: a sum of smooth 1D profiles along the axes (cheap)
@@ -78,7 +80,8 @@ def _head(rng, frame, size):
     skull = size * rng.uniform(0.025, 0.045)
     depth = (1 - r) * semi[:2].mean()  # approximately voxels below the outer skull surface
     brain_semi = semi - skull
-    return r * semi[:2].mean() / brain_semi[:2].mean(), _soft(depth + size / 40), _soft(depth), _soft(depth - skull), brain_semi
+    rb = r * semi[:2].mean() / brain_semi[:2].mean()
+    return rb, _soft(depth + size / 40), _soft(depth), _soft(depth - skull), brain_semi
 
 
 def _head_ct(rng, ndim, size):
@@ -90,7 +93,8 @@ def _head_ct(rng, ndim, size):
     for _ in range(1 + (rng.random() < 0.25)):
         direction = rng.standard_normal(3) * [1, 1, ndim == 3] + [rng.choice([-1, 1]), 0, 0]  # off the midline
         centre = direction / np.linalg.norm(direction) * rng.uniform(0.2, 0.6) * b
-        semi = size * rng.uniform(*((0.06, 0.12) if ndim == 2 else (0.09, 0.15))) * rng.uniform(0.75, 1.25, 3)
+        radius = rng.uniform(*((0.06, 0.12) if ndim == 2 else (0.1, 0.15)))  # >= 0.2% of the image in 3D too
+        semi = size * radius * rng.uniform(0.75, 1.25, 3)
         q = frame.ellipsoid(centre, semi, rng.uniform(0, np.pi)) + 0.25 * gyri
         hemorrhage = np.maximum(hemorrhage, _soft((1 - q) * semi.min()))
         edema |= (q > 1) & (q < 1.35)
@@ -98,13 +102,13 @@ def _head_ct(rng, ndim, size):
     texture = _field(rng, shape, 1.0)
     tissue = np.where(rb > 0.8 + 0.05 * gyri, 0.48, 0.41).astype(np.float32)  # cortical ribbon over white matter
     sulci = np.clip(1 - np.abs(gyri) / 0.3, 0, 1) * (rb > 0.75)  # zero-crossings of the gyri field
-    fissure = (np.abs(frame.lr - midline) < 0.7) & (np.abs(frame.ap) > 0.3 * b[1])  # interhemispheric fissure
+    fissure = (np.abs(frame.lr - midline) < 0.5) & (np.abs(frame.ap) > 0.3 * b[1])  # interhemispheric fissure
     tissue += (0.22 - tissue) * np.maximum(sulci, fissure | (rb > 0.96))
     scale = rng.uniform(0.7, 1.4)  # ventricle size grows with age / atrophy
     for side in (-1, 1):  # lateral ventricles, frontal horns diverging, never quite symmetric
-        centre = (midline + side * rng.uniform(0.06, 0.1) * b[0], rng.uniform(-0.05, 0.1) * b[1], rng.uniform(-0.05, 0.05) * b[2])
+        centre = (midline + side * rng.uniform(0.06, 0.1) * b[0], *(rng.uniform([-0.05, -0.05], [0.1, 0.05]) * b[1:]))
         semi = scale * rng.uniform(0.75, 1.25) * b * np.array([0.1, 0.36, 0.3]) * rng.uniform(0.85, 1.15, 3)
-        q = frame.ellipsoid(centre, semi, side * rng.uniform(0.1, 0.3))
+        q = frame.ellipsoid(centre, semi, -side * rng.uniform(0.1, 0.3))
         tissue += (0.17 - tissue) * _soft((1 - q) * semi[0])
     tissue -= 0.06 * edema  # perihematomal edema
     tissue += (rng.uniform(0.64, 0.72) - tissue) * hemorrhage
@@ -162,7 +166,8 @@ def _vessel_tree(rng, b, r0):
         for ap in np.sort(rng.uniform(-0.5, 0.6, rng.integers(2, 4))):  # M2 trunks, then the odd M3 branch
             m2 = vessel(m1_end, at(side * rng.uniform(0.75, 0.88), ap, cow + rng.uniform(0.2, 0.7)), 0.55, 0.15)
             if rng.random() < 0.6:
-                vessel(m2[len(m2) // 2], at(side * rng.uniform(0.6, 0.85), ap + rng.uniform(-0.3, 0.3), cow + 0.6), 0.4, 0.15)
+                end = at(side * rng.uniform(0.6, 0.85), ap + rng.uniform(-0.3, 0.3), cow + 0.6)
+                vessel(m2[len(m2) // 2], end, 0.4, 0.15)
     return segments
 
 
@@ -170,12 +175,12 @@ def _mra(rng, ndim, size):
     frame = _Frame(rng, ndim, size)
     shape = (size,) * ndim
     _, head, outer, brain, b = _head(rng, frame, size)
-    background = 0.02 + 0.33 * (head - outer) + 0.04 * (outer - brain) + (0.22 + 0.03 * _field(rng, shape, 2.0)) * brain
+    tissue = 0.22 + 0.03 * _field(rng, shape, 2.0)
+    background = 0.02 + 0.33 * (head - outer) + 0.04 * (outer - brain) + tissue * brain  # scalp fat bright, bone dark
     segments = _vessel_tree(rng, b, max(0.6, size * 0.02 * rng.uniform(0.85, 1.15)))
-    index = np.rint(frame.to_index(np.concatenate([p for p, _ in segments]))).astype(int)
+    index = np.rint(frame.to_index(np.concatenate([p for p, _ in segments]))).astype(int).clip(0, size - 1)
     radius = np.concatenate([r for _, r in segments]).astype(np.float32)
-    index = np.clip(index, 0, size - 1)
-    inside = brain[tuple(index.T)] > 0.5
+    inside = brain[tuple(index.T)] > 0.5  # vessels stay inside the brain
     index, radius = tuple(index[inside].T), np.maximum(radius[inside], 0.5)
     not_centerline = np.ones(shape, bool)
     not_centerline[index] = False
@@ -190,7 +195,9 @@ def _mra(rng, ndim, size):
     return np.clip(image, 0, 1), dist <= radius_map
 
 
-def make_phantoms(n: int, kind: str = "head_ct", ndim: int = 2, size: int = 64, seed: int = 0, id_prefix: str | None = None) -> list[dict]:
+def make_phantoms(
+    n: int, kind: str = "head_ct", ndim: int = 2, size: int = 64, seed: int = 0, id_prefix: str | None = None
+) -> list[dict]:
     """``n`` distinct synthetic patients as ``{"image": float32 [1, *spatial], "label": uint8 [1, *spatial], "id"}``.
 
     ``kind`` is ``"head_ct"`` (brain-window axial head CT; label = hemorrhage) or ``"mra"`` (TOF-MRA-like arterial
@@ -212,7 +219,9 @@ def make_phantoms(n: int, kind: str = "head_ct", ndim: int = 2, size: int = 64, 
     items = []
     for i in range(n):
         image, label = draw(np.random.default_rng([seed, i, _KINDS[kind], ndim]), ndim, size)
-        items.append({"image": image[None].astype(np.float32), "label": label[None].astype(np.uint8), "id": f"{prefix}-{i:04d}"})
+        items.append(
+            {"image": image[None].astype(np.float32), "label": label[None].astype(np.uint8), "id": f"{prefix}-{i:04d}"}
+        )
     return items
 
 
@@ -259,7 +268,8 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
     elif perturbation == "flip":
         image = np.flip(image, 1 + LR_AXIS[spatial])
         label = None if label is None else np.flip(label, 1 + LR_AXIS[spatial])
-    replica = {**item, "image": np.ascontiguousarray(np.clip(image, lo, hi), dtype=np.float32), "id": f"{item['id']}~{perturbation}"}
+    image = np.ascontiguousarray(np.clip(image, lo, hi), dtype=np.float32)
+    replica = {**item, "image": image, "id": f"{item['id']}~{perturbation}"}
     if label is not None:
         replica["label"] = np.ascontiguousarray(label)
     return replica

@@ -9,7 +9,7 @@ count. Search runs in three steps:
    because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the image's intensity
    centroid, so a translated copy has the same thumbnail as its source;
 3. the best few (thumbnail candidate, flip) pairs are re-scored at full resolution at the shift their centroids
-   predict and its neighbours along each axis, within ``max_shift``.
+   predict (within ``max_shift``), and the best of them also one voxel around it along each axis.
 
 The similarity reported is the full-resolution NCC of the best (candidate, flip, shift), and the record says
 which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image mirrored along spatial
@@ -17,8 +17,6 @@ axis 0 and displaced by that many grid voxels).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import torch
@@ -212,10 +210,10 @@ class VoxelLevel(Level):
             found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
             chosen = sorted({m for _, m, _ in found})
             refs = torch.from_numpy(np.ascontiguousarray(rows[chosen])).to(device).float()
-            for _, m, flip in found:
-                sim, transform = self._refine(q[i], refs[chosen.index(m)], flip, reach, mask)
-                if sim > best[i]:
-                    best[i], best_index[i], transforms[i] = sim, m, transform
+            sim, m, flip, shift = self._refine(q[i], [(m, refs[chosen.index(m)], flip) for _, m, flip in found],
+                                               reach, mask)
+            if sim > best[i]:
+                best[i], best_index[i], transforms[i] = sim, m, _describe(flip, shift)
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
     def build_index(self, bank, kind: str) -> FaissIndex:
@@ -223,22 +221,36 @@ class VoxelLevel(Level):
         index.add(bank["rows"].reshape(len(bank["rows"]), -1))
         return index
 
-    def _refine(self, query: torch.Tensor, ref: torch.Tensor, flip: tuple[int, ...], reach: int,
-                mask) -> tuple[float, str]:
-        """Full-resolution NCC of the mirrored ``query`` [C, *grid] against ``ref`` at the shift predicted by their
-        centroids and its neighbours along each axis, within ``reach``; returns the best and its transform."""
-        oriented = query.flip([1 + a for a in flip])
-        predicted = (_centroid(oriented) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
-        shifts = {tuple(predicted)}
-        for axis, step in itertools.product(range(len(predicted)), (-1, 1)):
-            shift = list(predicted)
-            shift[axis] = max(-reach, min(reach, shift[axis] + step))
-            shifts.add(tuple(shift))
-        shifts = sorted(shifts)
-        crops = torch.stack([_displace(oriented, shift) for shift in shifts])
-        scores = self._query_form(crops, mask) @ ref.flatten()
-        s = int(scores.argmax())
-        return float(scores[s]), _describe(flip, shifts[s])
+    def _refine(self, query: torch.Tensor, pairs: list, reach: int, mask) -> tuple[float, int, tuple, tuple]:
+        """Best full-resolution NCC of ``query`` [C, *grid] over (bank index, bank image, flip) ``pairs``: each
+        pair is scored at the shift its centroids predict (within ``reach``), then the best pair also at that
+        shift's neighbours along each axis. Returns (NCC, bank index, flip, shift)."""
+        scored = []
+        for m, ref, flip in pairs:
+            oriented = query.flip([1 + a for a in flip])
+            shift = tuple((_centroid(oriented) - _centroid(ref)).round().clamp(-reach, reach).int().tolist())
+            scored.append((float(self._ncc_at(oriented, ref, [shift], mask)[0]), m, flip, shift, oriented, ref))
+        sim, m, flip, shift, oriented, ref = max(scored, key=lambda entry: entry[0])
+        neighbours = sorted({tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(shift))
+                             for axis in range(len(shift)) for step in (-1, 1)} - {shift})
+        if neighbours:
+            scores = self._ncc_at(oriented, ref, neighbours, mask)
+            j = int(scores.argmax())
+            if float(scores[j]) > sim:
+                sim, shift = float(scores[j]), neighbours[j]
+        return sim, m, flip, shift
+
+    @staticmethod
+    def _ncc_at(image: torch.Tensor, ref: torch.Tensor, shifts: list[tuple[int, ...]], mask) -> torch.Tensor:
+        """NCC of ``image`` displaced by each shift against the standardized ``ref`` (both ``[C, *grid]``)."""
+        crops = torch.stack([_displace(image, shift) for shift in shifts]).flatten(2)  # [S, C, D]
+        if mask is not None:
+            crops = crops * mask.flatten()
+        count = crops.shape[2] if mask is None else mask.sum()
+        dots = torch.einsum("scd,cd->sc", crops, ref.flatten(1))  # ref has zero mean inside the mask
+        mean = crops.sum(dim=2) / count
+        std = (torch.linalg.vector_norm(crops, dim=2).square() / count - mean.square()).clamp_min(1e-12).sqrt()
+        return (dots / std).sum(dim=1) / (count * crops.shape[1])
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
