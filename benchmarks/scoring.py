@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import relict_callbacks as rc
+from relict_callbacks.data import LR_AXIS
 
 
 def _rss_kib(field: str) -> int:
@@ -49,11 +50,9 @@ def smooth_batch(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, workdir: Path) -> None:
     print(f"\n== {name}: {n_samples} samples x bank of {n_items} items at {'x'.join(map(str, shape))} ==")
-    items = (image for chunk in range(0, n_items, 100)
-             for image in smooth_batch(min(100, n_items - chunk), shape, seed=chunk))
     holdout = smooth_batch(16, shape, seed=10**6)
     samples = smooth_batch(n_samples, shape, seed=2 * 10**6)
-    samples[:8] = smooth_batch(8, shape, seed=0)[:8].flip(1 + (0 if len(shape) == 3 else 1))  # mirrored copies
+    samples[:8] = smooth_batch(8, shape, seed=0).flip(2 + LR_AXIS[len(shape)])  # mirrored copies of bank items
     paths = {}
     for label, level in (("default (flip + shift search)", rc.VoxelLevel()),
                          ("plain NCC", rc.VoxelLevel(max_shift=0, flips=()))):
@@ -65,7 +64,7 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         print(f"bank build ({label}): {time.perf_counter() - t:.1f} s, file {paths[label].stat().st_size / 2**20:.0f} MiB")
         del bank
 
-    refs = torch.stack([level_rows for level_rows in smooth_batch(n_items, shape, seed=7)]).flatten(1)
+    refs = smooth_batch(n_items, shape, seed=7).flatten(1)
     queries = samples.flatten(1)
     bare, bare_mem, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
     bare, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))  # warm

@@ -133,7 +133,8 @@ class ReplicaScorer:
         thresholds: explicit ``{level: threshold}`` overriding the calibrated ones.
         search: ``"exact"`` (chunked matmul) or a faiss index kind (``"flat"``, ``"ivf"``, ``"hnsw"``) for the
             dot-product levels (voxel, feature); the segmentation level always searches exactly.
-        batch_size, device: how samples are streamed and where they are embedded and searched.
+        batch_size, device: how samples are streamed and embedded, and where they are embedded and searched.
+        query_block: samples searched together in one pass over the bank (memory: block x row size).
 
     >>> import relict_callbacks as rc
     >>> train = rc.data.make_phantoms(10, ndim=2, size=32)
@@ -145,7 +146,7 @@ class ReplicaScorer:
     """
 
     def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
-                 search: str = "exact", batch_size: int = 16, device="cpu") -> None:
+                 search: str = "exact", batch_size: int = 16, query_block: int = 256, device="cpu") -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if not 0 < alpha < 1:
@@ -154,7 +155,8 @@ class ReplicaScorer:
         unknown = set(thresholds or {}) - set(names)
         if unknown:
             raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
-        self.bank, self.alpha, self.rule, self.batch_size, self.device = bank, alpha, rule, batch_size, device
+        self.bank, self.alpha, self.rule, self.device = bank, alpha, rule, device
+        self.batch_size, self.query_block = batch_size, query_block
         thresholds = thresholds or {}
         self.thresholds = {name: float(thresholds[name]) if name in thresholds else self._calibrated(name)
                            for name in names}
@@ -178,20 +180,25 @@ class ReplicaScorer:
     def score(self, samples, labels=None) -> ReplicaReport:
         """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks
         for them (for the segmentation level), aligned with the samples."""
-        sims = {level.name: [] for level in self.bank.levels}
-        indices = {level.name: [] for level in self.bank.levels}
-        transforms = {level.name: [] for level in self.bank.levels}
+        rows = {level.name: {} for level in self.bank.levels}
         ids = []
         for batch in iter_batches(self._samples(samples, labels), self.batch_size, name="sample"):
             for item in batch:
                 self.bank.check_compatible(item.image, f"sample {len(ids)}")
                 ids.append(item.id)
             for level in self.bank.levels:
-                found = self.bank.nearest(level, level.embed(batch, self.device), self.device,
-                                          index=self.indexes.get(level.name))
-                sims[level.name].append(found.similarity)
-                indices[level.name].append(found.index)
-                transforms[level.name] += found.transform
+                for key, array in level.embed(batch, self.device).items():
+                    rows[level.name].setdefault(key, []).append(array)
+        found = {}
+        for level in self.bank.levels:  # one pass over the bank per block of queries, not per embedding batch
+            query = {key: np.concatenate(parts) for key, parts in rows[level.name].items()}
+            found[level.name] = [self.bank.nearest(level, {key: array[start : start + self.query_block]
+                                                           for key, array in query.items()},
+                                                   self.device, index=self.indexes.get(level.name))
+                                 for start in range(0, len(ids), self.query_block)]
+        sims = {name: [f.similarity for f in parts] for name, parts in found.items()}
+        indices = {name: [f.index for f in parts] for name, parts in found.items()}
+        transforms = {name: [t for f in parts for t in f.transform] for name, parts in found.items()}
         if not ids:
             raise ItemError("no samples to score")
         sims = {name: np.concatenate(parts) for name, parts in sims.items()}
