@@ -60,11 +60,9 @@ def rows_to_tensor(refs, start: int, stop: int, device, buffer: torch.Tensor | N
     """Rows ``start:stop`` of a numpy array/memmap or tensor as float32 on ``device`` (reusing ``buffer``)."""
     chunk = refs[start:stop]
     chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
-    if buffer is not None and chunk.device == buffer.device:
-        out = buffer[: stop - start]
-        out.copy_(chunk)
-        return out
-    return chunk.to(device=device, dtype=torch.float32)
+    if buffer is None:
+        return chunk.to(device=device, dtype=torch.float32)
+    return buffer[: stop - start].copy_(chunk)
 
 
 def inner_product_topk(

@@ -17,8 +17,9 @@ import zlib
 import numpy as np
 from scipy import ndimage
 
+from ..levels.voxel import LR_AXIS
+
 PERTURBATIONS = ("noise", "shift", "intensity", "blur", "flip")
-LR_AXIS = {2: 1, 3: 0}  # left-right spatial axis (0-based, channel not counted) per number of spatial dims
 _KINDS = {"head_ct": 1, "mra": 2}
 
 

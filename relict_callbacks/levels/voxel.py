@@ -18,6 +18,8 @@ axis 0 and displaced by that many grid voxels).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -118,8 +120,6 @@ class VoxelLevel(Level):
     def config(self) -> dict:
         mask_digest = None
         if self.mask is not None:
-            import hashlib
-
             mask_digest = hashlib.blake2b(self.mask.numpy().tobytes(), digest_size=8).hexdigest()
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
         return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
