@@ -5,7 +5,7 @@
   (b) a bare torch matmul of the same shapes (queries @ bank.T, float32, bank in memory).
 The scorer reads its float16 bank memory-mapped from disk (a saved bank, as users load it), with the default
 VoxelLevel (flip + shift search) and with plain NCC (``max_shift=0, flips=()``) to show what the search costs.
-Peak memory is the process's peak resident set (VmHWM, reset before each measurement) above what it held
+Times are the best of 3 runs. Peak memory is the process's peak resident set (VmHWM, reset before each measurement) above what it held
 before; memory-mapped bank pages count while resident. Run: ``python benchmarks/scoring.py [--items 2000]``.
 """
 
@@ -30,8 +30,13 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def measure(fn):
-    """(seconds, peak MiB above the starting resident set, result) of ``fn()``."""
+def measure(fn, repeats: int = 3):
+    """(best seconds of ``repeats`` runs, peak MiB above the starting resident set, result) of ``fn()``."""
+    runs = [_measure_once(fn) for _ in range(repeats)]
+    return min(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
+
+
+def _measure_once(fn):
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _rss_kib("VmRSS")
     start = time.perf_counter()
@@ -66,12 +71,11 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
 
     refs = smooth_batch(n_items, shape, seed=7).flatten(1)
     queries = samples.flatten(1)
-    measure(lambda: (queries @ refs.T).topk(5, dim=1))  # warm
     bare, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
     del refs
 
     sub_q, sub_r = samples[:2].flatten(1).numpy(), smooth_batch(40, shape, seed=9).flatten(1).numpy()
-    naive_seconds, _, _ = measure(lambda: [[np.corrcoef(q, r)[0, 1] for r in sub_r] for q in sub_q])
+    naive_seconds, _, _ = measure(lambda: [[np.corrcoef(q, r)[0, 1] for r in sub_r] for q in sub_q], repeats=1)
     naive = naive_seconds / (len(sub_q) * len(sub_r)) * n_samples * n_items
 
     dims = int(np.prod(shape))
