@@ -157,9 +157,10 @@ class ReplicaScorer:
             raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
         self.bank, self.alpha, self.rule, self.device = bank, alpha, rule, device
         self.batch_size, self.query_block = batch_size, query_block
-        thresholds = thresholds or {}
-        self.thresholds = {name: float(thresholds[name]) if name in thresholds else self._calibrated(name)
-                           for name in names}
+        self.thresholds = {}
+        for name in names:  # a loop, not a comprehension, so the warning's stacklevel points at the caller
+            given = (thresholds or {}).get(name)
+            self.thresholds[name] = self._calibrated(name) if given is None else float(given)
         self.indexes = {}
         if search != "exact":
             self.indexes = {level.name: level.build_index(bank.arrays[level.name], search) for level in bank.levels}
