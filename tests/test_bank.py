@@ -3,7 +3,6 @@
 import logging
 
 import numpy as np
-import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 

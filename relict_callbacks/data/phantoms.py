@@ -73,7 +73,6 @@ class _Frame:
 def _head(rng, frame, size):
     """A head: its radius normalized to 1 at the inner skull, the partial-volume occupancies of head (scalp
     included), skull-and-inside and brain, and the brain's semi-axes (lr, ap, si) in voxels."""
-    shape = (size,) * frame.ndim
     semi = size * rng.uniform([0.29, 0.36, 0.34], [0.35, 0.42, 0.40])  # lr, ap, si
     axes = range(frame.ndim)  # irregular outline: a sum of smooth 1D profiles along the axes (cheap)
     bumps = sum(_field(rng, (size,), size / 8).reshape([-1 if a == i else 1 for a in axes]) for i in axes)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item
+from ..search import FaissIndex
 
 DEFAULT_GRID = {2: (128, 128), 3: (64, 64, 64)}
 
@@ -34,6 +35,7 @@ class Level(ABC):
     """Base class of the RELICT levels (voxel, feature, segmentation)."""
 
     name: str
+    dot_product = False
 
     @abstractmethod
     def config(self) -> dict:
@@ -49,8 +51,14 @@ class Level(ABC):
         """Most similar bank item per query; ``exclude[q]`` is a bank index query ``q`` may not match."""
 
     def build_index(self, bank: dict[str, np.ndarray], kind: str):
-        """A faiss index over the bank rows, for levels whose similarity is a dot product (else None)."""
-        return None
+        """A faiss index of ``kind`` over the bank's ``rows``, for levels whose similarity is their dot product
+        (``dot_product = True``); None for the others, which always search exactly."""
+        if not self.dot_product:
+            return None
+        index = FaissIndex(kind)
+        rows = bank["rows"]
+        index.add(rows.reshape(len(rows), -1))
+        return index
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..items import Item, ItemError
-from ..search import FaissIndex, inner_product_topk
+from ..search import inner_product_topk
 from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
 
 
@@ -27,6 +27,8 @@ class FeatureLevel(Level):
     >>> rows["rows"].shape
     (2, 8)
     """
+
+    dot_product = True
 
     def __init__(self, extractor, grid=None, name: str = "feature") -> None:
         if not callable(extractor):
@@ -60,7 +62,3 @@ class FeatureLevel(Level):
             q, bank["rows"], 1, exclude=exclude)
         return Nearest(values[:, 0].cpu().numpy(), indices[:, 0].cpu().numpy(), ["identity"] * len(q))
 
-    def build_index(self, bank, kind: str) -> FaissIndex:
-        index = FaissIndex(kind)
-        index.add(bank["rows"])
-        return index

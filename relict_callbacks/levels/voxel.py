@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import FaissIndex, inner_product_topk
+from ..search import inner_product_topk
 from .base import Level, Nearest, resample, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
@@ -105,6 +105,7 @@ class VoxelLevel(Level):
     """
 
     name = "voxel"
+    dot_product = True
 
     def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="lr", top_k: int = 5) -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
@@ -216,10 +217,6 @@ class VoxelLevel(Level):
                 best[i], best_index[i], transforms[i] = sim, m, _describe(flip, shift)
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
-    def build_index(self, bank, kind: str) -> FaissIndex:
-        index = FaissIndex(kind)
-        index.add(bank["rows"].reshape(len(bank["rows"]), -1))
-        return index
 
     def _refine(self, query: torch.Tensor, pairs: list, reach: int, mask) -> tuple[float, int, tuple, tuple]:
         """Best full-resolution NCC of ``query`` [C, *grid] over (bank index, bank image, flip) ``pairs``: each
