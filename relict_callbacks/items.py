@@ -148,17 +148,20 @@ def iter_batches(items, batch_size: int, *, name: str = "item") -> Iterator[list
 
 
 class ContentHash:
-    """Running hash of item ids, image and label bytes (the content part of a bank fingerprint)."""
+    """Hash of item ids, image and label bytes (the content part of a bank fingerprint), independent of the
+    order items arrive in: the same items with the same ids in another order give the same hash (items
+    without ids get their position as id, so reordering those changes it)."""
 
     def __init__(self) -> None:
-        self._hash = hashlib.blake2b(digest_size=16)
+        self._digests: list[bytes] = []
 
     def update(self, item: Item) -> None:
-        self._hash.update(item.id.encode() + b"\0")
-        self._hash.update(str(tuple(item.image.shape)).encode())
-        self._hash.update(item.image.contiguous().numpy().tobytes())
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(item.id.encode() + b"\0" + str(tuple(item.image.shape)).encode())
+        digest.update(item.image.contiguous().numpy().tobytes())
         if item.label is not None:
-            self._hash.update(item.label.to(torch.float32).contiguous().numpy().tobytes())
+            digest.update(item.label.to(torch.float32).contiguous().numpy().tobytes())
+        self._digests.append(digest.digest())
 
     def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+        return hashlib.blake2b(b"".join(sorted(self._digests)), digest_size=16).hexdigest()

@@ -68,6 +68,8 @@ def test_cache_is_reused_while_the_fingerprint_matches_and_rebuilt_with_a_reason
     assert (tmp_path / "bank.npz").exists() and "built" in first.cache_message
     again = rc.ReferenceBank.build(items, LEVELS(), cache_dir=tmp_path, progress=False)
     assert again.cache_message.startswith("reused") and again.fingerprint == first.fingerprint
+    shuffled = rc.ReferenceBank.build(items[::-1], LEVELS(), cache_dir=tmp_path, progress=False)
+    assert shuffled.cache_message.startswith("reused"), "the same items in another order are the same bank"
 
     changed = [dict(it) for it in items]
     changed[3]["image"] = changed[3]["image"] + 1.0
