@@ -133,13 +133,13 @@ class VoxelLevel(Level):
         return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"])
 
     # -- geometry -----------------------------------------------------------------------------------------
-    def _mask(self, grid: tuple[int, ...], factor: int = 1) -> torch.Tensor | None:
+    def _mask(self, grid: tuple[int, ...], factor: int = 1, device="cpu") -> torch.Tensor | None:
         if self.mask is None:
             return None
         if tuple(self.mask.shape) != grid:
             raise ValueError(f"VoxelLevel mask has shape {tuple(self.mask.shape)}, the grid is {grid}")
         mask = self.mask[None, None].float()
-        return (mask if factor == 1 else _pool(mask, factor)).gt(0.5).float()
+        return (mask if factor == 1 else _pool(mask, factor)).gt(0.5).float().to(device)
 
     def shift_reach(self, grid: tuple[int, ...]) -> int:
         """The largest shift searched on ``grid``."""
@@ -157,8 +157,7 @@ class VoxelLevel(Level):
     def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
         ndim = items[0].image.ndim - 1
         grid = resolve_grid(self.grid, ndim)
-        mask = self._mask(grid)
-        mask = None if mask is None else mask.to(device)
+        mask = self._mask(grid, device=device)
         batch = torch.stack([resample(item.image.to(device), grid) for item in items])
         _, std = _moments(batch, mask)
         scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
@@ -167,8 +166,7 @@ class VoxelLevel(Level):
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
         rows = _standardize(batch, mask)
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
-        thumb_mask = self._mask(grid, factor)
-        thumbs = _standardize(_pool(_centre(rows), factor), None if thumb_mask is None else thumb_mask.to(device))
+        thumbs = _standardize(_pool(_centre(rows), factor), self._mask(grid, factor, device))
         return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
 
     # -- search -------------------------------------------------------------------------------------------
@@ -186,7 +184,7 @@ class VoxelLevel(Level):
         q = query["rows"].float()
         n, ndim = len(rows), q.ndim - 2
         grid, device = tuple(q.shape[2:]), q.device
-        mask = None if self._mask(grid) is None else self._mask(grid).to(device)
+        mask = self._mask(grid, device=device)
         flat_rows, flat_thumbs = rows.reshape(n, -1), thumbs.reshape(n, -1)
         k = min(self.top_k, n - (exclude is not None))
         plain = self._query_form(q, mask)
@@ -200,7 +198,7 @@ class VoxelLevel(Level):
         if reach == 0 and len(orientations) == 1:
             return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
         factor = grid[0] // thumbs.shape[2]
-        thumb_mask = None if mask is None else self._mask(grid, factor).to(device)
+        thumb_mask = self._mask(grid, factor, device)
         proposals = [[] for _ in range(len(q))]  # (thumbnail similarity, bank index, flip) per query
         for flip in orientations:
             tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
