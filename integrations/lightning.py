@@ -1,0 +1,217 @@
+"""``ReplicaMonitor``: the Lightning callback, a thin adapter over :class:`relict_callbacks.monitor.Monitor`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from relict_callbacks.monitor import Check, Monitor, StopReason
+
+log = logging.getLogger("relict_callbacks")
+
+
+class ReplicaMonitor(Callback):
+    r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
+
+    The first check runs after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
+    Metrics (``relict/replica_rate``, ``relict/<level>/...``) go to the loggers on check epochs; on every epoch
+    the latest values are put in ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="relict/replica_rate",
+    mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate", mode="min", divergence_threshold=0.05)``
+    find them on every epoch (Lightning runs those monitoring callbacks after this one).
+
+    Args:
+        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one at the
+            start of training (rank 0, progress bar) from ``train_items`` or else the train dataloader's dataset,
+            reused from ``cache_dir`` while the training data and levels are unchanged.
+        levels, cache_dir, holdout, train_items: how to build the bank; ``holdout`` are real images not used in
+            training (items, Dataset or DataLoader), for calibration.
+        sampler: ``sampler(pl_module, num_samples, generator) -> images | (images, labels)``, e.g. a
+            :class:`~relict_callbacks.integrations.samplers.DiffusionSampler`; default: ``pl_module.sample(n)``
+            (or ``generate(n)``).
+        num_samples: samples per check (split across processes under DDP, gathered and scored once).
+        every_n_epochs: how often to check.
+        alpha, rule, thresholds, search: scoring (see :class:`~relict_callbacks.ReplicaScorer`).
+        max_replica_rate, patience, min_delta, stop_on: stopping (see :class:`~relict_callbacks.monitor.Monitor`):
+            by default training stops once the replica rate exceeds ``max_replica_rate`` for ``patience`` checks.
+        seed: seed of the sampling noise (the same draws every check).
+        strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging and going on.
+        save_dir: folder for ``history.json`` and per-check reports (written atomically).
+        sinks: objects with ``log_check(check, monitor, trainer)`` called on rank 0 after each check (e.g. the
+            W&B sink).
+        progress: show a progress bar while building the bank.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from relict_callbacks import ReplicaMonitor, VoxelLevel
+
+        monitor = ReplicaMonitor(levels=[VoxelLevel()], cache_dir="relict_cache", num_samples=16,
+                                 every_n_epochs=5, max_replica_rate=0.05, patience=2)
+        trainer = Trainer(callbacks=[monitor, ModelCheckpoint(monitor="relict/replica_rate", every_n_epochs=5)])
+        trainer.fit(model, train_loader)
+        monitor.safe_checkpoint()   # latest checkpoint whose replica rate stayed <= 0.05
+    """
+
+    def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
+                 num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, rule: str = "any",
+                 thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
+                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
+                 sinks=(), progress: bool = True) -> None:
+        self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
+                               num_samples=num_samples, every=every_n_epochs, alpha=alpha, rule=rule,
+                               thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
+                               patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
+                               save_dir=save_dir)
+        self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
+        self.stopped_epoch = 0
+        self._image_shape = None
+        self._saved_at = None
+        self._known_checkpoints: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_samples=self.monitor.num_samples, every_n_epochs=self.monitor.every)
+
+    @property
+    def history(self) -> list[dict]:
+        """One entry per check: epoch, step, every metric then known, error, stop reason, checkpoint path."""
+        return self.monitor.history
+
+    @property
+    def stopping_reason(self) -> StopReason:
+        return self.monitor.stop_reason
+
+    @property
+    def stopping_reason_message(self) -> str | None:
+        return self.monitor.stop_message
+
+    def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
+                        mode: str = "min") -> str | None:
+        """The latest (or best by ``metric``) saved checkpoint whose replica rate stayed <= the limit."""
+        return self.monitor.safe_checkpoint(max_replica_rate, metric, mode)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        outcome = None
+        self.monitor.announce = trainer.is_global_zero
+        if trainer.is_global_zero:
+            try:
+                self.monitor.device = pl_module.device
+                self.monitor.scorer_options["device"] = pl_module.device
+                self.monitor.prepare(self._train_items(trainer), progress=self.progress)
+                outcome = self.monitor.bank.image_shape
+            except Exception as error:  # every rank must learn about it, or the others wait forever
+                outcome = f"{type(error).__name__}: {error}"
+                if trainer.world_size == 1:
+                    raise
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if isinstance(outcome, str):
+            raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
+        self._image_shape = outcome
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collect_checkpoints(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        check = self._check(trainer, pl_module) if self.monitor.is_due(epoch) else None
+        metrics = self.monitor.last_metrics
+        if metrics:  # the latest values, every epoch, for ModelCheckpoint/EarlyStopping; loggers only get new ones
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, sync_dist=False)
+        if check is not None and check.ok and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**check.metrics, "epoch": epoch}, step=trainer.global_step)
+        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:
+            trainer.should_stop = True
+            self.stopped_epoch = epoch
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._saved_at = (trainer.current_epoch, trainer.global_step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collect_checkpoints(trainer)
+        if self.monitor.save_dir is not None and trainer.is_global_zero:
+            self.monitor.save_history(f"{self.monitor.save_dir}/history.json")
+
+    def state_dict(self) -> dict:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.monitor.load_state_dict(state_dict)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _train_items(self, trainer: Trainer):
+        if self.train_items is not None or self.monitor.bank is not None:
+            return self.train_items
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError("ReplicaMonitor: the train dataloader has no .dataset to build the bank from; pass "
+                             "bank=... or train_items=...")
+        return dataset  # the whole dataset, not this rank's shard
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule) -> Check:
+        epoch, step, strategy = trainer.current_epoch, trainer.global_step, trainer.strategy
+        extra = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if not k.startswith("relict/") and isinstance(v, torch.Tensor) and v.numel() == 1}
+        error, images, labels = None, None, None
+        try:
+            images, labels = self.monitor.draw(pl_module, trainer.global_rank, trainer.world_size, self._image_shape)
+        except Exception as exc:
+            error = exc
+        if trainer.world_size > 1:  # agree on failure first, so no rank waits in a gather the others skip
+            failed = strategy.all_gather(torch.tensor([error is not None], device=pl_module.device)).any()
+            if failed and error is None:
+                error = RuntimeError("the sampler failed on another process")
+            if error is None:
+                images = self._gather(strategy, images, pl_module.device)
+                labels = None if labels is None else self._gather(strategy, labels, pl_module.device)
+        if error is not None:
+            return self._finish(trainer, self.monitor.fail(error, epoch, step))
+        if trainer.is_global_zero:
+            try:
+                check = self.monitor.evaluate(images, labels, epoch, step, extra)
+            except Exception as exc:
+                if trainer.world_size > 1:
+                    strategy.broadcast({"error": f"{type(exc).__name__}: {exc}"}, src=0)
+                return self._finish(trainer, self.monitor.fail(exc, epoch, step))
+            if trainer.world_size > 1:
+                strategy.broadcast({"error": None, "metrics": check.metrics}, src=0)
+            return self._finish(trainer, check)
+        outcome = strategy.broadcast(None, src=0)
+        if outcome["error"] is not None:
+            return self.monitor.fail(RuntimeError(outcome["error"]), epoch, step)
+        check = Check(epoch, step, outcome["metrics"])
+        self.monitor.apply(check, extra)
+        return check
+
+    def _gather(self, strategy, tensor: torch.Tensor, device) -> torch.Tensor:
+        gathered = strategy.all_gather(tensor.to(device)).cpu()
+        return gathered.flatten(0, 1)[: self.monitor.num_samples]
+
+    def _finish(self, trainer: Trainer, check: Check) -> Check:
+        if trainer.is_global_zero and check.ok:
+            for sink in self.sinks:
+                try:
+                    sink.log_check(check, self.monitor, trainer)
+                except Exception as error:  # a sink (e.g. W&B offline or without credentials) never stops training
+                    log.warning("relict: %s failed to log the check at epoch %d: %s", type(sink).__name__,
+                                check.epoch, error)
+        return check
+
+    def _collect_checkpoints(self, trainer: Trainer) -> None:
+        """Attribute checkpoint files that appeared since the last save to the epoch that saved them."""
+        paths = set()
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                paths |= set(callback.best_k_models) | ({callback.last_model_path} - {""})
+        new = paths - self._known_checkpoints
+        self._known_checkpoints |= paths
+        if self._saved_at is not None:
+            for path in sorted(new):
+                self.monitor.note_checkpoint(*self._saved_at, path)
+            self._saved_at = None

@@ -1,0 +1,171 @@
+"""Samplers for the monitor: ``sampler(model, num_samples, generator) -> images`` or ``-> (images, labels)``.
+
+``model`` is what the framework hands over: the LightningModule (Lightning) or the engine's network (MONAI). Each
+sampler finds its networks on it by attribute name (``network="unet"``), takes them as modules, or uses the model
+itself. They are duck-typed: MONAI core's ``DiffusionModelUNet``/``DiffusionInferer`` and the older
+``monai-generative`` nets and inferers both work, with either package's schedulers. The monitor calls samplers in
+eval mode, without gradients and with a seeded, forked RNG, so every check draws the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+
+def _part(model, part, what: str):
+    """``part`` as a module: ``None`` -> the model, a string -> that attribute of the model, else ``part`` itself."""
+    if part is None:
+        return model
+    if isinstance(part, str):
+        if not hasattr(model, part):
+            raise AttributeError(f"{type(model).__name__} has no attribute {part!r} (the {what})")
+        return getattr(model, part)
+    return part
+
+
+def _device(module) -> torch.device:
+    parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _split_labels(images: torch.Tensor, label_channels: int):
+    """Images whose last ``label_channels`` channels are generated masks -> ``(images, binary labels)``."""
+    if not label_channels:
+        return images
+    return images[:, :-label_channels], (images[:, -label_channels:] > 0.5).to(torch.uint8)
+
+
+class _SchedulerSampler:
+    """Shared set-up of the diffusion samplers: a private copy of the scheduler with its inference steps."""
+
+    def __init__(self, scheduler, num_inference_steps: int | None, label_channels: int) -> None:
+        self.scheduler = copy.deepcopy(scheduler)  # set_timesteps must not change the training scheduler
+        self.num_inference_steps, self.label_channels = num_inference_steps, label_channels
+
+    def _set_timesteps(self, device) -> None:
+        if self.num_inference_steps is not None:
+            if "device" in inspect.signature(self.scheduler.set_timesteps).parameters:
+                self.scheduler.set_timesteps(self.num_inference_steps, device=device)
+            else:
+                self.scheduler.set_timesteps(self.num_inference_steps)
+
+
+class DiffusionSampler(_SchedulerSampler):
+    """Sample a diffusion model with a MONAI ``DiffusionInferer`` and a DDPM/DDIM scheduler.
+
+    Args:
+        scheduler: ``DDPMScheduler``/``DDIMScheduler`` (MONAI core or compatible); copied, so the training
+            scheduler is left untouched.
+        image_shape: ``(C, *spatial)`` of one sample (the noise shape).
+        num_inference_steps: denoising steps per sample (``None``: the scheduler's own setting).
+        network: where the denoiser is: attribute name on the model, a module, or ``None`` for the model itself.
+        inferer: a ``DiffusionInferer``; default MONAI's, built on the scheduler.
+        label_channels: the last channels of each sample are generated masks, returned as labels.
+
+    >>> import torch
+    >>> from monai.networks.nets import DiffusionModelUNet
+    >>> from monai.networks.schedulers import DDIMScheduler
+    >>> unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8),
+    ...                           attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    >>> sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=100), (1, 16, 16), num_inference_steps=5)
+    >>> sampler(unet, 2, torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 1, 16, 16])
+    """
+
+    def __init__(self, scheduler, image_shape, num_inference_steps: int | None = None, network=None, inferer=None,
+                 label_channels: int = 0) -> None:
+        super().__init__(scheduler, num_inference_steps, label_channels)
+        self.image_shape, self.network = tuple(image_shape), network
+        if inferer is None:
+            from monai.inferers import DiffusionInferer
+
+            inferer = DiffusionInferer(self.scheduler)
+        self.inferer = inferer
+
+    def __call__(self, model, num_samples: int, generator: torch.Generator):
+        unet = _part(model, self.network, "diffusion network")
+        device = _device(unet)
+        self._set_timesteps(device)
+        noise = _noise((num_samples, *self.image_shape), generator, device)
+        images = self.inferer.sample(input_noise=noise, diffusion_model=unet, scheduler=self.scheduler, verbose=False)
+        return _split_labels(images, self.label_channels)
+
+
+class LatentDiffusionSampler(_SchedulerSampler):
+    """Sample a latent diffusion model: denoise in the autoencoder's latent space, then decode.
+
+    Args:
+        autoencoder: the ``AutoencoderKL``/``VQVAE`` (attribute name on the model, or a module).
+        scheduler, num_inference_steps, network, label_channels: as for :class:`DiffusionSampler`.
+        latent_shape: ``(C, *spatial)`` of one latent.
+        scale_factor: the latent scaling used in training (``LatentDiffusionInferer(scale_factor=...)``).
+        inferer: a ``LatentDiffusionInferer``; default MONAI's.
+
+    >>> import torch
+    >>> from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    >>> from monai.networks.schedulers import DDIMScheduler
+    >>> vae = AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
+    ...                     attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    >>> unet = DiffusionModelUNet(spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 8),
+    ...                           attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    >>> sampler = LatentDiffusionSampler(vae, DDIMScheduler(num_train_timesteps=100), (2, 8, 8),
+    ...                                  num_inference_steps=3)
+    >>> sampler(unet, 2, torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 1, 16, 16])
+    """
+
+    def __init__(self, autoencoder, scheduler, latent_shape, num_inference_steps: int | None = None,
+                 scale_factor: float = 1.0, network=None, inferer=None, label_channels: int = 0) -> None:
+        super().__init__(scheduler, num_inference_steps, label_channels)
+        self.autoencoder, self.latent_shape, self.network = autoencoder, tuple(latent_shape), network
+        if inferer is None:
+            from monai.inferers import LatentDiffusionInferer
+
+            inferer = LatentDiffusionInferer(self.scheduler, scale_factor=scale_factor)
+        self.inferer = inferer
+
+    def __call__(self, model, num_samples: int, generator: torch.Generator):
+        unet = _part(model, self.network, "diffusion network")
+        autoencoder = _part(model, self.autoencoder, "autoencoder")
+        device = _device(unet)
+        self._set_timesteps(device)
+        was_training = autoencoder.training  # the autoencoder may not be part of `model`, so restore it here
+        autoencoder.eval()
+        try:
+            noise = _noise((num_samples, *self.latent_shape), generator, device)
+            images = self.inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet,
+                                         scheduler=self.scheduler, verbose=False)
+        finally:
+            autoencoder.train(was_training)
+        return _split_labels(images, self.label_channels)
+
+
+class GANSampler:
+    """Sample a GAN generator from Gaussian latents: ``generator(z)`` with ``z ~ N(0, 1)`` of ``latent_shape``.
+
+    Args:
+        latent_shape: shape of one latent, e.g. ``64`` or ``(64,)`` for vectors, ``(8, 4, 4)`` for maps.
+        network: the generator (attribute name on the model, a module, or ``None`` for the model itself).
+        label_channels: the last channels of each output are generated masks, returned as labels.
+
+    >>> import torch
+    >>> generator = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.Unflatten(1, (1, 16, 16)))
+    >>> GANSampler(8)(generator, 3, torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 1, 16, 16])
+    """
+
+    def __init__(self, latent_shape, network=None, label_channels: int = 0) -> None:
+        self.latent_shape = (latent_shape,) if isinstance(latent_shape, int) else tuple(latent_shape)
+        self.network, self.label_channels = network, label_channels
+
+    def __call__(self, model, num_samples: int, generator: torch.Generator):
+        network = _part(model, self.network, "generator network")
+        images = network(_noise((num_samples, *self.latent_shape), generator, _device(network)))
+        return _split_labels(images, self.label_channels)
