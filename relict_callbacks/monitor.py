@@ -51,6 +51,7 @@ class Check:
     report: ReplicaReport | None = field(default=None, repr=False)
     samples: torch.Tensor | None = field(default=None, repr=False)
     error: str | None = None
+    num_samples: int = 0
     stop_reason: StopReason = StopReason.NOT_STOPPED
     stop_message: str | None = None
 
@@ -213,7 +214,7 @@ class Monitor:
     def evaluate(self, images: torch.Tensor, labels, epoch: int, step: int, extra=None) -> Check:
         """Score drawn samples, record the check in the history and decide whether to stop."""
         report = self.scorer.score(images, labels)
-        check = Check(epoch, step, report.metrics(), report, images)
+        check = Check(epoch, step, report.metrics(), report, images, num_samples=len(report.records))
         self._decide(check)
         self._record(check, extra)
         if self.save_dir is not None:
@@ -261,7 +262,8 @@ class Monitor:
                 log.warning("relict: stopping training: %s", check.stop_message)
 
     def _record(self, check: Check, extra=None) -> None:
-        entry = {"epoch": check.epoch, "step": check.step, **(extra or {}), **check.metrics, "error": check.error,
+        entry = {"epoch": check.epoch, "step": check.step, **(extra or {}), **check.metrics,
+                 "samples": check.num_samples, "error": check.error,
                  "stop_reason": check.stop_reason.name, "checkpoint": None}
         self.history.append(entry)
         if self.save_dir is not None:

@@ -1,0 +1,21 @@
+"""Run by test_lightning_ddp.py: a 2-process DDP (gloo, CPU) fit with ReplicaMonitor; each rank writes what it saw."""
+
+import json
+import sys
+from pathlib import Path
+
+from lightning_models import TurnsCopier, loader, phantoms, trainer
+
+import relict_callbacks as rc
+from relict_callbacks.integrations.lightning import ReplicaMonitor
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=5, alpha=0.1, max_replica_rate=0.5,
+                             progress=False)
+    fit = trainer(out, 10, [monitor], strategy="ddp", devices=2, logger=False)
+    fit.fit(TurnsCopier(train, copy_from=2), loader(train, batch_size=2))
+    result = {"epoch": fit.current_epoch, "history": monitor.history, "reason": monitor.stopping_reason.name,
+              "bank_size": len(monitor.monitor.bank) if monitor.monitor.bank is not None else None}
+    (out / f"rank{fit.global_rank}.json").write_text(json.dumps(result))
