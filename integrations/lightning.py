@@ -180,13 +180,14 @@ class ReplicaMonitor(Callback):
                     strategy.broadcast({"error": f"{type(exc).__name__}: {exc}"}, src=0)
                 return self._finish(trainer, self.monitor.fail(exc, epoch, step))
             if trainer.world_size > 1:
-                strategy.broadcast({"error": None, "metrics": check.metrics, "samples": check.num_samples}, src=0)
+                strategy.broadcast({"error": None, "metrics": check.metrics, "samples": check.num_samples,
+                                    "extra": extra}, src=0)
             return self._finish(trainer, check)
         outcome = strategy.broadcast(None, src=0)
         if outcome["error"] is not None:
             return self.monitor.fail(RuntimeError(outcome["error"]), epoch, step)
         check = Check(epoch, step, outcome["metrics"], num_samples=outcome["samples"])
-        self.monitor.apply(check, extra)
+        self.monitor.apply(check, outcome["extra"])  # rank 0's view of the other metrics, like the scores
         return check
 
     def _gather(self, strategy, tensor: torch.Tensor, device) -> torch.Tensor:
