@@ -10,7 +10,7 @@ from pathlib import Path
 def test_relict_demo_catches_the_planted_copies(tmp_path):
     relict = shutil.which("relict") or str(Path(sys.executable).with_name("relict"))
     out = tmp_path / "demo"
-    result = subprocess.run([relict, "demo", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+    result = subprocess.run([relict, "demo", "--planted", "--out", str(out), "--no-progress"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "replica rate" in result.stdout and "planted copies" in result.stdout
@@ -19,6 +19,6 @@ def test_relict_demo_catches_the_planted_copies(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert len(report["records"]) == 36 and report["null_source"] == "holdout"
     assert (out / "results.csv").exists() and (out / "cache" / "bank.npz").exists()
-    again = subprocess.run([relict, "demo", "--out", str(out), "--no-progress"], capture_output=True, text=True,
+    again = subprocess.run([relict, "demo", "--planted", "--out", str(out), "--no-progress"], capture_output=True, text=True,
                            timeout=300)
     assert "reused cached bank" in again.stdout
