@@ -195,7 +195,7 @@ def histogram_figure(similarities: dict[str, np.ndarray], nulls: dict[str, np.nd
         ax.set_title(f"{name}: {flagged}/{len(samples)} above threshold", fontsize=10)
         ax.set_xlabel(f"{name} similarity to nearest training image")
         ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return fig
 
 

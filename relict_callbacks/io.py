@@ -161,6 +161,11 @@ class ImageReader:
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
         return {"grid": grid, "spacing": self.spacing, "ndim": self.ndim}
 
+    @classmethod
+    def from_config(cls, config: dict) -> ImageReader:
+        grid = config["grid"]
+        return cls(tuple(grid) if isinstance(grid, list) else grid, config["spacing"], config["ndim"])
+
     def read(self, path, label: bool = False) -> torch.Tensor:
         """Read ``path`` (an image file or a DICOM series folder); ``label=True`` resamples nearest-neighbour."""
         path = Path(path)
