@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 LEVEL_NAMES = ("voxel", "feature", "segmentation")
@@ -81,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     from .bank import BankError
 
     try:
-        return _audit(args) if args.command == "audit" else _build_bank(args)
+        with warnings.catch_warnings():  # warnings as one plain line, restored afterwards
+            warnings.showwarning = _show_warning
+            return _audit(args) if args.command == "audit" else _build_bank(args)
     except (ValueError, BankError, OSError) as err:  # ItemError, ReadError, BankError, UsageError: bad input
         print(f"relict: error: {err}", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"relict: warning: {message}", file=sys.stderr)
 
 
 def _levels(args, labelled: bool) -> list:

@@ -121,7 +121,8 @@ def _placeholder(ax, text: str) -> None:
 
 
 def gallery_figure(rows: list[GalleryRow], title: str = "") -> Figure:
-    """One row per pair: sample | nearest training image | |difference| with its colour bar.
+    """One row per pair: sample | nearest training image | |difference| with its colour bar (for 3D montages,
+    which are wide, the three stand one under the other).
 
     Both images are shown in their own intensity window (0.5-99.5 percentile); the difference is that of the
     z-scored images (what the voxel level's NCC compares), on a colour scale shared by all rows. Replica rows
@@ -136,16 +137,18 @@ def gallery_figure(rows: list[GalleryRow], title: str = "") -> Figure:
         raise ValueError("gallery_figure needs at least one row")
     views = [display_view(row.sample) for row in rows]
     aspect = max(v.shape[1] / v.shape[0] for v in views)
-    height = 1.7 if aspect > 2 else 2.4  # inches of image per row; 3D montages are wide, so lower
-    fig = Figure(figsize=(3 * height * aspect + 1.4, (height + 0.6) * len(rows) + (0.4 if title else 0)),
-                 layout="constrained")
+    stacked = aspect > 2  # 3D montages are wide: their three panels go one under the other
+    height = 1.5 if stacked else 2.4  # inches of image per panel
+    width, per_row = (height * aspect + 1.4, 3 * (height + 0.35) + 0.3) if stacked else \
+        (3 * height * aspect + 1.4, height + 0.6)
+    fig = Figure(figsize=(width, per_row * len(rows) + (0.4 if title else 0)), layout="constrained")
     diffs = [None if row.nearest is None else _difference(_array(row.sample), _array(row.nearest)) for row in rows]
     scale = max([float(np.percentile(d, 99.5)) for d in diffs if d is not None] + [1.0])
     for sub, row, view, diff in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, views, diffs):
         colour = REPLICA_COLOUR if row.is_replica else "black"
         sub.suptitle(row.caption, x=0.005, ha="left", fontsize=10, color=colour,
                      fontweight="bold" if row.is_replica else "normal")
-        ax_sample, ax_nearest, ax_diff = sub.subplots(1, 3)
+        ax_sample, ax_nearest, ax_diff = sub.subplots(3, 1) if stacked else sub.subplots(1, 3)
         _show(ax_sample, row.sample, view, "gray", _window(view))
         ax_sample.set_title("synthetic sample", fontsize=8)
         if row.nearest is None:
