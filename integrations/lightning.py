@@ -38,7 +38,9 @@ class ReplicaMonitor(Callback):
             by default training stops once the replica rate exceeds ``max_replica_rate`` for ``patience`` checks.
         seed: seed of the sampling noise (the same draws every check).
         strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging and going on.
-        save_dir: folder for ``history.json`` and per-check reports (written atomically).
+        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
+        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
+        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
         sinks: objects with ``log_check(check, monitor, trainer)`` called on rank 0 after each check (e.g. the
             W&B sink).
         progress: show a progress bar while building the bank.
@@ -60,12 +62,13 @@ class ReplicaMonitor(Callback):
                  num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, rule: str = "any",
                  thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
                  min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 sinks=(), progress: bool = True) -> None:
+                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True) -> None:
         self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
                                num_samples=num_samples, every=every_n_epochs, alpha=alpha, rule=rule,
                                thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
                                patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
-                               save_dir=save_dir)
+                               save_dir=save_dir, gallery_size=gallery_size,
+                               log_training_images=log_training_images)
         self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
         self.stopped_epoch = 0
         self._image_shape = None

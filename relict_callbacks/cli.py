@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                              "stops it (--planted: score a synthetic set with planted copies)")
     demo.add_argument("--out", default="relict_demo", help="folder for all outputs")
     demo.add_argument("--planted", action="store_true", help="the offline demo: no training, planted copies")
-    demo.add_argument("--epochs", type=int, default=60, help="most training epochs (training demo)")
-    demo.add_argument("--every", type=int, default=5, help="check every N epochs (training demo)")
+    demo.add_argument("--epochs", type=int, default=120, help="most training epochs (training demo)")
+    demo.add_argument("--every", type=int, default=10, help="check every N epochs (training demo)")
     demo.add_argument("--kind", choices=["head_ct", "mra"], default="head_ct", help="phantoms (--planted)")
     demo.add_argument("--ndim", type=int, choices=[2, 3], default=2, help="2D or 3D (--planted)")
     demo.add_argument("--size", type=int, default=64, help="image size (--planted)")
@@ -222,35 +222,14 @@ def _audit(args) -> int:
 
 
 def _gallery(report, synthetic, train, bank, count: int) -> list:
-    """Gallery rows for the ``count`` most similar pairs: flagged first, then by similarity at the voxel level
-    (or the bank's first level). The nearest training image is moved by the voxel level's matched transform."""
-    from .gallery import GalleryRow
-    from .levels.base import resample, resolve_grid
-    from .levels.voxel import undo_match
-    from .report import MEASURE
+    """Gallery rows; training files moved since the bank was built (or hidden: ``train=None``) are not shown."""
+    from .report import gallery_rows
 
-    names = [level.name for level in bank.levels]
-    main = "voxel" if "voxel" in names else names[0]
-    ranked = sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
     position = {} if train is None else {item_id: i for i, item_id in enumerate(train.ids)}
-    rows = []
-    for record in ranked:
-        match = record.levels[main]
-        sample = synthetic[record.index]["image"]
-        nearest = None
-        if match.nearest_id in position:  # training files moved since the bank was built: not shown
-            nearest = train[position[match.nearest_id]]["image"]
-            if main == "voxel":  # on the level's grid, moved into the sample's frame
-                grid = resolve_grid(bank.level("voxel").grid, sample.ndim - 1)
-                sample, nearest = resample(sample, grid), undo_match(resample(nearest, grid), match.transform)
-            else:
-                nearest = resample(nearest, tuple(sample.shape[1:]))
-        scores = "  ".join(f"{MEASURE.get(n, n)} {m.similarity:.3f}" for n, m in record.levels.items())
-        moved = "" if match.transform == "identity" else f" ({match.transform})"
-        caption = f"{record.id} -> train {match.nearest_id}{moved}  {scores}" + ("  REPLICA" if record.is_replica else "")
-        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption,
-                               record.is_replica))
-    return rows
+    voxel_grid = bank.level("voxel").grid if any(level.name == "voxel" for level in bank.levels) else None
+    return gallery_rows(report, lambda record: synthetic[record.index]["image"],
+                        lambda match: train[position[match.nearest_id]]["image"] if match.nearest_id in position
+                        else None, voxel_grid, count)
 
 
 if __name__ == "__main__":
