@@ -23,9 +23,16 @@ MEASURE = {"voxel": "NCC", "feature": "cosine", "segmentation": "Dice"}
 FLAGGED_ROWS = 200  # flagged samples listed in the HTML page (all of them are in results.csv)
 
 
+def ranked_records(report: ReplicaReport, count: int) -> list:
+    """The ``count`` records a gallery shows: flagged first, then by similarity at the voxel level (or the
+    report's first level)."""
+    names = list(report.thresholds)
+    main = "voxel" if "voxel" in names else names[0]
+    return sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
+
+
 def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid, count: int) -> list[GalleryRow]:
-    """Gallery rows for the ``count`` most similar pairs: flagged first, then by similarity at the voxel level
-    (or the report's first level).
+    """Gallery rows for the ``count`` records of :func:`ranked_records`, in that order.
 
     ``sample_image(record)`` gives a sample ``[C, *spatial]`` tensor; ``training_image(match)`` the nearest
     training image for a :class:`LevelMatch`, or ``None`` to hide it. With a voxel level (``voxel_grid`` is its
@@ -36,9 +43,8 @@ def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid
 
     names = list(report.thresholds)
     main = "voxel" if "voxel" in names else names[0]
-    ranked = sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
     rows = []
-    for record in ranked:
+    for record in ranked_records(report, count):
         match = record.levels[main]
         sample, nearest = sample_image(record), training_image(match)
         if nearest is not None:
