@@ -63,7 +63,7 @@ def main(out="relict_demo", n_train: int = 4, size: int = 32, max_epochs: int = 
     torch.manual_seed(0)
     train = make_phantoms(n_train, "head_ct", ndim=2, size=size, seed=0, id_prefix="patient")
     holdout = make_phantoms(48, "head_ct", ndim=2, size=size, seed=1, id_prefix="unseen")
-    loader = torch.utils.data.DataLoader(train * 8, batch_size=8, shuffle=True)  # 8 steps an epoch
+    loader = torch.utils.data.DataLoader(train * (64 // n_train), batch_size=8, shuffle=True)  # 8 steps an epoch
 
     model = PhantomDDPM()
     monitor = ReplicaMonitor(
