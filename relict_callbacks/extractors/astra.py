@@ -72,13 +72,14 @@ class AstraEncoder(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if window is not None and not window[0] < window[1]:
             raise ValueError(f"window must be (low, high) with low < high, got {window}")
-        weights = load_weights(_weights_file())
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in load_weights(_weights_file()).items()}
         weights["conv1.weight"] = weights["conv1.weight"].sum(1, keepdim=True)  # 3 copies of one channel
         stem = {"conv1_t_size": (3, 7, 7), "conv1_t_stride": (1, 2, 2)} if spatial_dims == 3 else \
             {"conv1_t_size": 7, "conv1_t_stride": 2}
-        self.network = resnet152(spatial_dims=spatial_dims, n_input_channels=1, feed_forward=False,
-                                 bias_downsample=False, **stem)
-        self.network.load_state_dict(weights if spatial_dims == 3 else _deflate(weights), strict=True)
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+            self.network = resnet152(spatial_dims=spatial_dims, n_input_channels=1, feed_forward=False,
+                                     bias_downsample=False, **stem)
+        self.network.load_state_dict(weights if spatial_dims == 3 else _deflate(weights), strict=True, assign=True)
         self.network.eval()
         self.spatial_dims, self.window, self.grid = spatial_dims, window, resolve_grid(grid, spatial_dims)
 

@@ -42,10 +42,13 @@ def load_weights(path, prefix: str | None = None) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        unsafe = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not unsafe:
+            raise CheckpointError(f"{path}: not a readable PyTorch weights file ({' '.join(str(err).split())[-200:]})"
+                                  ) from None
         raise CheckpointError(
-            f"{path}: refused: it holds pickled Python objects, not only tensors ({reason}). Loading it would run "
-            "code from the file; re-save the weights alone with torch.save(model.state_dict(), path)") from None
+            f"{path}: refused: it holds pickled Python objects, not only tensors ({unsafe[0]}). Loading it would "
+            "run code from the file; re-save the weights alone with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
     for key in _WRAPPERS:
