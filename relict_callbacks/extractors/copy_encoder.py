@@ -215,7 +215,7 @@ class CopyEncoder(nn.Module):
         optimizer = torch.optim.Adam(network.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         batch = min(self.batch_size, len(data))
-        order, cursor, start, step = torch.randperm(len(data), generator=gen), 0, time.perf_counter(), 0
+        order, cursor, start = torch.randperm(len(data), generator=gen), 0, time.perf_counter()
         bar = tqdm(total=self.steps, desc="relict copy encoder", unit="step", disable=not progress)
         for step in range(1, self.steps + 1):
             if cursor + batch > len(data):
@@ -228,13 +228,14 @@ class CopyEncoder(nn.Module):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            self.fitted_steps = step
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if time.perf_counter() - start > self.time_budget:
                 break
         bar.close()
         network.eval()
-        self.fitted_steps, self.fit_seconds = step, time.perf_counter() - start
+        self.fit_seconds = time.perf_counter() - start
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
