@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "stops it (--planted: score a synthetic set with planted copies)")
     demo.add_argument("--out", default="relict_demo", help="folder for all outputs")
     demo.add_argument("--planted", action="store_true", help="the offline demo: no training, planted copies")
-    demo.add_argument("--epochs", type=int, default=120, help="most training epochs (training demo)")
+    demo.add_argument("--epochs", type=int, default=150, help="most training epochs (training demo)")
     demo.add_argument("--every", type=int, default=10, help="check every N epochs (training demo)")
     demo.add_argument("--kind", choices=["head_ct", "mra"], default="head_ct", help="phantoms (--planted)")
     demo.add_argument("--ndim", type=int, choices=[2, 3], default=2, help="2D or 3D (--planted)")
