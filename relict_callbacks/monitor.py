@@ -283,7 +283,11 @@ class Monitor:
                      if e["error"] is None), {})
 
     def note_checkpoint(self, epoch: int, step: int, path: str) -> None:
-        """Attach a checkpoint file saved at ``(epoch, step)`` to that epoch's check, if there was one."""
+        """Attach a checkpoint file saved at ``(epoch, step)`` to that epoch's check, if there was one. A file
+        written again (a fixed name such as ``last.pt``) now holds this epoch's weights, so older checks lose it."""
+        for entry in self.history:
+            if entry["checkpoint"] == str(path):
+                entry["checkpoint"] = None
         for entry in reversed(self.history):
             if entry["epoch"] == epoch and entry["error"] is None:
                 entry["checkpoint"] = str(path)
