@@ -99,7 +99,7 @@ class ReplicaMonitorHandler:
         self.name = name
         self.logger = logging.getLogger(name)
         self.stopped_epoch = 0
-        self._files: dict[str, tuple[int, int]] = {}
+        self._files: dict[str, tuple[int, int, int]] = {}
         self._completed: tuple[int, int] | None = None  # (epoch, iteration) of the last completed epoch
 
     @property
@@ -218,15 +218,19 @@ class ReplicaMonitorHandler:
                                         f"engine epoch {engine.state.epoch}: {error}")
         return check
 
-    def _scan(self) -> dict[str, tuple[int, int]]:
+    def _scan(self) -> dict[str, tuple[int, int, int]]:
         if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
             return {}
         with os.scandir(self.checkpoint_dir) as entries:
-            return {entry.path: (entry.stat().st_mtime_ns, entry.stat().st_size) for entry in entries
-                    if entry.is_file()}
+            return {entry.path: _stamp(entry.stat()) for entry in entries if entry.is_file()}
 
 
 def _is_scalar(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is written again: inode (atomic replace), modification time and size."""
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size

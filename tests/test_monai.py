@@ -34,20 +34,20 @@ def test_ddpm_supervised_trainer_publishes_metrics_every_epoch(tmp_path):
     relict = ReplicaMonitorHandler(
         levels=[rc.VoxelLevel()], holdout=phantoms(8, seed=1, prefix="holdout"), num_samples=4, interval=2,
         alpha=0.1, save_dir=tmp_path / "relict", progress=False,
-        sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=STEPS), (1, SIZE, SIZE), num_inference_steps=3))
-    trainer = ddpm_trainer(phantoms(8), 4, [relict])
+        sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=STEPS), (1, SIZE, SIZE), num_inference_steps=2))
+    trainer = ddpm_trainer(phantoms(8), 3, [relict])
     seen = metrics_per_epoch(trainer)
     trainer.run()
 
     assert len(relict.monitor.bank) == 8  # built from the engine's data_loader.dataset
-    assert [entry["epoch"] for entry in relict.history] == [0, 1, 3]
+    assert [entry["epoch"] for entry in relict.history] == [0, 1]
     assert all(entry["error"] is None and KEYS <= entry.keys() for entry in relict.history)
     assert all(KEYS <= epoch.keys() for epoch in seen)
     rates = [epoch["relict/voxel/nn_similarity_max"] for epoch in seen]
     checked = [entry["relict/voxel/nn_similarity_max"] for entry in relict.history]
-    assert rates == [checked[0], checked[1], checked[1], checked[2]]  # epoch 2 carries epoch 1's check
+    assert rates == [checked[0], checked[1], checked[1]]  # epoch 2 carries epoch 1's check
     saved = json.loads((tmp_path / "relict" / "history.json").read_text())
-    assert [entry["epoch"] for entry in saved] == [0, 1, 3]
+    assert [entry["epoch"] for entry in saved] == [0, 1]
 
 
 def test_gan_trainer_terminates_when_samples_count_as_replicas(caplog):
@@ -89,6 +89,21 @@ def test_checkpoint_saver_keeps_the_lowest_replica_rate(tmp_path):
     assert [e["epoch"] for e in kept["relict"]["history"]] == [0]
 
 
+def test_a_rewritten_checkpoint_belongs_to_the_latest_check(tmp_path):
+    train = phantoms(8)
+    relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.0,
+                                   checkpoint_dir=tmp_path / "ckpt", progress=False)
+    trainer = copier_trainer(train, 4, [relict], copy_from=3)
+    CheckpointSaver(tmp_path / "ckpt", {"net": trainer.network}, save_key_metric=True,
+                    key_metric_name="relict/replica_rate", key_metric_negative_sign=True,
+                    key_metric_filename="best.pt", key_metric_greater_or_equal=True).attach(trainer)
+    trainer.run()
+    assert [e["relict/replica_rate"] for e in relict.history] == [0.0, 0.0, 0.0, 1.0]
+    # best.pt was written at epochs 0, 1 and 2 (ties replace it): it holds epoch 2's weights now
+    assert [e["checkpoint"] for e in relict.history] == [None, None, str(tmp_path / "ckpt" / "best.pt"), None]
+    assert relict.safe_checkpoint() == str(tmp_path / "ckpt" / "best.pt")
+
+
 def test_resume_through_checkpoint_saver_and_loader(tmp_path):
     train = phantoms(8)
 
@@ -114,17 +129,33 @@ def test_resume_through_checkpoint_saver_and_loader(tmp_path):
     assert resumed.stopping_reason_message == "replica rate 1.00 > 0.50 for 3 checks at epoch 3"
 
 
-def test_check_on_completed_and_tensorboard(tmp_path):
+class RecordingSink:
+    def __init__(self) -> None:
+        self.epochs = []
+
+    def log_check(self, check, monitor, engine):
+        self.epochs.append((check.epoch, engine.state.epoch, monitor.num_samples))
+
+
+class BrokenSink:
+    def log_check(self, check, monitor, engine):
+        raise ConnectionError("no network")
+
+
+def test_check_on_completed_tensorboard_and_sinks(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(tmp_path / "tb")
+    writer, sink = SummaryWriter(tmp_path / "tb"), RecordingSink()
     relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], num_samples=4, interval=3, alpha=0.1,
-                                   check_on_completed=True, summary_writer=writer, progress=False)
+                                   check_on_completed=True, summary_writer=writer, sinks=[BrokenSink(), sink],
+                                   progress=False)
     trainer = copier_trainer(phantoms(8), 4, [relict])
     trainer.run()
     writer.close()
     assert [e["epoch"] for e in relict.history] == [0, 2, 3]  # the last epoch is checked on completion
+    assert sink.epochs == [(0, 1, 4), (2, 3, 4), (3, 4, 4)]  # a failing sink does not keep the others from logging
+    assert "BrokenSink failed to log the check at engine epoch 1: no network" in caplog.text
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert KEYS <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("relict/replica_rate")] == [1, 3, 4]  # engine epochs of the checks
