@@ -34,12 +34,12 @@ from relict_callbacks.integrations.samplers import DiffusionSampler
 class PhantomDDPM(L.LightningModule):
     """A DDPM on ``[1, size, size]`` images scaled to [-1, 1]."""
 
-    def __init__(self, lr: float = 2e-3) -> None:
+    def __init__(self, lr: float = 3e-3) -> None:
         super().__init__()
         self.lr = lr
         self.unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(32, 64, 64),
                                        attention_levels=(False, False, False), num_res_blocks=1, norm_num_groups=16)
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")  # predicts clean images
         self.inferer = DiffusionInferer(self.scheduler)
 
     def training_step(self, batch, batch_index):
@@ -47,7 +47,7 @@ class PhantomDDPM(L.LightningModule):
         noise = torch.randn_like(images)
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(images),), device=self.device)
         predicted = self.inferer(inputs=images, diffusion_model=self.unet, noise=noise, timesteps=timesteps)
-        loss = F.mse_loss(predicted, noise)
+        loss = F.mse_loss(predicted, images)
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
@@ -55,7 +55,7 @@ class PhantomDDPM(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def main(out="relict_demo", n_train: int = 8, size: int = 32, max_epochs: int = 60, every_n_epochs: int = 5,
+def main(out="relict_demo", n_train: int = 4, size: int = 32, max_epochs: int = 120, every_n_epochs: int = 10,
          progress: bool = True) -> ReplicaMonitor:
     """Train, monitor, print a summary; outputs (history, per-check reports, checkpoints, CSV logs) go to ``out``."""
     start = time.perf_counter()
@@ -63,12 +63,12 @@ def main(out="relict_demo", n_train: int = 8, size: int = 32, max_epochs: int = 
     torch.manual_seed(0)
     train = make_phantoms(n_train, "head_ct", ndim=2, size=size, seed=0, id_prefix="patient")
     holdout = make_phantoms(48, "head_ct", ndim=2, size=size, seed=1, id_prefix="unseen")
-    loader = torch.utils.data.DataLoader(train * 8, batch_size=8, shuffle=True)  # 8 steps an epoch
+    loader = torch.utils.data.DataLoader(train * (64 // n_train), batch_size=8, shuffle=True)  # 8 steps an epoch
 
     model = PhantomDDPM()
     monitor = ReplicaMonitor(
         levels=[VoxelLevel()], train_items=train, holdout=holdout, cache_dir=out / "cache", alpha=0.05,
-        sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=1000), (1, size, size), num_inference_steps=25,
+        sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=1000, prediction_type="sample"), (1, size, size), num_inference_steps=25,
                                  network="unet"),
         num_samples=8, every_n_epochs=every_n_epochs, max_replica_rate=0.5, patience=1, save_dir=out,
         progress=progress)
@@ -91,7 +91,7 @@ def main(out="relict_demo", n_train: int = 8, size: int = 32, max_epochs: int = 
             print(f"{entry['epoch']:>5}  check failed: {entry['error']}")
     print(f"NCC threshold {monitor.monitor.scorer.thresholds['voxel']:.3f} (alpha 0.05 on {len(holdout)} unseen "
           "patients)")
-    verdict = monitor.stopping_reason_message or f"not stopped (ran {trainer.current_epoch + 1} epochs)"
+    verdict = monitor.stopping_reason_message or f"not stopped (ran {trainer.current_epoch} epochs)"
     safe = monitor.safe_checkpoint()
     print(f"stopped: {verdict}")
     print(f"checkpoint to ship (replica rate <= 0.5): {safe}")
@@ -106,6 +106,6 @@ def main(out="relict_demo", n_train: int = 8, size: int = 32, max_epochs: int = 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="relict_demo")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=120)
     args = parser.parse_args()
     main(args.out, max_epochs=args.epochs)

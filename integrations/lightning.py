@@ -7,7 +7,10 @@ import logging
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from relict_callbacks.integrations.tensorboard import TensorBoardSink
+from relict_callbacks.integrations.wandb import WandbSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
@@ -38,15 +41,19 @@ class ReplicaMonitor(Callback):
             by default training stops once the replica rate exceeds ``max_replica_rate`` for ``patience`` checks.
         seed: seed of the sampling noise (the same draws every check).
         strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging and going on.
-        save_dir: folder for ``history.json`` and per-check reports (written atomically).
-        sinks: objects with ``log_check(check, monitor, trainer)`` called on rank 0 after each check (e.g. the
-            W&B sink).
+        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
+        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
+        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
+        sinks: objects with ``log_check(check, monitor, trainer)`` called on rank 0 after each check; a
+            :class:`~relict_callbacks.integrations.wandb.WandbSink` / ``TensorBoardSink`` is added by itself for an
+            attached ``WandbLogger`` / ``TensorBoardLogger`` (galleries, histograms, alerts).
         progress: show a progress bar while building the bank.
 
     Example::
 
         from lightning import Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         from relict_callbacks import ReplicaMonitor, VoxelLevel
 
         monitor = ReplicaMonitor(levels=[VoxelLevel()], cache_dir="relict_cache", num_samples=16,
@@ -60,12 +67,13 @@ class ReplicaMonitor(Callback):
                  num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, rule: str = "any",
                  thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
                  min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 sinks=(), progress: bool = True) -> None:
+                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True) -> None:
         self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
                                num_samples=num_samples, every=every_n_epochs, alpha=alpha, rule=rule,
                                thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
                                patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
-                               save_dir=save_dir)
+                               save_dir=save_dir, gallery_size=gallery_size,
+                               log_training_images=log_training_images)
         self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
         self.stopped_epoch = 0
         self._image_shape = None
@@ -112,6 +120,21 @@ class ReplicaMonitor(Callback):
         if isinstance(outcome, str):
             raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
         self._image_shape = outcome
+
+        self._add_logger_sinks(trainer)
+
+    def _add_logger_sinks(self, trainer: Trainer) -> None:
+        """Galleries and histograms for the attached W&B and TensorBoard loggers (rank 0, once)."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and not any(isinstance(s, WandbSink) for s in self.sinks):
+                try:
+                    self.sinks.append(WandbSink(logger.experiment))
+                except Exception as error:  # e.g. no credentials: metrics still reach monitor.history
+                    log.warning("relict: no W&B gallery or alerts, the W&B run is unavailable: %s", error)
+            if isinstance(logger, TensorBoardLogger) and not any(isinstance(s, TensorBoardSink) for s in self.sinks):
+                self.sinks.append(TensorBoardSink(logger.experiment))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collect_checkpoints(trainer)

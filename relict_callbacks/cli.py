@@ -1,34 +1,235 @@
-"""The ``relict`` command."""
+"""The ``relict`` command: ``relict audit`` (folders of scans -> report), ``relict bank build``, ``relict demo``.
+
+Exit status: 0 done (and, with ``--fail-above``, within the limit); 1 the replica rate is above
+``--fail-above``; 2 bad input (the message names the file and the problem; nothing is written to ``--out``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import warnings
+from pathlib import Path
+
+LEVEL_NAMES = ("voxel", "feature", "segmentation")
 
 
-def main(argv: list[str] | None = None) -> int:
+class UsageError(ValueError):
+    """Options that do not fit together."""
+
+
+def _add_bank_arguments(parser: argparse.ArgumentParser, train_required: bool) -> None:
+    parser.add_argument("--train", type=Path, required=train_required, help="folder of training images")
+    parser.add_argument("--train-labels", type=Path, help="their labels (matched by file name), for segmentation")
+    parser.add_argument("--holdout", type=Path, help="real images NOT used in training, for calibration "
+                        "(default: leave-one-out on the training set)")
+    parser.add_argument("--holdout-labels", type=Path, help="labels of the holdout images")
+    parser.add_argument("--levels", help="comma-separated levels among voxel, segmentation (default: voxel, plus "
+                        "segmentation when --train-labels is given); feature needs a model and is Python-only")
+    parser.add_argument("--grid", type=int, help="voxels per axis of the common grid (default 128 for 2D, 64 for 3D)")
+    parser.add_argument("--spacing", type=float, help="isotropic voxel size in mm of the 3D grid (default: the first "
+                        "training volume's largest extent fills the grid)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relict", description="Replica detection for medical image generators.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser("demo", help="train a MONAI DDPM with Lightning on phantoms until ReplicaMonitor "
                                              "stops it (--planted: score a synthetic set with planted copies)")
     demo.add_argument("--out", default="relict_demo", help="folder for all outputs")
     demo.add_argument("--planted", action="store_true", help="the offline demo: no training, planted copies")
-    demo.add_argument("--epochs", type=int, default=60, help="most training epochs (training demo)")
-    demo.add_argument("--every", type=int, default=5, help="check every N epochs (training demo)")
+    demo.add_argument("--epochs", type=int, default=120, help="most training epochs (training demo)")
+    demo.add_argument("--every", type=int, default=10, help="check every N epochs (training demo)")
     demo.add_argument("--kind", choices=["head_ct", "mra"], default="head_ct", help="phantoms (--planted)")
     demo.add_argument("--ndim", type=int, choices=[2, 3], default=2, help="2D or 3D (--planted)")
     demo.add_argument("--size", type=int, default=64, help="image size (--planted)")
     demo.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+
+    audit = commands.add_parser("audit", help="score a folder of synthetic images against the training set",
+                                description="Score every synthetic image against the training set (or a bank "
+                                "built with `relict bank build`) and write summary.json, results.csv and "
+                                "report.html into --out.")
+    _add_bank_arguments(audit, train_required=False)
+    audit.add_argument("--bank", type=Path, help="a bank from `relict bank build`, instead of --train")
+    audit.add_argument("--synthetic", type=Path, required=True, help="folder of synthetic images")
+    audit.add_argument("--synthetic-labels", type=Path, help="their labels, for the segmentation level")
+    audit.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="LEVEL=VALUE",
+                       help="explicit thresholds, e.g. voxel=0.92 (default: calibrated on the null)")
+    audit.add_argument("--alpha", type=float, default=0.01, help="false-positive rate per level (default 0.01)")
+    audit.add_argument("--rule", choices=["any", "all", "majority"], default="any",
+                       help="levels that must flag a sample (default any)")
+    audit.add_argument("--fail-above", type=float, metavar="RATE", help="exit with status 1 when the replica "
+                       "rate exceeds RATE (e.g. 0 or 0.05)")
+    audit.add_argument("--gallery", type=int, default=8, metavar="N", help="most similar pairs shown (default 8)")
+    audit.add_argument("--hide-training-images", action="store_true",
+                       help="leave training images (patient data) out of the report")
+    audit.add_argument("--out", type=Path, required=True, help="folder for the report (replaced atomically)")
+
+    bank = commands.add_parser("bank", help="reference banks")
+    bank_commands = bank.add_subparsers(dest="bank_command", required=True)
+    build = bank_commands.add_parser("build", help="embed a training folder once, for `relict audit --bank`")
+    _add_bank_arguments(build, train_required=True)
+    build.add_argument("--out", type=Path, required=True, help="bank file to write (.npz)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "demo" and args.planted:
         from .demo import run_demo
 
         run_demo(args.out, args.kind, args.ndim, args.size, progress=not args.no_progress)
-    elif args.command == "demo":
+        return 0
+    if args.command == "demo":
         from .examples.lightning_ddpm import main as run_training_demo
 
         run_training_demo(args.out, max_epochs=args.epochs, every_n_epochs=args.every, progress=not args.no_progress)
+        return 0
+    from .bank import BankError
+
+    try:
+        with warnings.catch_warnings():  # warnings as one plain line, restored afterwards
+            warnings.showwarning = _show_warning
+            return _audit(args) if args.command == "audit" else _build_bank(args)
+    except (ValueError, BankError, OSError) as err:  # ItemError, ReadError, BankError, UsageError: bad input
+        print(f"relict: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"relict: warning: {message}", file=sys.stderr)
+
+
+def _levels(args, labelled: bool) -> list:
+    from .levels import SegmentationLevel, VoxelLevel
+
+    names = args.levels.split(",") if args.levels else ["voxel"] + (["segmentation"] if labelled else [])
+    names = [n.strip() for n in names if n.strip()]
+    unknown = sorted(set(names) - set(LEVEL_NAMES))
+    if unknown or not names:
+        raise UsageError(f"--levels {args.levels!r}: unknown level(s) {unknown}; choose among voxel, segmentation")
+    if "feature" in names:
+        raise UsageError("--levels feature: the feature level needs a feature extractor (a model), which the command "
+                         "line cannot load; use FeatureLevel(extractor=...) from Python")
+    if "segmentation" in names and not labelled:
+        raise UsageError("--levels segmentation needs --train-labels (the command line segments with labels)")
+    return [VoxelLevel(grid=args.grid) if n == "voxel" else SegmentationLevel(grid=args.grid) for n in names]
+
+
+def _training_folders(args):
+    """(reader, levels, training folder, holdout folder) from the bank-building options; lists files only."""
+    from .io import ImageFolder, ImageReader
+
+    reader = ImageReader(grid=args.grid, spacing=args.spacing)
+    levels = _levels(args, labelled=args.train_labels is not None)
+    segmentation = any(level.name == "segmentation" for level in levels)
+    if segmentation and args.holdout is not None and args.holdout_labels is None:
+        raise UsageError("the segmentation level needs --holdout-labels for the holdout images")
+    train = ImageFolder(args.train, reader, labels=args.train_labels if segmentation else None)
+    holdout = None
+    if args.holdout is not None:
+        holdout = ImageFolder(args.holdout, reader, labels=args.holdout_labels if segmentation else None)
+    return reader, levels, train, holdout
+
+
+def _bank(train, levels, holdout, reader, progress: bool):
+    from .bank import ReferenceBank
+
+    bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress)
+    bank.manifest["audit"] = {"reader": reader.config(), "train": str(train.root.resolve())}  # for --bank
+    return bank
+
+
+def _build_bank(args) -> int:
+    reader, levels, train, holdout = _training_folders(args)
+    start = time.perf_counter()
+    bank = _bank(train, levels, holdout, reader, not args.no_progress)
+    bank.save(args.out)
+    print(f"relict: bank of {len(bank)} training images ({', '.join(lv.name for lv in levels)}; null: "
+          f"{bank.null_source}) written to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _thresholds(pairs: list[str]) -> dict[str, float]:
+    thresholds = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--threshold {pair!r}: expected LEVEL=NUMBER, e.g. voxel=0.92") from None
+    return thresholds
+
+
+def _audit(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .atomic import atomic_dir
+    from .bank import ReferenceBank
+    from .io import ImageFolder, ImageReader
+    from .report import verdict, write_report
+    from .scoring import ReplicaScorer
+
+    start = time.perf_counter()
+    thresholds = _thresholds(args.threshold)
+    if args.fail_above is not None and not 0 <= args.fail_above <= 1:
+        raise UsageError(f"--fail-above {args.fail_above}: expected a rate between 0 and 1")
+    if (args.bank is None) == (args.train is None):
+        raise UsageError("give either --train (build the bank now) or --bank (one from `relict bank build`)")
+    train = None
+    if args.bank is not None:
+        fixed = [f"--{o.replace('_', '-')}" for o in ("train_labels", "holdout", "holdout_labels", "levels", "grid",
+                                                      "spacing") if getattr(args, o) is not None]
+        if fixed:
+            raise UsageError(f"{', '.join(fixed)}: fixed when the bank was built; not allowed with --bank")
+        bank = ReferenceBank.load(args.bank)
+        saved = bank.manifest.get("audit")
+        if saved is None:
+            raise UsageError(f"{args.bank}: not built by `relict bank build` (it lacks the reader settings)")
+        reader = ImageReader.from_config(saved["reader"])
+        if Path(saved["train"]).is_dir() and not args.hide_training_images:
+            train = ImageFolder(saved["train"], reader)
+        segmentation = any(level.name == "segmentation" for level in bank.levels)
+    else:
+        reader, levels, train, holdout = _training_folders(args)
+        segmentation = any(level.name == "segmentation" for level in levels)
+    if segmentation and args.synthetic_labels is None:
+        raise UsageError("the segmentation level needs --synthetic-labels for the synthetic images")
+    synthetic = ImageFolder(args.synthetic, reader, labels=args.synthetic_labels if segmentation else None)
+    if args.bank is None:
+        bank = _bank(train, levels, holdout, reader, not args.no_progress)
+    scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None)
+    samples = tqdm(synthetic, total=len(synthetic), desc="relict score", unit="img", disable=args.no_progress)
+    report = scorer.score(samples)
+    result = verdict(report, args.fail_above)
+    gallery = _gallery(report, synthetic, None if args.hide_training_images else train, bank, args.gallery)
+    inputs = {"synthetic_folder": str(args.synthetic.resolve()),
+              "training_folder": str(args.train.resolve()) if args.bank is None else bank.manifest["audit"]["train"],
+              "bank_file": None if args.bank is None else str(args.bank.resolve()),
+              "training_images": len(bank), "levels": [level.name for level in bank.levels],
+              "null": bank.null_source, "alpha": args.alpha, "rule": args.rule, "thresholds_given": thresholds,
+              "fail_above": args.fail_above, "reader": reader.config(),
+              "training_images_shown": train is not None, "seconds": round(time.perf_counter() - start, 2)}
+    with atomic_dir(args.out) as folder:
+        write_report(folder, report, result, inputs, gallery)
+    print(report.summary())
+    print(f"{result.headline}\nwrote {args.out}/report.html, summary.json, results.csv "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 1 if result.failed else 0
+
+
+def _gallery(report, synthetic, train, bank, count: int) -> list:
+    """Gallery rows; training files moved since the bank was built (or hidden: ``train=None``) are not shown."""
+    from .report import gallery_rows
+
+    position = {} if train is None else {item_id: i for i, item_id in enumerate(train.ids)}
+    voxel_grid = bank.level("voxel").grid if any(level.name == "voxel" for level in bank.levels) else None
+    return gallery_rows(report, lambda record: synthetic[record.index]["image"],
+                        lambda match: train[position[match.nearest_id]]["image"] if match.nearest_id in position
+                        else None, voxel_grid, count)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 
 from .atomic import atomic_write
 from .bank import ReferenceBank
+from .gallery import GalleryRow, gallery_figure, save_figure
+from .report import gallery_rows
 from .scoring import ReplicaReport, ReplicaScorer
 
 log = logging.getLogger("relict_callbacks")
@@ -112,7 +114,10 @@ class Monitor:
             (rate > lowest rate so far + ``min_delta``). Default: ``("limit",)`` when ``max_replica_rate`` is set.
         seed: seed of the sampling noise; the same every check, offset by the process rank.
         strict: raise on a failing check instead of logging it and going on.
-        save_dir: if set, ``history.json`` and each check's ``report-epoch=E.json`` are written there.
+        save_dir: if set, ``history.json`` and, per check, ``report-epoch=E.json`` and ``gallery-epoch=E.png``
+            (the most similar sample/training pairs) are written there.
+        gallery_size: pairs in a gallery; log_training_images: ``False`` keeps training images (patient data) out
+            of every gallery, leaving synthetic images, ids and scores.
 
     >>> import torch, relict_callbacks as rc
     >>> from relict_callbacks.monitor import Monitor
@@ -131,7 +136,7 @@ class Monitor:
                  sampler=None, num_samples: int = 16, every: int = 1, alpha: float = 0.01, rule: str = "any",
                  thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
                  min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 device="cpu") -> None:
+                 gallery_size: int = 8, log_training_images: bool = True, device="cpu") -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
         if num_samples < 1 or every < 1 or patience < 1:
@@ -149,6 +154,7 @@ class Monitor:
         self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, device=device)
         self.max_replica_rate, self.patience, self.min_delta, self.stop_on = max_replica_rate, patience, min_delta, stop_on
         self.save_dir, self.device = save_dir, device
+        self.gallery_size, self.log_training_images = gallery_size, log_training_images
         self.scorer: ReplicaScorer | None = None
         self.history: list[dict] = []
         self.wait = {criterion: 0 for criterion in STOP_CRITERIA}
@@ -219,6 +225,8 @@ class Monitor:
         self._record(check, extra)
         if self.save_dir is not None:
             report.to_json(os.path.join(self.save_dir, f"report-epoch={epoch}.json"))
+            save_figure(gallery_figure(self.gallery(check), self.gallery_title(check)),
+                        os.path.join(self.save_dir, f"gallery-epoch={epoch}.png"))
         return check
 
     def fail(self, error: BaseException, epoch: int, step: int) -> Check:
@@ -274,6 +282,24 @@ class Monitor:
         if check.ok:
             self._decide(check)
         self._record(check, extra)
+
+    # -- pictures ---------------------------------------------------------------------------------------------
+    def gallery(self, check: Check) -> list[GalleryRow]:
+        """The check's most similar sample/training pairs (training images left out unless allowed)."""
+        voxel = next((level for level in self.bank.levels if level.name == "voxel"), None)
+        hidden = not self.log_training_images
+        return gallery_rows(check.report, lambda record: check.samples[record.index],
+                            lambda match: None if hidden else self.training_image(match.nearest_index),
+                            None if voxel is None else voxel.grid, self.gallery_size)
+
+    def gallery_title(self, check: Check) -> str:
+        rate = check.metrics["relict/replica_rate"]
+        return f"epoch {check.epoch}: replica rate {rate:.2f} ({check.num_samples} samples)"
+
+    def training_image(self, index: int) -> torch.Tensor | None:
+        """Training image ``index`` as the bank holds it (the voxel level's z-scored grid), or ``None``."""
+        rows = self.bank.arrays.get("voxel", {}).get("rows")
+        return None if rows is None else torch.from_numpy(np.asarray(rows[index], dtype=np.float32))
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     @property

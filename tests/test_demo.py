@@ -22,3 +22,18 @@ def test_relict_demo_catches_the_planted_copies(tmp_path):
     again = subprocess.run([relict, "demo", "--planted", "--out", str(out), "--no-progress"], capture_output=True, text=True,
                            timeout=300)
     assert "reused cached bank" in again.stdout
+
+
+def test_relict_demo_training_runs_end_to_end(tmp_path):
+    """A short run of the main job (2 epochs): the Lightning DDPM demo leaves its history, reports and galleries."""
+    relict = shutil.which("relict") or str(Path(sys.executable).with_name("relict"))
+    out = tmp_path / "demo"
+    result = subprocess.run([relict, "demo", "--out", str(out), "--epochs", "2", "--every", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replica rate" in result.stdout and "checkpoint to ship" in result.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [0, 1]
+    assert (out / "gallery-epoch=1.png").exists() and (out / "report-epoch=1.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    assert json.loads((out / "summary.json").read_text())["stopped"] in ("NOT_STOPPED", "RATE_ABOVE_LIMIT")

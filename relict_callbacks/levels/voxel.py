@@ -19,6 +19,7 @@ axis 0 and displaced by that many grid voxels).
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 import torch
@@ -253,3 +254,17 @@ def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
     if any(shift):
         parts.append("shift(" + ",".join(map(str, shift)) + ")")
     return "+".join(parts) or "identity"
+
+
+def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
+    """``reference`` [C, *grid] moved into its sample's frame, undoing the ``transform`` a match reports (the
+    sample is the reference mirrored, then displaced), e.g. to show the two side by side.
+
+    >>> ref = torch.arange(4.).reshape(1, 1, 4)
+    >>> undo_match(ref, "flip1+shift(0,1)").tolist()
+    [[[2.0, 1.0, 0.0, 0.0]]]
+    """
+    flip = re.search(r"flip(\d+)", transform)
+    shift = re.search(r"shift\(([-\d,]+)\)", transform)
+    moved = reference if shift is None else _displace(reference, [-int(s) for s in shift.group(1).split(",")])
+    return moved if flip is None else moved.flip(1 + int(flip.group(1)))
