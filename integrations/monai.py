@@ -9,6 +9,7 @@ import os
 import torch
 from ignite.engine import Engine, Events
 
+from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 
@@ -50,12 +51,17 @@ class ReplicaMonitorHandler:
             checks.
         seed: seed of the sampling noise (the same draws every check).
         strict: raise on a failing check instead of logging it and going on.
-        save_dir: folder for ``history.json`` and per-check reports (written atomically).
-        sinks: objects with ``log_check(check, monitor, engine)``, called after each successful check (e.g. the
-            W&B sink); a failing sink is logged, never stops training.
+        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
+        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
+        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
+        sinks: objects with ``log_check(check, monitor, engine)``, called after each successful check, e.g.
+            :class:`~relict_callbacks.integrations.wandb.WandbSink` ``(wandb.init(...))``; a failing sink is
+            logged, never stops training.
         progress: show a progress bar while building the bank.
-        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``): each check's
-            metrics at ``engine.state.epoch``.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter``: each check's metrics as scalars at
+            ``engine.state.epoch`` (MONAI's epoch-level convention), plus a
+            :class:`~relict_callbacks.integrations.tensorboard.TensorBoardSink` for the gallery and histograms
+            (at the iteration of the check).
         checkpoint_dir: the ``save_dir`` of your ``CheckpointSaver``: files written (or rewritten) there at the end
             of a checked epoch are recorded with that check, so :meth:`safe_checkpoint` can name one.
         check_on_completed: also check when the run completes, if its last epoch was not checked.
@@ -86,16 +92,21 @@ class ReplicaMonitorHandler:
     def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
                  num_samples: int = 16, interval: int = 1, alpha: float = 0.01, rule: str = "any", thresholds=None,
                  search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
-                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None, sinks=(),
-                 progress: bool = True, summary_writer=None, checkpoint_dir=None, check_on_completed: bool = False,
+                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
+                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True,
+                 summary_writer=None, checkpoint_dir=None, check_on_completed: bool = False,
                  name: str | None = None) -> None:
         self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
                                num_samples=num_samples, every=interval, alpha=alpha, rule=rule,
                                thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
                                patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
-                               save_dir=save_dir)
+                               save_dir=save_dir, gallery_size=gallery_size,
+                               log_training_images=log_training_images)
         self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
-        self.summary_writer, self.checkpoint_dir, self.check_on_completed = summary_writer, checkpoint_dir, check_on_completed
+        if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
+            self.sinks.append(TensorBoardSink(summary_writer))
+        self.summary_writer, self.checkpoint_dir = summary_writer, checkpoint_dir
+        self.check_on_completed = check_on_completed
         self.name = name
         self.logger = logging.getLogger(name)
         self.stopped_epoch = 0

@@ -158,6 +158,7 @@ def test_check_on_completed_tensorboard_and_sinks(tmp_path, caplog):
     assert "BrokenSink failed to log the check at engine epoch 1: no network" in caplog.text
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert KEYS <= set(events.Tags()["scalars"])
+    assert "relict/gallery" in events.Tags()["images"]  # the TensorBoardSink added for the writer
     assert [event.step for event in events.Scalars("relict/replica_rate")] == [1, 3, 4]  # engine epochs of the checks
 
 
