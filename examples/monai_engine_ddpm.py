@@ -67,7 +67,8 @@ def main(out="relict_monai", n_train: int = 8, size: int = 16, max_epochs: int =
 
     print(f"\nrelict MONAI example: a DDPM trained by a SupervisedTrainer on {n_train} phantom head CTs "
           f"({size}x{size}), sampled every {interval} epochs ({relict.monitor.num_samples} DDIM samples)")
-    print(f"{'engine epoch':>12}  {'train loss':>10}  {'replica rate':>12}  {'NCC mean':>8}  {'NCC max':>7}  checkpoint")
+    print(f"{'engine epoch':>12}  {'train loss':>10}  {'replica rate':>12}  {'NCC mean':>8}  {'NCC max':>7}  "
+          "checkpoint")
     for entry in relict.history:
         if entry["error"] is None:
             print(f"{entry['epoch'] + 1:>12}  {entry.get('train_loss', float('nan')):>10.4f}  "

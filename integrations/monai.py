@@ -1,4 +1,4 @@
-"""``ReplicaMonitorHandler``: the MONAI/ignite engine handler, a thin adapter over :class:`relict_callbacks.monitor.Monitor`."""
+"""``ReplicaMonitorHandler``: MONAI engine handler, a thin adapter over :class:`~relict_callbacks.monitor.Monitor`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
-from relict_callbacks.monitor import Check, Monitor, StopReason
+from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason
 
 
-class ReplicaMonitorHandler:
+class ReplicaMonitorHandler(MonitorAdapter):
     r"""Sample the engine's network every few epochs, score the samples for replicas of training patients, publish
     the replica metrics in ``engine.state.metrics`` and terminate the engine if the network copies.
 
@@ -32,7 +32,9 @@ class ReplicaMonitorHandler:
     ``load_state_dict`` hold plain Python values only, so ``CheckpointSaver(save_dict={..., "relict": handler})``
     and ``CheckpointLoader`` (``torch.load(weights_only=True)``) resume the history and patience counters.
     Epochs in :attr:`history` and in the messages are 0-based (``engine.state.epoch - 1``), as in the Lightning
-    callback. Single-process engines only: a distributed run is refused when the engine starts.
+    callback. Single-process engines only: a distributed run is refused when the engine starts. Afterwards,
+    :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`, :attr:`stopped_epoch`
+    and :meth:`safe_checkpoint` tell what happened.
 
     Args:
         bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one when the
@@ -113,25 +115,6 @@ class ReplicaMonitorHandler:
         self._files: dict[str, tuple[int, int, int]] = {}
         self._completed: tuple[int, int] | None = None  # (epoch, iteration) of the last completed epoch
 
-    @property
-    def history(self) -> list[dict]:
-        """One entry per check: epoch (0-based), iteration, every metric then known, error, stop reason, checkpoint."""
-        return self.monitor.history
-
-    @property
-    def stopping_reason(self) -> StopReason:
-        return self.monitor.stop_reason
-
-    @property
-    def stopping_reason_message(self) -> str | None:
-        return self.monitor.stop_message
-
-    def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
-                        mode: str = "min") -> str | None:
-        """The latest (or best by ``metric``) recorded checkpoint whose replica rate stayed <= the limit (needs
-        ``checkpoint_dir``)."""
-        return self.monitor.safe_checkpoint(max_replica_rate, metric, mode)
-
     # -- ignite --------------------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
         """Prepare the bank at ``STARTED``, check and publish at ``EPOCH_COMPLETED`` (and ``COMPLETED`` if asked)."""
@@ -185,13 +168,6 @@ class ReplicaMonitorHandler:
             for path in sorted(path for path, stamp in files.items() if self._files.get(path) != stamp):
                 self.monitor.note_checkpoint(*self._completed, path)
         self._files = files
-
-    def state_dict(self) -> dict:
-        """The monitor's state: history, patience counters, lowest rate, stop state, seed (plain Python values)."""
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.monitor.load_state_dict(state_dict)
 
     # -- internals -----------------------------------------------------------------------------------------------
     def _train_items(self, engine: Engine):

@@ -5,10 +5,11 @@ import logging
 
 import pytest
 import torch
+from faults import bad_sampler
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
 from monai.networks.schedulers import DDIMScheduler
-from monai_engines import SIZE, LATENT, STEPS, copier_trainer, ddpm_trainer, gan_trainer, phantoms
+from monai_engines import LATENT, SIZE, STEPS, copier_trainer, ddpm_trainer, gan_trainer, phantoms
 
 import relict_callbacks as rc
 from relict_callbacks.integrations.monai import ReplicaMonitorHandler
@@ -160,19 +161,6 @@ def test_check_on_completed_tensorboard_and_sinks(tmp_path, caplog):
     assert KEYS <= set(events.Tags()["scalars"])
     assert "relict/gallery" in events.Tags()["images"]  # the TensorBoardSink added for the writer
     assert [event.step for event in events.Scalars("relict/replica_rate")] == [1, 3, 4]  # engine epochs of the checks
-
-
-def bad_sampler(kind):
-    def sampler(model, n, generator):
-        if kind == "raises":
-            raise RuntimeError("CUDA out of memory (pretend)")
-        if kind == "nan":
-            images = torch.rand(n, 1, SIZE, SIZE)
-            images[1, 0, 3, 3] = float("nan")
-            return images
-        return torch.rand(n, 1, SIZE)  # 1D: wrong shape
-
-    return sampler
 
 
 @pytest.mark.parametrize("kind, message", [("raises", "raised RuntimeError: CUDA out of memory"),
