@@ -36,15 +36,15 @@ TIMESTEPS = 1000
 
 
 def main(out="relict_monai", n_train: int = 8, size: int = 16, max_epochs: int = 8, interval: int = 4,
-         progress: bool = True) -> ReplicaMonitorHandler:
+         steps_per_epoch: int = 4, progress: bool = True) -> ReplicaMonitorHandler:
     """Train, monitor, print a summary; outputs (history, per-check reports, checkpoints) go to ``out``."""
     start = time.perf_counter()
     out = Path(out)
     torch.manual_seed(0)
     train = make_phantoms(n_train, "head_ct", ndim=2, size=size, seed=0, id_prefix="patient")
     holdout = make_phantoms(32, "head_ct", ndim=2, size=size, seed=1, id_prefix="unseen")
-    sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=8 * 4)
-    loader = torch.utils.data.DataLoader(train, batch_size=8, sampler=sampler)  # 4 steps an epoch
+    sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=8 * steps_per_epoch)
+    loader = torch.utils.data.DataLoader(train, batch_size=8, sampler=sampler)
 
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16),
                               attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)

@@ -117,7 +117,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     # -- ignite --------------------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
-        """Prepare the bank at ``STARTED``, check and publish at ``EPOCH_COMPLETED`` (and ``COMPLETED`` if asked)."""
+        """Prepare the bank at ``STARTED``; check and publish at ``EPOCH_COMPLETED``; at ``COMPLETED`` record the last
+        checkpoints, write the history and, with ``check_on_completed``, check once more."""
         if self.name is None:
             self.logger = engine.logger
         engine.add_event_handler(Events.STARTED, self.started)

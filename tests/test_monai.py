@@ -20,6 +20,16 @@ KEYS = {"relict/replica_rate", "relict/voxel/replica_rate", "relict/voxel/nn_sim
         "relict/voxel/nn_similarity_max", "relict/voxel/copy_z"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The networks here are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
+    step when the machine's cores are shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def metrics_per_epoch(trainer) -> list[dict]:
     """What handlers attached after the ReplicaMonitorHandler see in ``engine.state.metrics`` at each epoch end."""
     seen = []
@@ -188,7 +198,7 @@ def test_strict_mode_raises():
 def test_example_runs(tmp_path, capsys):
     from relict_callbacks.examples.monai_engine_ddpm import main
 
-    relict = main(tmp_path, max_epochs=2, interval=1, progress=False)
+    relict = main(tmp_path, max_epochs=2, interval=1, steps_per_epoch=2, progress=False)
     printed = capsys.readouterr().out
     assert [e["epoch"] for e in relict.history] == [0, 1]
     assert "replica rate" in printed and "checkpoint" in printed
