@@ -20,6 +20,7 @@ from scipy import ndimage
 from ..levels.voxel import LR_AXIS
 
 PERTURBATIONS = ("noise", "shift", "intensity", "blur", "flip")
+HARD_PERTURBATIONS = ("elastic", "remap")  # copies that voxel similarity is not built for
 _KINDS = {"head_ct": 1, "mra": 2}
 
 
@@ -230,7 +231,10 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
 
     ``perturbation`` is one of ``PERTURBATIONS`` or ``"none"``: additive Gaussian noise (sigma 0.04), a shift by
     1-3 voxels (integer or subpixel, edge-replicate or background fill), a monotone gain/offset/gamma change, a
-    Gaussian blur (sigma 0.7-1 voxel) or a left-right mirror along ``LR_AXIS``. ``strength`` scales the amount
+    Gaussian blur (sigma 0.7-1 voxel) or a left-right mirror along ``LR_AXIS``; or one of ``HARD_PERTURBATIONS``:
+    a small elastic deformation (a smooth random displacement field, up to about 4% of the image size, plus a
+    shift of up to 2 voxels) or an intensity re-mapping (a random monotone curve with 5 knots that re-contrasts
+    the tissues, plus a smooth multiplicative bias field of +-20%, like an MR coil). ``strength`` scales the amount
     (1.0 = realistic, clearly still a copy; ignored by "flip" and "none"). The label moves with the image, and
     the image stays within the source's intensity range. Randomness depends on ``(seed, item id, perturbation)``.
 
@@ -239,8 +243,9 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
     >>> copy["id"], bool((copy["label"] == item["label"][:, :, ::-1]).all())
     ('head_ct-0000~flip', True)
     """
-    if perturbation not in (*PERTURBATIONS, "none"):
-        raise ValueError(f"unknown perturbation {perturbation!r}; expected one of {(*PERTURBATIONS, 'none')}")
+    known = (*PERTURBATIONS, *HARD_PERTURBATIONS, "none")
+    if perturbation not in known:
+        raise ValueError(f"unknown perturbation {perturbation!r}; expected one of {known}")
     rng = np.random.default_rng([seed, zlib.crc32(str(item["id"]).encode()), zlib.crc32(perturbation.encode())])
     image = np.array(item["image"], dtype=np.float32)
     label = None if item.get("label") is None else np.array(item["label"])
@@ -268,6 +273,22 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
     elif perturbation == "flip":
         image = np.flip(image, 1 + LR_AXIS[spatial])
         label = None if label is None else np.flip(label, 1 + LR_AXIS[spatial])
+    elif perturbation == "elastic":
+        size = np.array(image.shape[1:])
+        amplitude = 0.04 * size.min() * strength
+        grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in size], indexing="ij")
+        shift = rng.uniform(-2, 2, spatial) * strength
+        coords = [g + s + amplitude * _field(rng, tuple(size), size.min() / 6) / 2 for g, s in zip(grid, shift)]
+        image = np.stack([ndimage.map_coordinates(c, coords, order=3, mode="nearest") for c in image])
+        if label is not None:
+            label = np.stack([ndimage.map_coordinates(c.astype(np.float32), coords, order=1, mode="constant") >= 0.5
+                              for c in label]).astype(label.dtype)
+    elif perturbation == "remap":
+        knots = np.linspace(0, 1, 6)
+        curve = np.concatenate([[0], np.cumsum(np.exp(rng.normal(0, strength, 5)))])
+        unit = np.interp((image - lo) / max(hi - lo, 1e-12), knots, curve / curve[-1])
+        bias = 1 + 0.2 * strength * np.clip(_field(rng, image.shape[1:], image.shape[1] / 3), -1.5, 1.5) / 1.5
+        image = lo + (hi - lo) * unit * bias.astype(np.float32)
     image = np.ascontiguousarray(np.clip(image, lo, hi), dtype=np.float32)
     replica = {**item, "image": image, "id": f"{item['id']}~{perturbation}"}
     if label is not None:
