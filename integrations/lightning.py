@@ -11,12 +11,12 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.integrations.wandb import WandbSink
-from relict_callbacks.monitor import Check, Monitor, StopReason
+from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason
 
 log = logging.getLogger("relict_callbacks")
 
 
-class ReplicaMonitor(Callback):
+class ReplicaMonitor(MonitorAdapter, Callback):
     r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
 
     The first check runs after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
@@ -84,24 +84,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
     def state_key(self) -> str:
         return self._generate_state_key(num_samples=self.monitor.num_samples, every_n_epochs=self.monitor.every)
 
-    @property
-    def history(self) -> list[dict]:
-        """One entry per check: epoch, step, every metric then known, error, stop reason, checkpoint path."""
-        return self.monitor.history
-
-    @property
-    def stopping_reason(self) -> StopReason:
-        return self.monitor.stop_reason
-
-    @property
-    def stopping_reason_message(self) -> str | None:
-        return self.monitor.stop_message
-
-    def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
-                        mode: str = "min") -> str | None:
-        """The latest (or best by ``metric``) saved checkpoint whose replica rate stayed <= the limit."""
-        return self.monitor.safe_checkpoint(max_replica_rate, metric, mode)
-
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         outcome = None
@@ -159,12 +141,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         self._collect_checkpoints(trainer)
         if self.monitor.save_dir is not None and trainer.is_global_zero:
             self.monitor.save_history(f"{self.monitor.save_dir}/history.json")
-
-    def state_dict(self) -> dict:
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.monitor.load_state_dict(state_dict)
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):

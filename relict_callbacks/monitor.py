@@ -309,7 +309,11 @@ class Monitor:
                      if e["error"] is None), {})
 
     def note_checkpoint(self, epoch: int, step: int, path: str) -> None:
-        """Attach a checkpoint file saved at ``(epoch, step)`` to that epoch's check, if there was one."""
+        """Attach a checkpoint file saved at ``(epoch, step)`` to that epoch's check, if there was one. A file
+        written again (a fixed name such as ``last.pt``) now holds this epoch's weights, so older checks lose it."""
+        for entry in self.history:
+            if entry["checkpoint"] == str(path):
+                entry["checkpoint"] = None
         for entry in reversed(self.history):
             if entry["epoch"] == epoch and entry["error"] is None:
                 entry["checkpoint"] = str(path)
@@ -347,6 +351,37 @@ class Monitor:
         """Write the history as JSON, atomically."""
         with atomic_write(path) as file:
             json.dump(self.history, file, indent=1, default=float)
+
+
+class MonitorAdapter:
+    """The views of ``self.monitor`` that every framework adapter offers (Lightning callback, MONAI handler)."""
+
+    monitor: Monitor
+
+    @property
+    def history(self) -> list[dict]:
+        """One entry per check: epoch (0-based), step, every metric then known, error, stop reason, checkpoint."""
+        return self.monitor.history
+
+    @property
+    def stopping_reason(self) -> StopReason:
+        return self.monitor.stop_reason
+
+    @property
+    def stopping_reason_message(self) -> str | None:
+        return self.monitor.stop_message
+
+    def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
+                        mode: str = "min") -> str | None:
+        """The latest (or best by ``metric``) recorded checkpoint whose replica rate stayed <= the limit."""
+        return self.monitor.safe_checkpoint(max_replica_rate, metric, mode)
+
+    def state_dict(self) -> dict:
+        """The monitor's state: history, patience counters, lowest rate, stop state, seed (plain Python values)."""
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.monitor.load_state_dict(state_dict)
 
 
 def _device_of(model) -> torch.device:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from faults import bad_sampler
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning_models import SIZE, TinyDDPM, TinyGAN, TurnsCopier, loader, phantoms, trainer
 from monai.networks.schedulers import DDIMScheduler
@@ -132,19 +133,6 @@ def test_resume_keeps_history_and_patience(tmp_path):
     assert [e["epoch"] for e in resumed.history] == [0, 1, 2, 3]  # one more check was enough: patience carried over
     assert resumed.stopping_reason is StopReason.RATE_ABOVE_LIMIT and resumed.monitor.seed == 3
     assert resumed.stopping_reason_message == "replica rate 1.00 > 0.50 for 3 checks at epoch 3"
-
-
-def bad_sampler(kind):
-    def sampler(model, n, generator):
-        if kind == "raises":
-            raise RuntimeError("CUDA out of memory (pretend)")
-        if kind == "nan":
-            images = torch.rand(n, 1, SIZE, SIZE)
-            images[1, 0, 3, 3] = float("nan")
-            return images
-        return torch.rand(n, 1, SIZE)  # 1D: wrong shape
-
-    return sampler
 
 
 @pytest.mark.parametrize("kind, message", [("raises", "raised RuntimeError: CUDA out of memory"),

@@ -1,0 +1,224 @@
+"""``ReplicaMonitorHandler``: MONAI engine handler, a thin adapter over :class:`~relict_callbacks.monitor.Monitor`."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+
+import torch
+from ignite.engine import Engine, Events
+
+from relict_callbacks.integrations.tensorboard import TensorBoardSink
+from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason
+
+
+class ReplicaMonitorHandler(MonitorAdapter):
+    r"""Sample the engine's network every few epochs, score the samples for replicas of training patients, publish
+    the replica metrics in ``engine.state.metrics`` and terminate the engine if the network copies.
+
+    The first check runs after the first epoch, then every ``interval`` epochs (engine epochs ``1, interval,
+    2*interval, ...``). Once a check has run, the latest metrics (``relict/replica_rate``, ``relict/<level>/...``)
+    are written into ``engine.state.metrics`` at the end of *every* epoch, so MONAI's ``CheckpointSaver(
+    save_key_metric=True, key_metric_name="relict/replica_rate", key_metric_negative_sign=True)`` and
+    ``EarlyStopHandler`` find them. Ignite runs the handlers of one event in the order they were attached: attach
+    this handler **before** any handler that reads its metrics (first in ``train_handlers``), or those find no
+    ``relict/replica_rate`` after the first epoch.
+
+    The sampler gets ``engine.network`` as its model (``SupervisedTrainer``), or ``engine.g_network`` for engines
+    without one (``GanTrainer`` keeps its generator there). The bank is built (or loaded from ``cache_dir``) when
+    the engine starts, from ``train_items`` or else the whole ``engine.data_loader.dataset``. A failing check
+    (sampler error, NaN, wrong shape) is logged and training goes on, unless ``strict``. ``state_dict`` /
+    ``load_state_dict`` hold plain Python values only, so ``CheckpointSaver(save_dict={..., "relict": handler})``
+    and ``CheckpointLoader`` (``torch.load(weights_only=True)``) resume the history and patience counters.
+    Epochs in :attr:`history` and in the messages are 0-based (``engine.state.epoch - 1``), as in the Lightning
+    callback. Single-process engines only: a distributed run is refused when the engine starts. Afterwards,
+    :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`, :attr:`stopped_epoch`
+    and :meth:`safe_checkpoint` tell what happened.
+
+    Args:
+        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one when the
+            engine starts.
+        levels, cache_dir, holdout, train_items: how to build the bank; ``holdout`` are real images not used in
+            training (items, Dataset or DataLoader), for calibration; ``train_items`` default to the engine's
+            ``data_loader.dataset``.
+        sampler: ``sampler(network, num_samples, generator) -> images | (images, labels)``, e.g. a
+            :class:`~relict_callbacks.integrations.samplers.DiffusionSampler` or ``GANSampler``; default:
+            ``network.sample(n)`` (or ``generate(n)``).
+        num_samples: samples per check.
+        interval: check every ``interval`` epochs (and after the first).
+        alpha, rule, thresholds, search: scoring (see :class:`~relict_callbacks.ReplicaScorer`).
+        max_replica_rate, patience, min_delta, stop_on: stopping (see :class:`~relict_callbacks.monitor.Monitor`):
+            by default the engine terminates once the replica rate exceeds ``max_replica_rate`` for ``patience``
+            checks.
+        seed: seed of the sampling noise (the same draws every check).
+        strict: raise on a failing check instead of logging it and going on.
+        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
+        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
+        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
+        sinks: objects with ``log_check(check, monitor, engine)``, called after each successful check, e.g.
+            :class:`~relict_callbacks.integrations.wandb.WandbSink` ``(wandb.init(...))``; a failing sink is
+            logged, never stops training.
+        progress: show a progress bar while building the bank.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter``: each check's metrics as scalars at
+            ``engine.state.epoch`` (MONAI's epoch-level convention), plus a
+            :class:`~relict_callbacks.integrations.tensorboard.TensorBoardSink` for the gallery and histograms
+            (at the iteration of the check).
+        checkpoint_dir: the ``save_dir`` of your ``CheckpointSaver``: files written (or rewritten) there at the end
+            of a checked epoch are recorded with that check, so :meth:`safe_checkpoint` can name one.
+        check_on_completed: also check when the run completes, if its last epoch was not checked.
+        name: name of the ``logging.Logger``; default: the engine's logger (MONAI's handler convention).
+
+    >>> import torch, relict_callbacks as rc
+    >>> from monai.engines import SupervisedTrainer
+    >>> from monai.engines.utils import DiffusionPrepareBatch
+    >>> from monai.inferers import DiffusionInferer
+    >>> from monai.networks.nets import DiffusionModelUNet
+    >>> from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+    >>> from relict_callbacks.integrations.samplers import DiffusionSampler
+    >>> unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8),
+    ...                           attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    >>> relict = ReplicaMonitorHandler(
+    ...     levels=[rc.VoxelLevel()], num_samples=4, interval=2, alpha=0.1, max_replica_rate=0.5, progress=False,
+    ...     sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, 16, 16), num_inference_steps=3))
+    >>> trainer = SupervisedTrainer(
+    ...     device="cpu", max_epochs=2, network=unet, optimizer=torch.optim.Adam(unet.parameters(), 1e-3),
+    ...     loss_function=torch.nn.MSELoss(), inferer=DiffusionInferer(DDPMScheduler(num_train_timesteps=50)),
+    ...     prepare_batch=DiffusionPrepareBatch(num_train_timesteps=50), train_handlers=[relict],
+    ...     train_data_loader=torch.utils.data.DataLoader(rc.data.make_phantoms(8, size=16), batch_size=4))
+    >>> trainer.run()
+    >>> [entry["epoch"] for entry in relict.history], "relict/replica_rate" in trainer.state.metrics
+    ([0, 1], True)
+    """
+
+    def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
+                 num_samples: int = 16, interval: int = 1, alpha: float = 0.01, rule: str = "any", thresholds=None,
+                 search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
+                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
+                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True,
+                 summary_writer=None, checkpoint_dir=None, check_on_completed: bool = False,
+                 name: str | None = None) -> None:
+        self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
+                               num_samples=num_samples, every=interval, alpha=alpha, rule=rule,
+                               thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
+                               patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
+                               save_dir=save_dir, gallery_size=gallery_size,
+                               log_training_images=log_training_images)
+        self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
+        if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
+            self.sinks.append(TensorBoardSink(summary_writer))
+        self.summary_writer, self.checkpoint_dir = summary_writer, checkpoint_dir
+        self.check_on_completed = check_on_completed
+        self.name = name
+        self.logger = logging.getLogger(name)
+        self.stopped_epoch = 0
+        self._files: dict[str, tuple[int, int, int]] = {}
+        self._completed: tuple[int, int] | None = None  # (epoch, iteration) of the last completed epoch
+
+    # -- ignite --------------------------------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> None:
+        """Prepare the bank at ``STARTED``; check and publish at ``EPOCH_COMPLETED``; at ``COMPLETED`` record the last
+        checkpoints, write the history and, with ``check_on_completed``, check once more."""
+        if self.name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if self.checkpoint_dir is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, self.collect_checkpoints)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        """Build or load the reference bank (unless given) on the engine's device."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(f"ReplicaMonitorHandler supports single-process engines only, this one runs on "
+                               f"{torch.distributed.get_world_size()} processes")
+        device = getattr(engine.state, "device", None) or "cpu"
+        self.monitor.device = device
+        self.monitor.scorer_options["device"] = device
+        self.monitor.prepare(self._train_items(engine), progress=self.progress)
+        self._files = self._scan()
+
+    def __call__(self, engine: Engine) -> None:
+        """At the end of an epoch: check if due, publish the latest metrics, terminate if the monitor says stop."""
+        epoch = engine.state.epoch - 1
+        self._completed = (epoch, engine.state.iteration)
+        check = self._check(engine, epoch) if self.monitor.is_due(epoch) else None
+        engine.state.metrics.update(self.monitor.last_metrics)
+        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:
+            self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch {engine.state.epoch}"
+                                f": {check.stop_message}")
+            self.stopped_epoch = epoch
+            engine.terminate()
+
+    def completed(self, engine: Engine) -> None:
+        """At the end of the run: record the last checkpoints; check once more if asked and not done already."""
+        epoch = engine.state.epoch - 1
+        if self.check_on_completed and epoch >= 0 and not any(e["epoch"] == epoch for e in self.history):
+            self._check(engine, epoch)
+            engine.state.metrics.update(self.monitor.last_metrics)
+        if self.checkpoint_dir is not None:
+            self.collect_checkpoints(engine)
+        if self.monitor.save_dir is not None:
+            self.monitor.save_history(os.path.join(self.monitor.save_dir, "history.json"))
+
+    def collect_checkpoints(self, engine: Engine) -> None:
+        """Record files written or rewritten in ``checkpoint_dir`` since the last look with the last finished epoch."""
+        files = self._scan()
+        if self._completed is not None:
+            for path in sorted(path for path, stamp in files.items() if self._files.get(path) != stamp):
+                self.monitor.note_checkpoint(*self._completed, path)
+        self._files = files
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _train_items(self, engine: Engine):
+        if self.train_items is not None or self.monitor.bank is not None:
+            return self.train_items
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        if dataset is None:
+            raise ValueError(f"ReplicaMonitorHandler: {type(engine).__name__} has no data_loader.dataset to build "
+                             "the bank from; pass bank=... or train_items=...")
+        return dataset  # the whole dataset
+
+    def _network(self, engine: Engine) -> torch.nn.Module:
+        for attribute in ("network", "g_network"):
+            network = getattr(engine, attribute, None)
+            if network is not None:
+                return network
+        raise ValueError(f"ReplicaMonitorHandler: {type(engine).__name__} has neither .network nor .g_network to "
+                         "sample from")
+
+    def _check(self, engine: Engine, epoch: int) -> Check:
+        extra = {key: float(value) for key, value in engine.state.metrics.items()
+                 if not key.startswith("relict/") and _is_scalar(value)}
+        check = self.monitor.run(self._network(engine), epoch, engine.state.iteration, extra)
+        if check.ok:
+            self.logger.info(f"ReplicaMonitorHandler: engine epoch {engine.state.epoch}: replica rate "
+                             f"{check.metrics['relict/replica_rate']:.3f} of {check.num_samples} samples")
+            if self.summary_writer is not None:
+                for key, value in check.metrics.items():
+                    self.summary_writer.add_scalar(key, value, engine.state.epoch)
+            for sink in self.sinks:
+                try:
+                    sink.log_check(check, self.monitor, engine)
+                except Exception as error:  # a sink (e.g. W&B offline or without credentials) never stops training
+                    self.logger.warning(f"ReplicaMonitorHandler: {type(sink).__name__} failed to log the check at "
+                                        f"engine epoch {engine.state.epoch}: {error}")
+        return check
+
+    def _scan(self) -> dict[str, tuple[int, int, int]]:
+        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
+            return {}
+        with os.scandir(self.checkpoint_dir) as entries:
+            return {entry.path: _stamp(entry.stat()) for entry in entries if entry.is_file()}
+
+
+def _is_scalar(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is written again: inode (atomic replace), modification time and size."""
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
