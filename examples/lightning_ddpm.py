@@ -1,6 +1,6 @@
 """Catch a diffusion model memorizing its training patients, while it trains.
 
-A small MONAI ``DiffusionModelUNet`` (DDPM) is trained with Lightning on a handful of 2D phantom head CTs, long
+A small MONAI ``DiffusionModelUNet`` (DDPM) is trained with Lightning on three 2D phantom head CTs, long
 enough to start copying them. ``ReplicaMonitor`` samples it every few epochs with the same DDIM noise, scores the
 samples against a reference bank of the training set (calibrated on unseen phantom patients), logs the replica rate
 and stops training once most samples are copies. A ``ModelCheckpoint`` keeps a checkpoint at every check, and
@@ -48,7 +48,7 @@ class PhantomDDPM(L.LightningModule):
         timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (len(images),), device=self.device)
         predicted = self.inferer(inputs=images, diffusion_model=self.unet, noise=noise, timesteps=timesteps)
         loss = F.mse_loss(predicted, noise)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(images))
         return loss
 
     def configure_optimizers(self):
