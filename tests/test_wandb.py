@@ -70,11 +70,21 @@ def test_metrics_histograms_gallery_and_alerts_reach_wandb(wandb_dir):
                       ("Training stopped: memorization", "replica rate 1.00 > 0.50 for 2 checks at epoch 2", "ERROR")]
 
 
+class Capture:
+    """A sink that keeps the checks, to rebuild exactly the training images a gallery would show."""
+
+    def __init__(self) -> None:
+        self.checks = []
+
+    def log_check(self, check, monitor, trainer=None) -> None:
+        self.checks.append(check)
+
+
 @pytest.mark.parametrize("log_training_images", [True, False])
 def test_training_images_reach_wandb_only_when_allowed(wandb_dir, log_training_images):
-    train = phantoms(8)
+    train, capture = phantoms(8), Capture()
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, gallery_size=3,
-                             log_training_images=log_training_images, progress=False)
+                             log_training_images=log_training_images, sinks=[capture], progress=False)
     logger = WandbLogger(offline=True, save_dir=wandb_dir, project="relict-test")
     trainer(wandb_dir, 2, [monitor], logger=logger).fit(TinyGAN(), loader(train))
     wandb.finish()
@@ -85,9 +95,11 @@ def test_training_images_reach_wandb_only_when_allowed(wandb_dir, log_training_i
     assert all(row[4].startswith("train-") for row in table["data"])  # ids and scores are always there
     logged = [np.asarray(Image.open(c.local_path)) for a in of_type(records, "artifact")
               for c in a.manifest.contents if c.path.endswith(".png")]
-    training_views = [view_uint8(monitor.monitor.training_image(j).numpy()) for j in range(len(train))]
-    shown = any(np.array_equal(image, view) for image in logged for view in training_views)
-    assert shown is log_training_images
+    monitor.monitor.log_training_images = True  # the training images these galleries would have shown
+    training_views = [view_uint8(row.nearest) for check in capture.checks for row in monitor.monitor.gallery(check)]
+    assert len(training_views) == 2 * 3
+    shown = [any(np.array_equal(image, view) for image in logged) for view in training_views]
+    assert all(shown) if log_training_images else not any(shown)
 
 
 def test_wandb_failure_never_stops_training(tmp_path, caplog):
