@@ -81,14 +81,7 @@ def main(out="relict_demo", n_train: int = 3, size: int = 32, max_epochs: int = 
 
     print(f"\nrelict demo: a MONAI DDPM trained with Lightning on {n_train} phantom head CTs ({size}x{size}), "
           f"sampled every {every_n_epochs} epochs ({monitor.monitor.num_samples} DDIM samples)")
-    print(f"{'epoch':>5}  {'train loss':>10}  {'replica rate':>12}  {'NCC mean':>8}  {'NCC max':>7}  checkpoint")
-    for entry in monitor.history:
-        if entry["error"] is None:
-            print(f"{entry['epoch']:>5}  {entry.get('train_loss', float('nan')):>10.4f}  "
-                  f"{entry['relict/replica_rate']:>12.2f}  {entry['relict/voxel/nn_similarity_mean']:>8.3f}  "
-                  f"{entry['relict/voxel/nn_similarity_max']:>7.3f}  {Path(entry['checkpoint'] or '-').name}")
-        else:
-            print(f"{entry['epoch']:>5}  check failed: {entry['error']}")
+    print(monitor.monitor.history_table())
     print(f"NCC threshold {monitor.monitor.scorer.thresholds['voxel']:.3f} (alpha 0.05 on {len(holdout)} unseen "
           "patients)")
     verdict = monitor.stopping_reason_message or f"not stopped (ran {trainer.current_epoch} epochs)"

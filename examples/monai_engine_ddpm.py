@@ -67,15 +67,7 @@ def main(out="relict_monai", n_train: int = 8, size: int = 16, max_epochs: int =
 
     print(f"\nrelict MONAI example: a DDPM trained by a SupervisedTrainer on {n_train} phantom head CTs "
           f"({size}x{size}), sampled every {interval} epochs ({relict.monitor.num_samples} DDIM samples)")
-    print(f"{'engine epoch':>12}  {'train loss':>10}  {'replica rate':>12}  {'NCC mean':>8}  {'NCC max':>7}  "
-          "checkpoint")
-    for entry in relict.history:
-        if entry["error"] is None:
-            print(f"{entry['epoch'] + 1:>12}  {entry.get('train_loss', float('nan')):>10.4f}  "
-                  f"{entry['relict/replica_rate']:>12.2f}  {entry['relict/voxel/nn_similarity_mean']:>8.3f}  "
-                  f"{entry['relict/voxel/nn_similarity_max']:>7.3f}  {Path(entry['checkpoint'] or '-').name}")
-        else:
-            print(f"{entry['epoch'] + 1:>12}  check failed: {entry['error']}")
+    print(relict.monitor.history_table(epoch_offset=1, epoch_label="engine epoch"))
     print(f"NCC threshold {relict.monitor.scorer.thresholds['voxel']:.3f} (alpha 0.05 on {len(holdout)} unseen "
           "patients)")
     verdict = relict.stopping_reason_message or f"not stopped (ran {trainer.state.epoch} epochs)"

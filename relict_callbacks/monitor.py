@@ -347,6 +347,24 @@ class Monitor:
         self.stop_reason, self.stop_message = StopReason[state["stop_reason"]], state["stop_message"]
         self.seed = state["seed"]
 
+    def history_table(self, level: str = "voxel", loss: str = "train_loss", epoch_offset: int = 0,
+                      epoch_label: str = "epoch") -> str:
+        """The history as a readable table: epoch, ``loss``, replica rate, mean/max similarity at ``level``,
+        checkpoint file name (``epoch_offset=1`` numbers epochs from 1, as MONAI engines do)."""
+        width = max(len(epoch_label), 5)
+        lines = [f"{epoch_label:>{width}}  {loss:>10}  {'replica rate':>12}  {'mean sim':>8}  {'max sim':>7}  "
+                 "checkpoint"]
+        for entry in self.history:
+            epoch = entry["epoch"] + epoch_offset
+            if entry["error"] is not None:
+                lines.append(f"{epoch:>{width}}  check failed: {entry['error']}")
+                continue
+            checkpoint = os.path.basename(entry["checkpoint"] or "-")
+            lines.append(f"{epoch:>{width}}  {entry.get(loss, float('nan')):>10.4f}  "
+                         f"{entry['relict/replica_rate']:>12.2f}  {entry[f'relict/{level}/nn_similarity_mean']:>8.3f}  "
+                         f"{entry[f'relict/{level}/nn_similarity_max']:>7.3f}  {checkpoint}")
+        return "\n".join(lines)
+
     def save_history(self, path) -> None:
         """Write the history as JSON, atomically."""
         with atomic_write(path) as file:
