@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.integrations.wandb import WandbSink
-from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason
+from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason, notify_sinks, scalar_metrics
 
 log = logging.getLogger("relict_callbacks")
 
@@ -155,8 +155,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> Check:
         epoch, step, strategy = trainer.current_epoch, trainer.global_step, trainer.strategy
-        extra = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if not k.startswith("relict/") and isinstance(v, torch.Tensor) and v.numel() == 1}
+        extra = scalar_metrics(trainer.callback_metrics)
         error, images, labels = None, None, None
         try:
             images, labels = self.monitor.draw(pl_module, trainer.global_rank, trainer.world_size, self._image_shape)
@@ -195,12 +194,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     def _finish(self, trainer: Trainer, check: Check) -> Check:
         if trainer.is_global_zero and check.ok:
-            for sink in self.sinks:
-                try:
-                    sink.log_check(check, self.monitor, trainer)
-                except Exception as error:  # a sink (e.g. W&B offline or without credentials) never stops training
-                    log.warning("relict: %s failed to log the check at epoch %d: %s", type(sink).__name__,
-                                check.epoch, error)
+            notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
 
     def _collect_checkpoints(self, trainer: Trainer) -> None:

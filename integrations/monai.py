@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 
 import torch
 from ignite.engine import Engine, Events
 
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
-from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason
+from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason, notify_sinks, scalar_metrics
 
 
 class ReplicaMonitorHandler(MonitorAdapter):
@@ -189,8 +188,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
                          "sample from")
 
     def _check(self, engine: Engine, epoch: int) -> Check:
-        extra = {key: float(value) for key, value in engine.state.metrics.items()
-                 if not key.startswith("relict/") and _is_scalar(value)}
+        extra = scalar_metrics(engine.state.metrics)
         check = self.monitor.run(self._network(engine), epoch, engine.state.iteration, extra)
         if check.ok:
             self.logger.info(f"ReplicaMonitorHandler: engine epoch {engine.state.epoch}: replica rate "
@@ -198,12 +196,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
             if self.summary_writer is not None:
                 for key, value in check.metrics.items():
                     self.summary_writer.add_scalar(key, value, engine.state.epoch)
-            for sink in self.sinks:
-                try:
-                    sink.log_check(check, self.monitor, engine)
-                except Exception as error:  # a sink (e.g. W&B offline or without credentials) never stops training
-                    self.logger.warning(f"ReplicaMonitorHandler: {type(sink).__name__} failed to log the check at "
-                                        f"engine epoch {engine.state.epoch}: {error}")
+            notify_sinks(self.sinks, check, self.monitor, engine, "ReplicaMonitorHandler",
+                         f"engine epoch {engine.state.epoch}", self.logger)
         return check
 
     def _scan(self) -> dict[str, tuple[int, int, int]]:
@@ -211,12 +205,6 @@ class ReplicaMonitorHandler(MonitorAdapter):
             return {}
         with os.scandir(self.checkpoint_dir) as entries:
             return {entry.path: _stamp(entry.stat()) for entry in entries if entry.is_file()}
-
-
-def _is_scalar(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _stamp(stat: os.stat_result) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -400,6 +401,25 @@ class MonitorAdapter:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.monitor.load_state_dict(state_dict)
+
+
+def scalar_metrics(metrics) -> dict[str, float]:
+    """The framework's other scalar metrics (losses, validation scores), kept with each check in the history."""
+    def scalar(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.numel() == 1
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    return {key: float(value) for key, value in metrics.items() if not key.startswith("relict/") and scalar(value)}
+
+
+def notify_sinks(sinks, check: Check, monitor: Monitor, context, who: str, where: str, logger=log) -> None:
+    """Hand a successful check to each sink; a failing sink (e.g. W&B without credentials) is logged, never raised."""
+    for sink in sinks:
+        try:
+            sink.log_check(check, monitor, context)
+        except Exception as error:
+            logger.warning(f"{who}: {type(sink).__name__} failed to log the check at {where}: {error}")
 
 
 def _device_of(model) -> torch.device:
