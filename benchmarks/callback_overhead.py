@@ -18,7 +18,7 @@ from monai.networks.schedulers import DDIMScheduler
 
 from relict_callbacks import VoxelLevel
 from relict_callbacks.data import make_phantoms
-from relict_callbacks.examples.lightning_ddpm import PhantomDDPM
+from relict_callbacks.demos.training import PhantomDDPM
 from relict_callbacks.integrations.lightning import ReplicaMonitor
 from relict_callbacks.integrations.samplers import DiffusionSampler
 from relict_callbacks.monitor import Monitor

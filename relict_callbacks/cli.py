@@ -79,13 +79,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo" and args.planted:
-        from .demo import run_demo
+        from .demos.planted import run_demo
 
         run_demo(args.out, args.kind, args.ndim, args.size, progress=not args.no_progress)
         return 0
     if args.command == "demo":
-        from .examples.lightning_ddpm import main as run_training_demo
-
+        try:
+            from .demos.training import main as run_training_demo
+        except ModuleNotFoundError as error:  # the training demo needs the lightning and monai extras
+            print(f"relict demo: needs {error.name!r}, which is not installed; install the extras with\n"
+                  "  pip install -c constraints.txt \"relict-callbacks[lightning,monai]\"\n"
+                  "or run the offline demo without them: relict demo --planted", file=sys.stderr)
+            return 2
         run_training_demo(args.out, max_epochs=args.epochs, every_n_epochs=args.every, progress=not args.no_progress)
         return 0
     from .bank import BankError

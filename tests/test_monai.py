@@ -2,6 +2,8 @@
 
 import json
 import logging
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,7 +198,7 @@ def test_strict_mode_raises():
 
 
 def test_example_runs(tmp_path, capsys):
-    from relict_callbacks.examples.monai_engine_ddpm import main
+    main = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "monai_engine_ddpm.py"))["main"]
 
     relict = main(tmp_path, max_epochs=2, interval=1, steps_per_epoch=2, progress=False)
     printed = capsys.readouterr().out

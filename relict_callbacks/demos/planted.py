@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import ReferenceBank, ReplicaScorer, SegmentationLevel, VoxelLevel
-from .data import PERTURBATIONS, make_phantoms, make_replica
+from .. import ReferenceBank, ReplicaScorer, SegmentationLevel, VoxelLevel
+from ..data import PERTURBATIONS, make_phantoms, make_replica
 
 
 def run_demo(out="relict_demo", kind: str = "head_ct", ndim: int = 2, size: int = 64, n_train: int = 60,

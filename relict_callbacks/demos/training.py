@@ -6,7 +6,7 @@ samples against a reference bank of the training set (calibrated on unseen phant
 and stops training once most samples are copies. A ``ModelCheckpoint`` keeps a checkpoint at every check, and
 ``monitor.safe_checkpoint()`` names the last one that did not copy.
 
-Run it with ``relict demo`` or ``python examples/lightning_ddpm.py --out relict_demo``.
+Run it with ``relict demo`` or ``python -m relict_callbacks.demos.training --out relict_demo``.
 """
 
 from __future__ import annotations
