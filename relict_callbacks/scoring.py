@@ -12,6 +12,8 @@ from scipy import stats
 
 from .atomic import atomic_write
 from .bank import ReferenceBank
+from .intervals import rate_bounds
+from .validation import check_number, check_probability
 from .items import ItemError, iter_batches, iter_raw
 
 RULES = ("any", "all", "majority")
@@ -58,11 +60,18 @@ class ReplicaReport:
     null_source: str
     tests: dict[str, RankTest]
     nulls: dict[str, np.ndarray] = field(repr=False)
+    confidence: float = 0.95
 
     @property
     def replica_rate(self) -> float:
         """Fraction of samples flagged as replicas under ``rule``."""
         return float(np.mean([r.is_replica for r in self.records]))
+
+    @property
+    def replica_rate_bounds(self) -> tuple[float, float]:
+        """Exact one-sided lower and upper bounds on the true replica rate, each at ``confidence``
+        (see :func:`relict_callbacks.intervals.rate_bounds`)."""
+        return rate_bounds(sum(r.is_replica for r in self.records), len(self.records), self.confidence)
 
     @property
     def level_rates(self) -> dict[str, float]:
@@ -75,7 +84,9 @@ class ReplicaReport:
 
     def metrics(self, prefix: str = "relict") -> dict[str, float]:
         """Flat metrics with the keys the callbacks log (``relict/replica_rate``, ``relict/voxel/copy_z``, ...)."""
-        out = {f"{prefix}/replica_rate": self.replica_rate}
+        low, high = self.replica_rate_bounds
+        out = {f"{prefix}/replica_rate": self.replica_rate, f"{prefix}/replica_rate_low": low,
+               f"{prefix}/replica_rate_high": high}
         for name, rate in self.level_rates.items():
             sims = self.similarities(name)
             out.update({f"{prefix}/{name}/replica_rate": rate, f"{prefix}/{name}/nn_similarity_mean": float(sims.mean()),
@@ -86,7 +97,9 @@ class ReplicaReport:
     def to_dict(self) -> dict:
         null_summary = {name: {"n": int(len(v)), "mean": float(np.mean(v)), "max": float(np.max(v))}
                         for name, v in self.nulls.items()}
-        return {"replica_rate": self.replica_rate, "level_rates": self.level_rates, "thresholds": self.thresholds,
+        low, high = self.replica_rate_bounds
+        return {"replica_rate": self.replica_rate, "replica_rate_bounds": [low, high], "confidence": self.confidence,
+                "level_rates": self.level_rates, "thresholds": self.thresholds,
                 "rule": self.rule, "alpha": self.alpha, "null_source": self.null_source, "null": null_summary,
                 "tests": {name: asdict(test) for name, test in self.tests.items()},
                 "records": [asdict(record) for record in self.records]}
@@ -113,8 +126,10 @@ class ReplicaReport:
 
     def summary(self) -> str:
         """A few readable lines: overall rate, then per level rate, threshold, nearest similarity and test."""
+        low, high = self.replica_rate_bounds
         lines = [f"replica rate {self.replica_rate:.3f} ({sum(r.is_replica for r in self.records)}/"
-                 f"{len(self.records)} samples, rule={self.rule}, null={self.null_source}, alpha={self.alpha})"]
+                 f"{len(self.records)} samples; {self.confidence:.0%} bounds {low:.3f}-{high:.3f}, exact; "
+                 f"rule={self.rule}, null={self.null_source}, alpha={self.alpha})"]
         for name, rate in self.level_rates.items():
             sims, test = self.similarities(name), self.tests[name]
             lines.append(f"  {name:<13} rate {rate:.3f}  threshold {self.thresholds[name]:.4f}  "
@@ -133,6 +148,8 @@ class ReplicaScorer:
         thresholds: explicit ``{level: threshold}`` overriding the calibrated ones.
         search: ``"exact"`` (chunked matmul) or a faiss index kind (``"flat"``, ``"ivf"``, ``"hnsw"``) for the
             dot-product levels (voxel, feature); the segmentation level always searches exactly.
+        confidence: confidence of each one-sided exact bound on the replica rate (``report.replica_rate_bounds``,
+            metrics ``relict/replica_rate_low``/``_high``).
         batch_size, device: how samples are streamed and embedded, and where they are embedded and searched.
         query_block: samples searched together in one pass over the bank (memory: block x row size).
 
@@ -146,11 +163,14 @@ class ReplicaScorer:
     """
 
     def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
-                 search: str = "exact", batch_size: int = 16, query_block: int = 256, device="cpu") -> None:
+                 search: str = "exact", confidence: float = 0.95, batch_size: int = 16, query_block: int = 256,
+                 device="cpu") -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        check_probability("alpha", alpha)
+        self.confidence = check_probability("confidence", confidence)
+        for name, value in (thresholds or {}).items():
+            check_number(f"thresholds[{name!r}]", value)
         names = [level.name for level in bank.levels]
         unknown = set(thresholds or {}) - set(names)
         if unknown:
@@ -218,4 +238,4 @@ class ReplicaScorer:
             result = stats.ranksums(sims[name], null, alternative="greater")
             tests[name] = RankTest(float(result.statistic), float(result.pvalue))
         return ReplicaReport(records, dict(self.thresholds), self.rule, self.alpha, self.bank.null_source, tests,
-                             {name: np.asarray(null) for name, null in self.bank.nulls.items()})
+                             {name: np.asarray(null) for name, null in self.bank.nulls.items()}, self.confidence)

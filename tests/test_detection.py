@@ -86,7 +86,9 @@ def test_report_files_and_metrics(tmp_path):
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 4 and rows[0]["voxel_nearest_id"] == train[1]["id"] and rows[0]["is_replica"] == "True"
     metrics = report.metrics()
-    assert set(metrics) == {"relict/replica_rate"} | {f"relict/{lv}/{m}" for lv in ("voxel", "segmentation")
+    assert set(metrics) == {"relict/replica_rate", "relict/replica_rate_low", "relict/replica_rate_high"} | {f"relict/{lv}/{m}" for lv in ("voxel", "segmentation")
                                                       for m in ("replica_rate", "nn_similarity_mean",
                                                                 "nn_similarity_max", "copy_z")}
     assert metrics["relict/voxel/nn_similarity_max"] == pytest.approx(report.similarities("voxel").max())
+    assert metrics["relict/replica_rate_low"] < 0.25 < metrics["relict/replica_rate_high"]  # 1 of 4, exact bounds
+    assert report.replica_rate_bounds == pytest.approx((0.0127, 0.7514), abs=1e-4)
