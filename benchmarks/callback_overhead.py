@@ -21,30 +21,31 @@ from relict_callbacks.data import make_phantoms
 from relict_callbacks.demos.training import PhantomDDPM
 from relict_callbacks.integrations.lightning import ReplicaMonitor
 from relict_callbacks.integrations.samplers import DiffusionSampler
-from relict_callbacks.monitor import Monitor
+from relict_callbacks.monitor import Monitor, core
 
 
 class Timed:
-    """Accumulate wall time spent in some of the Monitor's methods."""
+    """Accumulate wall time spent in some functions, given as ``{label: (owner, attribute)}``."""
 
-    def __init__(self, names: list[str]) -> None:
-        self.seconds = dict.fromkeys(names, 0.0)
-        self.originals = {name: getattr(Monitor, name) for name in names}
+    def __init__(self, targets: dict[str, tuple[object, str]]) -> None:
+        self.targets = targets
+        self.seconds = dict.fromkeys(targets, 0.0)
+        self.originals = {label: getattr(owner, name) for label, (owner, name) in targets.items()}
 
     def __enter__(self):
-        for name, original in self.originals.items():
-            def timed(*args, _name=name, _original=original, **kwargs):
+        for label, original in self.originals.items():
+            def timed(*args, _label=label, _original=original, **kwargs):
                 start = time.perf_counter()
                 try:
                     return _original(*args, **kwargs)
                 finally:
-                    self.seconds[_name] += time.perf_counter() - start
-            setattr(Monitor, name, timed)
+                    self.seconds[_label] += time.perf_counter() - start
+            setattr(*self.targets[label], timed)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self.originals.items():
-            setattr(Monitor, name, original)
+        for label, original in self.originals.items():
+            setattr(*self.targets[label], original)
 
 
 def fit(epochs: int, callbacks, train) -> float:
@@ -69,7 +70,8 @@ def main() -> None:
                              sampler=DiffusionSampler(DDIMScheduler(1000, prediction_type="sample"), (1, 32, 32),
                                                       num_inference_steps=25, network="unet"),
                              num_samples=args.samples, every_n_epochs=5, progress=False)
-    with Timed(["prepare", "draw", "evaluate"]) as timed:
+    timings = {"prepare": (Monitor, "prepare"), "draw": (core, "draw_samples"), "evaluate": (Monitor, "_score")}
+    with Timed(timings) as timed:
         monitored = fit(args.epochs, [monitor], train)
     added = monitored - bare
     bookkeeping = added - sum(timed.seconds.values())

@@ -1,8 +1,8 @@
 """relict-callbacks: catch generative models for medical images memorizing their training patients.
 
-The engine (this package) is framework-free; ``ReplicaMonitor`` (Lightning) and ``ReplicaMonitorHandler``
-(MONAI) are imported lazily from ``relict_callbacks.integrations`` so ``import relict_callbacks`` never
-imports lightning, ignite or wandb.
+The engine (this package) is framework-free; ``Monitor`` (the framework-free monitor), ``ReplicaMonitor``
+(Lightning) and ``ReplicaMonitorHandler`` (MONAI) are imported lazily, so ``import relict_callbacks`` never
+imports lightning, ignite, wandb or matplotlib.
 """
 
 from importlib import import_module
@@ -18,11 +18,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ReferenceBank", "BankError", "ItemError", "Level", "VoxelLevel", "FeatureLevel", "SegmentationLevel",
-    "ReplicaScorer", "ReplicaReport", "SampleRecord", "LevelMatch", "RankTest", "FaissIndex", "data",
+    "ReplicaScorer", "ReplicaReport", "SampleRecord", "LevelMatch", "RankTest", "FaissIndex", "data", "Monitor",
     "ReplicaMonitor", "ReplicaMonitorHandler",
 ]
 
-_LAZY = {"ReplicaMonitor": "relict_callbacks.integrations.lightning",
+_LAZY = {"Monitor": "relict_callbacks.monitor",
+         "ReplicaMonitor": "relict_callbacks.integrations.lightning",
          "ReplicaMonitorHandler": "relict_callbacks.integrations.monai"}
 
 

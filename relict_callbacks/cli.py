@@ -228,7 +228,7 @@ def _audit(args) -> int:
 
 def _gallery(report, synthetic, train, bank, count: int) -> list:
     """Gallery rows; training files moved since the bank was built (or hidden: ``train=None``) are not shown."""
-    from .report import gallery_rows
+    from .gallery import gallery_rows
 
     position = {} if train is None else {item_id: i for i, item_id in enumerate(train.ids)}
     voxel_grid = bank.level("voxel").grid if any(level.name == "voxel" for level in bank.levels) else None

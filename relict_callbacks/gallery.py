@@ -1,7 +1,9 @@
 """Pictures of samples and their nearest training images: views of 2D/3D images, galleries, histograms.
 
 Arrays in (numpy or torch, ``[C, *spatial]``, 2D or 3D), matplotlib figures out, rendered to PNG with the Agg
-backend; figures are made without pyplot, so no display is needed and no global backend is changed. Nothing here knows about banks or reports, so the report, the W&B sink and the demos share it.
+backend; figures are made without pyplot, so no display is needed and no global backend is changed.
+:func:`gallery_rows` picks and captions the pairs of a report; the audit report, the monitor, the W&B sink and the
+demos share it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -16,8 +19,12 @@ from matplotlib.figure import Figure
 
 from .atomic import atomic_write
 
+if TYPE_CHECKING:
+    from .scoring import ReplicaReport
+
 VIEWS_3D = ("axial", "coronal", "sagittal", "axial MIP")
 REPLICA_COLOUR = "#c62828"
+MEASURE = {"voxel": "NCC", "feature": "cosine", "segmentation": "Dice"}  # what each level's similarity is
 _GAP = 2  # pixels of background between the views of a 3D montage
 
 
@@ -229,3 +236,41 @@ def save_figure(fig: Figure, path, dpi: int = 100) -> None:
             sys.modules["matplotlib.pyplot"].close(fig)
     with atomic_write(path, "wb") as file:
         file.write(data)
+
+
+def ranked_records(report: ReplicaReport, count: int) -> list:
+    """The ``count`` records a gallery shows: flagged first, then by similarity at the voxel level (or the
+    report's first level)."""
+    names = list(report.thresholds)
+    main = "voxel" if "voxel" in names else names[0]
+    return sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
+
+
+def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid, count: int) -> list[GalleryRow]:
+    """Gallery rows for the ``count`` records of :func:`ranked_records`, in that order.
+
+    ``sample_image(record)`` gives a sample ``[C, *spatial]`` tensor; ``training_image(match)`` the nearest
+    training image for a :class:`LevelMatch`, or ``None`` to hide it. With a voxel level (``voxel_grid`` is its
+    grid), both are shown on that grid and the training image is moved by the matched mirror/shift.
+    """
+    from .levels.base import resample, resolve_grid
+    from .levels.voxel import undo_match
+
+    names = list(report.thresholds)
+    main = "voxel" if "voxel" in names else names[0]
+    rows = []
+    for record in ranked_records(report, count):
+        match = record.levels[main]
+        sample, nearest = sample_image(record), training_image(match)
+        if nearest is not None:
+            if main == "voxel":  # on the level's grid, moved into the sample's frame
+                grid = resolve_grid(voxel_grid, sample.ndim - 1)
+                sample, nearest = resample(sample, grid), undo_match(resample(nearest, grid), match.transform)
+            else:
+                nearest = resample(nearest, tuple(sample.shape[1:]))
+        scores = "  ".join(f"{MEASURE.get(n, n)} {m.similarity:.3f}" for n, m in record.levels.items())
+        moved = "" if match.transform == "identity" else f" ({match.transform})"
+        caption = f"{record.id} -> train {match.nearest_id}{moved}  {scores}" + ("  REPLICA" if record.is_replica else "")
+        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption,
+                               record.is_replica))
+    return rows

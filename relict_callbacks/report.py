@@ -16,49 +16,10 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import atomic_write
-from .gallery import GalleryRow, figure_to_png_bytes, gallery_figure, histogram_figure
+from .gallery import MEASURE, GalleryRow, figure_to_png_bytes, gallery_figure, histogram_figure
 from .scoring import ReplicaReport
 
-MEASURE = {"voxel": "NCC", "feature": "cosine", "segmentation": "Dice"}
 FLAGGED_ROWS = 200  # flagged samples listed in the HTML page (all of them are in results.csv)
-
-
-def ranked_records(report: ReplicaReport, count: int) -> list:
-    """The ``count`` records a gallery shows: flagged first, then by similarity at the voxel level (or the
-    report's first level)."""
-    names = list(report.thresholds)
-    main = "voxel" if "voxel" in names else names[0]
-    return sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
-
-
-def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid, count: int) -> list[GalleryRow]:
-    """Gallery rows for the ``count`` records of :func:`ranked_records`, in that order.
-
-    ``sample_image(record)`` gives a sample ``[C, *spatial]`` tensor; ``training_image(match)`` the nearest
-    training image for a :class:`LevelMatch`, or ``None`` to hide it. With a voxel level (``voxel_grid`` is its
-    grid), both are shown on that grid and the training image is moved by the matched mirror/shift.
-    """
-    from .levels.base import resample, resolve_grid
-    from .levels.voxel import undo_match
-
-    names = list(report.thresholds)
-    main = "voxel" if "voxel" in names else names[0]
-    rows = []
-    for record in ranked_records(report, count):
-        match = record.levels[main]
-        sample, nearest = sample_image(record), training_image(match)
-        if nearest is not None:
-            if main == "voxel":  # on the level's grid, moved into the sample's frame
-                grid = resolve_grid(voxel_grid, sample.ndim - 1)
-                sample, nearest = resample(sample, grid), undo_match(resample(nearest, grid), match.transform)
-            else:
-                nearest = resample(nearest, tuple(sample.shape[1:]))
-        scores = "  ".join(f"{MEASURE.get(n, n)} {m.similarity:.3f}" for n, m in record.levels.items())
-        moved = "" if match.transform == "identity" else f" ({match.transform})"
-        caption = f"{record.id} -> train {match.nearest_id}{moved}  {scores}" + ("  REPLICA" if record.is_replica else "")
-        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption,
-                               record.is_replica))
-    return rows
 
 
 @dataclass

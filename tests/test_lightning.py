@@ -58,11 +58,11 @@ def test_same_noise_every_check_and_training_rng_untouched(tmp_path):
     monitor.monitor.prepare(train, progress=False)
     model.train()
     torch.manual_seed(123)
-    first, _ = monitor.monitor.draw(model)
+    first = monitor.monitor.check(model, 0, 0).samples
     after_draw = torch.rand(1)
     torch.manual_seed(123)
     expected = torch.rand(1)
-    second, _ = monitor.monitor.draw(model)
+    second = monitor.monitor.check(model, 1, 0).samples
     assert torch.equal(first, second)
     assert torch.equal(after_draw, expected)
     assert model.training and model.unet.training
@@ -124,7 +124,7 @@ def test_resume_keeps_history_and_patience(tmp_path):
     fit = trainer(tmp_path, 3, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")])
     fit.fit(TurnsCopier(train, copy_from=1), loader(train))
     assert [e["relict/replica_rate"] for e in first.history] == [0.0, 1.0, 1.0]
-    assert first.monitor.wait["limit"] == 2 and first.stopping_reason is StopReason.NOT_STOPPED
+    assert first.monitor.stop.wait["limit"] == 2 and first.stopping_reason is StopReason.NOT_STOPPED
 
     resumed = monitor()
     fit = trainer(tmp_path, 10, [resumed])

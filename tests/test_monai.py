@@ -133,7 +133,7 @@ def test_resume_through_checkpoint_saver_and_loader(tmp_path):
 
     first = run(3)
     assert [e["relict/replica_rate"] for e in first.history] == [0.0, 1.0, 1.0]
-    assert first.monitor.wait["limit"] == 2 and first.stopping_reason is StopReason.NOT_STOPPED
+    assert first.monitor.stop.wait["limit"] == 2 and first.stopping_reason is StopReason.NOT_STOPPED
 
     resumed = run(10, tmp_path / "ckpt" / "checkpoint_epoch=3.pt")
     assert "reused cached bank" in resumed.monitor.bank.cache_message

@@ -9,9 +9,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.integrations.wandb import WandbSink
-from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason, notify_sinks, scalar_metrics
+from relict_callbacks.monitor import Check, Monitor, StopReason
+from relict_callbacks.monitor.communicator import Communicator
 
 log = logging.getLogger("relict_callbacks")
 
@@ -76,7 +78,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
                                log_training_images=log_training_images)
         self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
         self.stopped_epoch = 0
-        self._image_shape = None
         self._saved_at = None
         self._known_checkpoints: set[str] = set()
 
@@ -87,7 +88,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         outcome = None
-        self.monitor.announce = trainer.is_global_zero
         if trainer.is_global_zero:
             try:
                 self.monitor.device = pl_module.device
@@ -101,7 +101,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         outcome = trainer.strategy.broadcast(outcome, src=0)
         if isinstance(outcome, str):
             raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
-        self._image_shape = outcome
+        self.monitor.image_shape = outcome
 
         self._add_logger_sinks(trainer)
 
@@ -124,7 +124,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         check = self._check(trainer, pl_module) if self.monitor.is_due(epoch) else None
-        metrics = self.monitor.last_metrics
+        metrics = self.monitor.ledger.last_metrics
         if metrics:  # the latest values, every epoch, for ModelCheckpoint/EarlyStopping; loggers only get new ones
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, sync_dist=False)
         if check is not None and check.ok and trainer.is_global_zero:
@@ -140,7 +140,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collect_checkpoints(trainer)
         if self.monitor.save_dir is not None and trainer.is_global_zero:
-            self.monitor.save_history(f"{self.monitor.save_dir}/history.json")
+            self.monitor.save_history()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):
@@ -154,45 +154,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         return dataset  # the whole dataset, not this rank's shard
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> Check:
-        epoch, step, strategy = trainer.current_epoch, trainer.global_step, trainer.strategy
         extra = scalar_metrics(trainer.callback_metrics)
-        error, images, labels = None, None, None
-        try:
-            images, labels = self.monitor.draw(pl_module, trainer.global_rank, trainer.world_size, self._image_shape)
-        except Exception as exc:
-            error = exc
-        if trainer.world_size > 1:  # agree on failure first, so no rank waits in a gather the others skip
-            failed = strategy.all_gather(torch.tensor([error is not None], device=pl_module.device)).any()
-            if failed and error is None:
-                error = RuntimeError("the sampler failed on another process")
-            if error is None:
-                images = self._gather(strategy, images, pl_module.device)
-                labels = None if labels is None else self._gather(strategy, labels, pl_module.device)
-        if error is not None:
-            return self._finish(trainer, self.monitor.fail(error, epoch, step))
-        if trainer.is_global_zero:
-            try:
-                check = self.monitor.evaluate(images, labels, epoch, step, extra)
-            except Exception as exc:
-                if trainer.world_size > 1:
-                    strategy.broadcast({"error": f"{type(exc).__name__}: {exc}"}, src=0)
-                return self._finish(trainer, self.monitor.fail(exc, epoch, step))
-            if trainer.world_size > 1:
-                strategy.broadcast({"error": None, "metrics": check.metrics, "samples": check.num_samples,
-                                    "extra": extra}, src=0)
-            return self._finish(trainer, check)
-        outcome = strategy.broadcast(None, src=0)
-        if outcome["error"] is not None:
-            return self.monitor.fail(RuntimeError(outcome["error"]), epoch, step)
-        check = Check(epoch, step, outcome["metrics"], num_samples=outcome["samples"])
-        self.monitor.apply(check, outcome["extra"])  # rank 0's view of the other metrics, like the scores
-        return check
-
-    def _gather(self, strategy, tensor: torch.Tensor, device) -> torch.Tensor:
-        gathered = strategy.all_gather(tensor.to(device)).cpu()
-        return gathered.flatten(0, 1)[: self.monitor.num_samples]
-
-    def _finish(self, trainer: Trainer, check: Check) -> Check:
+        check = self.monitor.check(pl_module, trainer.current_epoch, trainer.global_step, extra,
+                                   StrategyCommunicator(trainer, pl_module.device))
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
@@ -207,5 +171,22 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         self._known_checkpoints |= paths
         if self._saved_at is not None:
             for path in sorted(new):
-                self.monitor.note_checkpoint(*self._saved_at, path)
+                self.monitor.ledger.note_checkpoint(*self._saved_at, path)
             self._saved_at = None
+
+
+class StrategyCommunicator(Communicator):
+    """The processes of a Lightning run, through its strategy's collectives."""
+
+    def __init__(self, trainer: Trainer, device: torch.device) -> None:
+        self.strategy, self.device = trainer.strategy, device
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.strategy.all_gather(torch.tensor([flag], device=self.device)).any())
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.strategy.all_gather(tensor.to(self.device)).cpu().flatten(0, 1)
+
+    def broadcast(self, value):
+        return self.strategy.broadcast(value, src=0)

@@ -8,8 +8,9 @@ import os
 import torch
 from ignite.engine import Engine, Events
 
+from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
-from relict_callbacks.monitor import Check, Monitor, MonitorAdapter, StopReason, notify_sinks, scalar_metrics
+from relict_callbacks.monitor import Check, Monitor, StopReason
 
 
 class ReplicaMonitorHandler(MonitorAdapter):
@@ -143,7 +144,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
         epoch = engine.state.epoch - 1
         self._completed = (epoch, engine.state.iteration)
         check = self._check(engine, epoch) if self.monitor.is_due(epoch) else None
-        engine.state.metrics.update(self.monitor.last_metrics)
+        engine.state.metrics.update(self.monitor.ledger.last_metrics)
         if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:
             self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch {engine.state.epoch}"
                                 f": {check.stop_message}")
@@ -155,18 +156,18 @@ class ReplicaMonitorHandler(MonitorAdapter):
         epoch = engine.state.epoch - 1
         if self.check_on_completed and epoch >= 0 and not any(e["epoch"] == epoch for e in self.history):
             self._check(engine, epoch)
-            engine.state.metrics.update(self.monitor.last_metrics)
+            engine.state.metrics.update(self.monitor.ledger.last_metrics)
         if self.checkpoint_dir is not None:
             self.collect_checkpoints(engine)
         if self.monitor.save_dir is not None:
-            self.monitor.save_history(os.path.join(self.monitor.save_dir, "history.json"))
+            self.monitor.save_history()
 
     def collect_checkpoints(self, engine: Engine) -> None:
         """Record files written or rewritten in ``checkpoint_dir`` since the last look with the last finished epoch."""
         files = self._scan()
         if self._completed is not None:
             for path in sorted(path for path, stamp in files.items() if self._files.get(path) != stamp):
-                self.monitor.note_checkpoint(*self._completed, path)
+                self.monitor.ledger.note_checkpoint(*self._completed, path)
         self._files = files
 
     # -- internals -----------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     def _check(self, engine: Engine, epoch: int) -> Check:
         extra = scalar_metrics(engine.state.metrics)
-        check = self.monitor.run(self._network(engine), epoch, engine.state.iteration, extra)
+        check = self.monitor.check(self._network(engine), epoch, engine.state.iteration, extra)
         if check.ok:
             self.logger.info(f"ReplicaMonitorHandler: engine epoch {engine.state.epoch}: replica rate "
                              f"{check.metrics['relict/replica_rate']:.3f} of {check.num_samples} samples")

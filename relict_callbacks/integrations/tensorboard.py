@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from relict_callbacks.gallery import gallery_figure, histogram_figure
 from relict_callbacks.monitor import Check, Monitor
+from relict_callbacks.monitor.presentation import gallery_title
 
 
 class TensorBoardSink:
@@ -24,7 +25,7 @@ class TensorBoardSink:
     >>> monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=2, alpha=0.2,
     ...                   sampler=lambda model, n, generator: torch.rand(n, 1, 16, 16, generator=generator))
     >>> monitor.prepare(train, progress=False)
-    >>> TensorBoardSink(SummaryWriter(tempfile.mkdtemp())).log_check(monitor.run(None, 0, 5), monitor)
+    >>> TensorBoardSink(SummaryWriter(tempfile.mkdtemp())).log_check(monitor.check(None, 0, 5), monitor)
     """
 
     def __init__(self, writer) -> None:
@@ -32,7 +33,7 @@ class TensorBoardSink:
 
     def log_check(self, check: Check, monitor: Monitor, trainer=None) -> None:
         report, step = check.report, check.step
-        self.writer.add_figure("relict/gallery", gallery_figure(monitor.gallery(check), monitor.gallery_title(check)),
+        self.writer.add_figure("relict/gallery", gallery_figure(monitor.gallery(check), gallery_title(check)),
                                global_step=step)
         sims = {name: report.similarities(name) for name in report.thresholds}
         self.writer.add_figure("relict/histograms", histogram_figure(sims, report.nulls, report.thresholds),

@@ -10,9 +10,8 @@ import logging
 
 import numpy as np
 
-from relict_callbacks.gallery import display_view, figure_to_png_bytes, histogram_figure
+from relict_callbacks.gallery import display_view, figure_to_png_bytes, histogram_figure, ranked_records
 from relict_callbacks.monitor import Check, Monitor, StopReason
-from relict_callbacks.report import ranked_records
 
 log = logging.getLogger("relict_callbacks")
 

@@ -1,0 +1,58 @@
+"""What people look at after a check: the gallery of its most similar sample/training pairs and the history as a
+table. Nothing here takes part in a decision; the stop policy, ledger and sampling never import it.
+
+>>> print(history_table([{"epoch": 0, "train_loss": 0.5, "relict/replica_rate": 0.25, "error": None,
+...                       "relict/voxel/nn_similarity_mean": 0.4, "relict/voxel/nn_similarity_max": 0.9,
+...                       "checkpoint": "/ckpt/epoch=0.ckpt"}]))
+epoch  train_loss  replica rate  mean sim  max sim  checkpoint
+    0      0.5000          0.25     0.400    0.900  epoch=0.ckpt
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..bank import ReferenceBank
+from ..gallery import GalleryRow, gallery_rows
+from .ledger import Check
+
+
+def gallery(bank: ReferenceBank, check: Check, size: int, log_training_images: bool = True) -> list[GalleryRow]:
+    """The check's ``size`` most similar sample/training pairs (training images left out unless allowed)."""
+    voxel = next((level for level in bank.levels if level.name == "voxel"), None)
+    return gallery_rows(check.report, lambda record: check.samples[record.index],
+                        lambda match: training_image(bank, match.nearest_index) if log_training_images else None,
+                        None if voxel is None else voxel.grid, size)
+
+
+def gallery_title(check: Check) -> str:
+    rate = check.metrics["relict/replica_rate"]
+    return f"epoch {check.epoch}: replica rate {rate:.2f} ({check.num_samples} samples)"
+
+
+def training_image(bank: ReferenceBank, index: int) -> torch.Tensor | None:
+    """Training image ``index`` as the bank holds it (the voxel level's z-scored grid), or ``None``."""
+    rows = bank.arrays.get("voxel", {}).get("rows")
+    return None if rows is None else torch.from_numpy(np.asarray(rows[index], dtype=np.float32))
+
+
+def history_table(history: list[dict], level: str = "voxel", loss: str = "train_loss", epoch_offset: int = 0,
+                  epoch_label: str = "epoch") -> str:
+    """The history as a readable table: epoch, ``loss``, replica rate, mean/max similarity at ``level``,
+    checkpoint file name (``epoch_offset=1`` numbers epochs from 1, as MONAI engines do)."""
+    width = max(len(epoch_label), 5)
+    lines = [f"{epoch_label:>{width}}  {loss:>10}  {'replica rate':>12}  {'mean sim':>8}  {'max sim':>7}  "
+             "checkpoint"]
+    for entry in history:
+        epoch = entry["epoch"] + epoch_offset
+        if entry["error"] is not None:
+            lines.append(f"{epoch:>{width}}  check failed: {entry['error']}")
+            continue
+        checkpoint = os.path.basename(entry["checkpoint"] or "-")
+        lines.append(f"{epoch:>{width}}  {entry.get(loss, float('nan')):>10.4f}  "
+                     f"{entry['relict/replica_rate']:>12.2f}  {entry[f'relict/{level}/nn_similarity_mean']:>8.3f}  "
+                     f"{entry[f'relict/{level}/nn_similarity_max']:>7.3f}  {checkpoint}")
+    return "\n".join(lines)
