@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, level_from_config
+from .validation import check_number
 
 log = logging.getLogger("relict_callbacks")
 
@@ -158,6 +159,9 @@ class ReferenceBank:
             batch_size, device: how items are streamed and where embeddings are computed.
             null_size: at most this many leave-one-out queries for the null (a seeded subset).
         """
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("null_size", null_size, low=1, integer=True)
+        check_number("seed", seed, low=0, integer=True)
         names = [level.name for level in levels]
         if not levels or len(set(names)) != len(names):
             raise ValueError(f"need at least one level, with unique names (got {names})")

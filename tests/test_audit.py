@@ -336,6 +336,7 @@ def flip_bit(path: Path, member: str) -> None:
 
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member + ".npy")
+    size = np.load(path)[member].nbytes  # the array's data ends its member
     data = bytearray(path.read_bytes())
-    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 128 + info.file_size // 2] ^= 0x10
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - size + size // 2] ^= 0x10
     path.write_bytes(bytes(data))
