@@ -280,8 +280,9 @@ class ReferenceBank:
         return Path(path)
 
     @staticmethod
-    def read_manifest(path) -> dict:
-        """The JSON manifest of the bank file ``path`` (with its ``ids``); BankError if it is not a relict bank."""
+    def read_manifest(path, any_version: bool = False) -> dict:
+        """The JSON manifest of the bank file ``path`` (with its ``ids``); BankError if it is not a relict bank of
+        this format version (of any version with ``any_version``)."""
         try:
             with np.load(path, allow_pickle=False) as archive:
                 if "manifest" not in archive.files:
@@ -292,7 +293,8 @@ class ReferenceBank:
             if isinstance(err, BankError):
                 raise
             raise BankError(f"{path}: not a readable relict bank ({type(err).__name__}: {err})") from None
-        if manifest.get("format") != FORMAT:
+        family = str(manifest.get("format")).partition("/")[0]
+        if manifest.get("format") != FORMAT and not (any_version and family == FORMAT.partition("/")[0]):
             raise BankError(f"{path}: bank format {manifest.get('format')!r}, this version reads {FORMAT!r}")
         return manifest
 

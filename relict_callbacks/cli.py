@@ -216,8 +216,8 @@ def _build_bank(args) -> int:
     from .bank import ReferenceBank
 
     _check_out(args.out, _inputs(args))
-    if args.out.exists():  # only a bank is ever replaced
-        ReferenceBank.read_manifest(args.out)
+    if args.out.exists():  # only a bank (of any version) is ever replaced
+        ReferenceBank.read_manifest(args.out, any_version=True)
     reader, levels, train, holdout = _training_folders(args)
     start = time.perf_counter()
     bank = _bank(train, levels, holdout, reader, not args.no_progress)

@@ -284,7 +284,8 @@ def test_bank_file_and_its_training_folder_are_inputs_too(png_set, tmp_path, cap
     assert main([str(a) for a in build + [tmp_path / "notes.txt"]]) == 2  # only a bank is ever replaced
     assert "notes.txt: not a readable relict bank" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert main([str(a) for a in build + [bank]]) == 0
+    np.savez(bank, manifest=np.frombuffer(json.dumps({"format": "relict-bank/1"}).encode(), np.uint8))
+    assert main([str(a) for a in build + [bank]]) == 0  # a bank of an older version is replaced
     before = _snapshot(tmp_path)
     audit = ["audit", "--bank", bank, "--synthetic", inputs / "synthetic", "--no-progress", "--out"]
     assert main([str(a) for a in audit + [bank]]) == 2
