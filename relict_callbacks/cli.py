@@ -1,7 +1,10 @@
 """The ``relict`` command: ``relict audit`` (folders of scans -> report), ``relict bank build``, ``relict demo``.
 
 Exit status: 0 done (and, with ``--fail-above``, within the limit); 1 the replica rate is above
-``--fail-above``; 2 bad input (the message names the file and the problem; nothing is written to ``--out``).
+``--fail-above``; 2 usage error or bad input (the message names the option or file and the problem; nothing
+is written to ``--out``). A bad *synthetic* image does not stop an audit: it gets a row with its error in
+``results.csv`` and the others are scored (``--strict``: exit 2 instead). A bad training or holdout image
+stops it, because it changes the reference.
 """
 
 from __future__ import annotations
@@ -13,10 +16,34 @@ import warnings
 from pathlib import Path
 
 LEVEL_NAMES = ("voxel", "feature", "segmentation")
+EXIT_CODES = ("exit status: 0 done (with --fail-above: within the limit); 1 the replica rate is above --fail-above; "
+              "2 usage error or bad input (named; nothing written to --out)")
 
 
 class UsageError(ValueError):
     """Options that do not fit together."""
+
+
+def _number(integer: bool = False, **bounds):
+    """An argparse type: a finite number (a whole one when ``integer``) within ``bounds`` (see check_number)."""
+    from .validation import check_number
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if integer else ''}number, got {text!r}") from None
+        try:
+            return check_number("value", value, integer=integer, **bounds)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+RATE = _number(low=0, high=1)
+PROBABILITY = _number(low=0, high=1, low_open=True, high_open=True)
+COUNT = _number(integer=True, low=1)
 
 
 def _add_bank_arguments(parser: argparse.ArgumentParser, train_required: bool) -> None:
@@ -27,8 +54,8 @@ def _add_bank_arguments(parser: argparse.ArgumentParser, train_required: bool) -
     parser.add_argument("--holdout-labels", type=Path, help="labels of the holdout images")
     parser.add_argument("--levels", help="comma-separated levels among voxel, segmentation (default: voxel, plus "
                         "segmentation when --train-labels is given); feature needs a model and is Python-only")
-    parser.add_argument("--grid", type=int, help="voxels per axis of the common grid (default 128 for 2D, 64 for 3D)")
-    parser.add_argument("--spacing", type=float, help="isotropic voxel size in mm of the 3D grid (default: the first "
+    parser.add_argument("--grid", type=_number(integer=True, low=2), help="voxels per axis of the common grid (default 128 for 2D, 64 for 3D)")
+    parser.add_argument("--spacing", type=_number(low=0, low_open=True), help="isotropic voxel size in mm of the 3D grid (default: the first "
                         "training volume's largest extent fills the grid)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -41,38 +68,47 @@ def _parser() -> argparse.ArgumentParser:
                                              "stops it (--planted: score a synthetic set with planted copies)")
     demo.add_argument("--out", default="relict_demo", help="folder for all outputs")
     demo.add_argument("--planted", action="store_true", help="the offline demo: no training, planted copies")
-    demo.add_argument("--epochs", type=int, default=150, help="most training epochs (training demo)")
-    demo.add_argument("--every", type=int, default=10, help="check every N epochs (training demo)")
+    demo.add_argument("--epochs", type=COUNT, default=150, help="most training epochs (training demo)")
+    demo.add_argument("--every", type=COUNT, default=10, help="check every N epochs (training demo)")
     demo.add_argument("--kind", choices=["head_ct", "mra"], default="head_ct", help="phantoms (--planted)")
     demo.add_argument("--ndim", type=int, choices=[2, 3], default=2, help="2D or 3D (--planted)")
-    demo.add_argument("--size", type=int, default=64, help="image size (--planted)")
+    demo.add_argument("--size", type=_number(integer=True, low=8), default=64, help="image size (--planted)")
     demo.add_argument("--no-progress", action="store_true")
 
     audit = commands.add_parser("audit", help="score a folder of synthetic images against the training set",
                                 description="Score every synthetic image against the training set (or a bank "
                                 "built with `relict bank build`) and write summary.json, results.csv and "
-                                "report.html into --out.")
+                                "report.html into --out. A synthetic image that cannot be scored (unreadable, "
+                                "constant, NaN, wrong shape) gets a row with its error in results.csv and the "
+                                "others are scored; a bad training or holdout image is an error, as it changes "
+                                "the reference.", epilog=EXIT_CODES)
     _add_bank_arguments(audit, train_required=False)
     audit.add_argument("--bank", type=Path, help="a bank from `relict bank build`, instead of --train")
     audit.add_argument("--synthetic", type=Path, required=True, help="folder of synthetic images")
     audit.add_argument("--synthetic-labels", type=Path, help="their labels, for the segmentation level")
     audit.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="LEVEL=VALUE",
                        help="explicit thresholds, e.g. voxel=0.92 (default: calibrated on the null)")
-    audit.add_argument("--alpha", type=float, default=0.01, help="false-positive rate per level (default 0.01)")
+    audit.add_argument("--alpha", type=PROBABILITY, default=0.01, help="false-positive rate per level (default 0.01)")
     audit.add_argument("--rule", choices=["any", "all", "majority"], default="any",
                        help="levels that must flag a sample (default any)")
-    audit.add_argument("--fail-above", type=float, metavar="RATE", help="exit with status 1 when the replica "
+    audit.add_argument("--confidence", type=PROBABILITY, default=0.95, help="confidence of the bounds on the "
+                       "replica rate (default 0.95)")
+    audit.add_argument("--fail-above", type=RATE, metavar="RATE", help="exit with status 1 when the replica "
                        "rate exceeds RATE (e.g. 0 or 0.05)")
-    audit.add_argument("--gallery", type=int, default=8, metavar="N", help="most similar pairs shown (default 8)")
+    audit.add_argument("--gallery", type=_number(integer=True, low=0), default=8, metavar="N", help="most similar pairs shown (default 8)")
     audit.add_argument("--hide-training-images", action="store_true",
                        help="leave training images (patient data) out of the report")
-    audit.add_argument("--out", type=Path, required=True, help="folder for the report (replaced atomically)")
+    audit.add_argument("--strict", action="store_true", help="any bad synthetic image stops the audit (exit 2)")
+    audit.add_argument("--out", type=Path, required=True, help="folder for the report, replaced atomically; refused "
+                       "if it is, holds or lies inside an input, or is a non-empty folder relict did not write")
 
     bank = commands.add_parser("bank", help="reference banks")
     bank_commands = bank.add_subparsers(dest="bank_command", required=True)
-    build = bank_commands.add_parser("build", help="embed a training folder once, for `relict audit --bank`")
+    build = bank_commands.add_parser("build", help="embed a training folder once, for `relict audit --bank`",
+                                     epilog=EXIT_CODES)
     _add_bank_arguments(build, train_required=True)
-    build.add_argument("--out", type=Path, required=True, help="bank file to write (.npz)")
+    build.add_argument("--out", type=Path, required=True, help="bank file to write (.npz); refused if it is or "
+                       "lies inside an input, or is a file that is not a relict bank")
     return parser
 
 
@@ -142,13 +178,46 @@ def _training_folders(args):
 
 def _bank(train, levels, holdout, reader, progress: bool):
     from .bank import ReferenceBank
+    from .items import ItemError
 
-    bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress)
+    try:
+        bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress)
+    except ItemError as err:  # not skipped like a bad synthetic image: the reference would change
+        raise ItemError(f"{err}\n(training and holdout images make the reference every synthetic image is scored "
+                        "against, so a bad one stops the audit: fix or remove it)") from None
     bank.manifest["audit"] = {"reader": reader.config(), "train": str(train.root.resolve())}  # for --bank
     return bank
 
 
+def _inputs(args) -> dict[str, Path]:
+    """The input paths given on the command line, by option."""
+    options = ("train", "train_labels", "holdout", "holdout_labels", "synthetic", "synthetic_labels", "bank")
+    return {f"--{o.replace('_', '-')}": getattr(args, o) for o in options if getattr(args, o, None) is not None}
+
+
+def _check_out(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--out`` that is, holds or lies inside an input (writing it could replace or delete input)."""
+    target = out.resolve()
+    for option, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source:
+            problem = f"is the {option} input"
+        elif source in target.parents:
+            problem = f"lies inside the {option} input {path}"
+        elif target in source.parents:
+            problem = f"holds the {option} input {path}"
+        else:
+            continue
+        raise UsageError(f"--out {out}: {problem}; writing there could overwrite or delete input files, "
+                         "choose another place")
+
+
 def _build_bank(args) -> int:
+    from .bank import ReferenceBank
+
+    _check_out(args.out, _inputs(args))
+    if args.out.exists():  # only a bank (of any version) is ever replaced
+        ReferenceBank.read_manifest(args.out, any_version=True)
     reader, levels, train, holdout = _training_folders(args)
     start = time.perf_counter()
     bank = _bank(train, levels, holdout, reader, not args.no_progress)
@@ -159,31 +228,61 @@ def _build_bank(args) -> int:
 
 
 def _thresholds(pairs: list[str]) -> dict[str, float]:
+    from .validation import check_number
+
     thresholds = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
         try:
-            thresholds[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise UsageError(f"--threshold {pair!r}: expected LEVEL=NUMBER, e.g. voxel=0.92") from None
+        thresholds[name.strip()] = check_number(f"--threshold {name.strip()}", number, low=-1, high=1)
     return thresholds
 
 
+def _screened(synthetic, bank, strict: bool, bad: list):
+    """The synthetic items every level of ``bank`` can embed, read one at a time; the others go to ``bad`` as
+    :class:`~relict_callbacks.report.BadImage` (with ``strict``, the first one raises)."""
+    from .items import Item, ItemError, check_image, check_label
+    from .report import BadImage
+
+    for index, item_id in enumerate(synthetic.ids):
+        name = f"synthetic image {item_id!r}"
+        try:
+            raw = synthetic[index]
+            image = check_image(raw["image"], name)
+            bank.check_compatible(image, name)
+            item = Item(image, None if raw["label"] is None else check_label(raw["label"], image, name), item_id)
+            for level in bank.levels:
+                level.embed([item])
+        except ItemError as err:
+            if strict:
+                raise ItemError(f"{err} (--strict: a bad synthetic image stops the audit)") from None
+            bad.append(BadImage(item_id, str(err)))
+            continue
+        yield raw
+
+
 def _audit(args) -> int:
+    import itertools
+
     from tqdm.auto import tqdm
 
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, check_replaceable
     from .bank import ReferenceBank
     from .io import ImageFolder, ImageReader
+    from .items import ItemError
     from .report import verdict, write_report
     from .scoring import ReplicaScorer
 
     start = time.perf_counter()
     thresholds = _thresholds(args.threshold)
-    if args.fail_above is not None and not 0 <= args.fail_above <= 1:
-        raise UsageError(f"--fail-above {args.fail_above}: expected a rate between 0 and 1")
     if (args.bank is None) == (args.train is None):
         raise UsageError("give either --train (build the bank now) or --bank (one from `relict bank build`)")
+    inputs = _inputs(args)
+    _check_out(args.out, inputs)
+    check_replaceable(args.out)
     train = None
     if args.bank is not None:
         fixed = [f"--{o.replace('_', '-')}" for o in ("train_labels", "holdout", "holdout_labels", "levels", "grid",
@@ -194,6 +293,7 @@ def _audit(args) -> int:
         saved = bank.manifest.get("audit")
         if saved is None:
             raise UsageError(f"{args.bank}: not built by `relict bank build` (it lacks the reader settings)")
+        _check_out(args.out, {"training folder of the bank": Path(saved["train"])})
         reader = ImageReader.from_config(saved["reader"])
         if Path(saved["train"]).is_dir() and not args.hide_training_images:
             train = ImageFolder(saved["train"], reader)
@@ -206,20 +306,29 @@ def _audit(args) -> int:
     synthetic = ImageFolder(args.synthetic, reader, labels=args.synthetic_labels if segmentation else None)
     if args.bank is None:
         bank = _bank(train, levels, holdout, reader, not args.no_progress)
-    scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None)
-    samples = tqdm(synthetic, total=len(synthetic), desc="relict score", unit="img", disable=args.no_progress)
-    report = scorer.score(samples)
-    result = verdict(report, args.fail_above)
+    scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None,
+                           confidence=args.confidence)
+    bad = []
+    samples = iter(tqdm(_screened(synthetic, bank, args.strict, bad), total=len(synthetic), desc="relict score",
+                        unit="img", disable=args.no_progress))
+    first = next(samples, None)
+    if first is None:
+        raise ItemError(f"none of the {len(synthetic)} synthetic images can be scored; first: {bad[0].error}")
+    report = scorer.score(itertools.chain([first], samples))
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(synthetic)} synthetic images could not be scored (listed with their "
+                      "errors in results.csv and the report; --strict makes this an error)")
+    result = verdict(report, args.fail_above, not_scored=len(bad))
     gallery = _gallery(report, synthetic, None if args.hide_training_images else train, bank, args.gallery)
-    inputs = {"synthetic_folder": str(args.synthetic.resolve()),
-              "training_folder": str(args.train.resolve()) if args.bank is None else bank.manifest["audit"]["train"],
-              "bank_file": None if args.bank is None else str(args.bank.resolve()),
-              "training_images": len(bank), "levels": [level.name for level in bank.levels],
-              "null": bank.null_source, "alpha": args.alpha, "rule": args.rule, "thresholds_given": thresholds,
-              "fail_above": args.fail_above, "reader": reader.config(),
-              "training_images_shown": train is not None, "seconds": round(time.perf_counter() - start, 2)}
+    facts = {"synthetic_folder": str(args.synthetic.resolve()),
+             "training_folder": str(args.train.resolve()) if args.bank is None else bank.manifest["audit"]["train"],
+             "bank_file": None if args.bank is None else str(args.bank.resolve()),
+             "training_images": len(bank), "levels": [level.name for level in bank.levels],
+             "null": bank.null_source, "alpha": args.alpha, "rule": args.rule, "thresholds_given": thresholds,
+             "fail_above": args.fail_above, "reader": reader.config(),
+             "training_images_shown": train is not None, "seconds": round(time.perf_counter() - start, 2)}
     with atomic_dir(args.out) as folder:
-        write_report(folder, report, result, inputs, gallery)
+        write_report(folder, report, result, facts, gallery, bad)
     print(report.summary())
     print(f"{result.headline}\nwrote {args.out}/report.html, summary.json, results.csv "
           f"in {time.perf_counter() - start:.1f} s")
@@ -231,8 +340,9 @@ def _gallery(report, synthetic, train, bank, count: int) -> list:
     from .gallery import gallery_rows
 
     position = {} if train is None else {item_id: i for i, item_id in enumerate(train.ids)}
+    sample = {item_id: i for i, item_id in enumerate(synthetic.ids)}
     voxel_grid = bank.level("voxel").grid if any(level.name == "voxel" for level in bank.levels) else None
-    return gallery_rows(report, lambda record: synthetic[record.index]["image"],
+    return gallery_rows(report, lambda record: synthetic[sample[record.id]]["image"],
                         lambda match: train[position[match.nearest_id]]["image"] if match.nearest_id in position
                         else None, voxel_grid, count)
 

@@ -35,6 +35,7 @@ import torch
 
 from .items import ItemError
 from .levels.base import resolve_grid
+from .validation import check_grid, check_number
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz", ".png", ".jpg", ".jpeg", ".dcm")
 SKIPPED_SUFFIXES = (".json", ".txt", ".md", ".csv", ".tsv")  # sidecar files next to scans
@@ -155,6 +156,13 @@ class ImageReader:
     grid: int | tuple[int, ...] | None = None
     spacing: float | None = None
     ndim: int | None = None
+
+    def __post_init__(self) -> None:
+        self.grid = check_grid("grid", self.grid)
+        if self.spacing is not None:
+            self.spacing = check_number("spacing", self.spacing, low=0, low_open=True)
+        if self.ndim not in (None, 2, 3):
+            raise ValueError(f"ndim must be 2, 3 or None, got {self.ndim!r}")
 
     def config(self) -> dict:
         """The reader settings as JSON (saved with a bank, so samples are read the same way later)."""

@@ -8,9 +8,10 @@ and the inputs. Pictures are embedded as base64 PNG, so the page is one file tha
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from .gallery import MEASURE, GalleryRow, figure_to_png_bytes, gallery_figure, h
 from .scoring import ReplicaReport
 
 FLAGGED_ROWS = 200  # flagged samples listed in the HTML page (all of them are in results.csv)
+
+
+@dataclass
+class BadImage:
+    """A synthetic image that could not be scored (unreadable, constant, NaN, wrong shape) and why."""
+
+    id: str
+    error: str
 
 
 @dataclass
@@ -35,8 +44,9 @@ class Verdict:
         return self.status == "fail"
 
 
-def verdict(report: ReplicaReport, fail_above: float | None = None) -> Verdict:
+def verdict(report: ReplicaReport, fail_above: float | None = None, not_scored: int = 0) -> Verdict:
     """The verdict on a report: does its replica rate exceed ``fail_above`` (or, without one, is anything flagged)?
+    ``not_scored`` synthetic images that could not be scored are named in the headline.
 
     >>> from relict_callbacks.scoring import SampleRecord
     >>> report = ReplicaReport([SampleRecord(0, "a", True, {}), SampleRecord(1, "b", False, {})], {}, "any",
@@ -46,6 +56,8 @@ def verdict(report: ReplicaReport, fail_above: float | None = None) -> Verdict:
     """
     flagged, total = sum(r.is_replica for r in report.records), len(report.records)
     found = f"{flagged} of {total} synthetic images ({report.replica_rate:.1%}) flagged as replicas of training images"
+    if not_scored:
+        found += f" ({not_scored} more could not be scored)"
     if fail_above is not None:
         failed = report.replica_rate > fail_above
         relation = "above" if failed else "within"
@@ -56,23 +68,39 @@ def verdict(report: ReplicaReport, fail_above: float | None = None) -> Verdict:
     return Verdict("clean", f"NO REPLICAS FLAGGED: {found}")
 
 
-def summary_dict(report: ReplicaReport, result: Verdict, inputs: dict) -> dict:
-    """What ``summary.json`` holds: verdict, rates, thresholds, nulls, tests and inputs (records are in the CSV)."""
+def summary_dict(report: ReplicaReport, result: Verdict, inputs: dict, bad: list[BadImage] = ()) -> dict:
+    """What ``summary.json`` holds: verdict, rates, thresholds, nulls, tests, the images not scored and inputs
+    (records are in the CSV). Rates are over the scored images (``counts["synthetic"]``)."""
     body = report.to_dict()
     body.pop("records")
-    counts = {"synthetic": len(report.records), "flagged": sum(r.is_replica for r in report.records)}
-    return {"verdict": result.status, "headline": result.headline, "counts": counts, **body, "inputs": inputs,
-            "relict_version": __version__}
+    counts = {"synthetic": len(report.records), "flagged": sum(r.is_replica for r in report.records),
+              "not_scored": len(bad)}
+    return {"verdict": result.status, "headline": result.headline, "counts": counts, **body,
+            "not_scored": [asdict(b) for b in bad], "inputs": inputs, "relict_version": __version__}
 
 
-def write_report(out, report: ReplicaReport, result: Verdict, inputs: dict, gallery: list[GalleryRow]) -> None:
-    """Write ``summary.json``, ``results.csv`` and ``report.html`` into the folder ``out`` (each atomically)."""
+def write_csv(path, report: ReplicaReport, bad: list[BadImage]) -> None:
+    """``report.to_csv`` plus an ``error`` column: empty for scored images, the problem for each bad image (a row
+    with only its id and error)."""
+    report.to_csv(path)
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    header, width = rows[0] + ["error"], len(rows[0])
+    body = [row + [""] for row in rows[1:]] + [["", b.id] + [""] * (width - 2) + [b.error] for b in bad]
+    with atomic_write(path, newline="") as file:
+        csv.writer(file).writerows([header] + body)
+
+
+def write_report(out, report: ReplicaReport, result: Verdict, inputs: dict, gallery: list[GalleryRow],
+                 bad: list[BadImage] = ()) -> None:
+    """Write ``summary.json``, ``results.csv`` and ``report.html`` into the folder ``out`` (each atomically);
+    ``bad`` synthetic images get a row with their error in the CSV and are listed in both others."""
     out = Path(out)
     with atomic_write(out / "summary.json") as file:
-        json.dump(summary_dict(report, result, inputs), file, indent=1)
-    report.to_csv(out / "results.csv")
+        json.dump(summary_dict(report, result, inputs, bad), file, indent=1)
+    write_csv(out / "results.csv", report, bad)
     with atomic_write(out / "report.html", encoding="utf-8") as file:
-        file.write(render_html(report, result, inputs, gallery))
+        file.write(render_html(report, result, inputs, gallery, bad))
 
 
 def _png(fig) -> str:
@@ -140,7 +168,8 @@ dd{margin:0;word-break:break-all}footer{margin-top:40px;color:#777;font-size:.8e
 """
 
 
-def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: list[GalleryRow]) -> str:
+def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: list[GalleryRow],
+                bad: list[BadImage] = ()) -> str:
     """The report as one self-contained HTML page (figures embedded as base64 PNG)."""
     levels = list(report.thresholds)
     flagged = sum(r.is_replica for r in report.records)
@@ -179,7 +208,13 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
             parts.append(f"<p class='note'>First {FLAGGED_ROWS} shown; all are in results.csv.</p>")
     else:
         parts.append("<p>None.</p>")
-    facts = {"synthetic_images": len(report.records), **inputs}
+    if bad:
+        parts += [f"<h2 id='not-scored'>Not scored ({len(bad)})</h2>",
+                  "<p class='note'>These synthetic images could not be scored, so they are in no rate above and "
+                  "were not checked for replicas. Fix them and audit again (<code>--strict</code> makes them an "
+                  "error).</p>",
+                  _table(["synthetic file", "problem"], [[html.escape(b.id), html.escape(b.error)] for b in bad])]
+    facts = {"synthetic_images": len(report.records), "not_scored": len(bad), **inputs}
     parts += ["<h2>Inputs</h2><dl>",
               "".join(f"<dt>{html.escape(k.replace('_', ' '))}</dt><dd>{html.escape(_plain(v))}</dd>"
                       for k, v in facts.items()),

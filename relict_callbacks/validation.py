@@ -32,6 +32,22 @@ def check_number(name: str, value, *, low=None, high=None, low_open: bool = Fals
     return int(value) if integer else value
 
 
+def check_grid(name: str, grid):
+    """``grid`` as None, an int or a tuple of 2 or 3 ints, each a whole number >= 2; else ``ValueError`` naming
+    ``name``.
+
+    >>> check_grid("grid", [64, 64, 32])
+    (64, 64, 32)
+    """
+    if grid is None:
+        return None
+    if isinstance(grid, (tuple, list)):
+        if len(grid) not in (2, 3):
+            raise ValueError(f"{name} must be one size or 2 or 3 sizes (one per spatial axis), got {grid!r}")
+        return tuple(check_number(f"{name}[{axis}]", size, low=2, integer=True) for axis, size in enumerate(grid))
+    return check_number(name, grid, low=2, integer=True)
+
+
 def check_probability(name: str, value, *, closed: bool = False):
     """``value`` if it is a finite number in ``(0, 1)`` (``[0, 1]`` when ``closed``)."""
     return check_number(name, value, low=0, high=1, low_open=not closed, high_open=not closed)

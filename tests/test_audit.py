@@ -91,9 +91,10 @@ def test_audit_png_folders_writes_the_report(png_set, tmp_path):
                   "--alpha", "0.1", "--grid", "32", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "relict score" in result.stderr  # progress bars on stderr
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".relict-output", "report.html", "results.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["verdict"] == "flagged" and summary["counts"] == {"synthetic": 9, "flagged": summary["counts"]["flagged"]}
+    assert summary["verdict"] == "flagged" and summary["counts"] == {"synthetic": 9, "flagged": summary["counts"]["flagged"],
+                                                                     "not_scored": 0}
     assert summary["inputs"]["levels"] == ["voxel", "segmentation"] and summary["null_source"] == "holdout"
     assert set(summary["thresholds"]) == {"voxel", "segmentation"} and set(summary["tests"]["voxel"]) == {"z", "p"}
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -186,7 +187,7 @@ def _bad_copy(png_set, tmp_path, defect):
         for path in sorted((png_set / name).iterdir())[: 4 if name.startswith("train") else 2]:
             shutil.copy(path, root / name / path.name)
     argv = ["audit", "--train", root / "train", "--synthetic", root / "synthetic", "--alpha", "0.3",
-            "--grid", "32", "--no-progress", "--out", tmp_path / "out"]
+            "--grid", "32", "--no-progress", "--strict", "--out", tmp_path / "out"]
     if defect == "unreadable":  # a file that cannot be opened at all
         named = root / "train" / "case-0099.png"
         os.symlink(root / "missing.png", named)
@@ -225,9 +226,12 @@ def test_bad_input_exit_status_and_old_report_kept(png_set, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("{}")  # an earlier report stays as it was
+    (out / ".relict-output").write_text(json.dumps({"files": ["summary.json"]}))
     result = _run(*argv[argv.index("audit"):])
     assert result.returncode == 2 and str(named) in result.stderr and "cannot read image" in result.stderr
-    assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == "{}"
+    assert "--strict" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".relict-output", "summary.json"]
+    assert (out / "summary.json").read_text() == "{}"
 
 
 def test_feature_level_and_option_errors_exit_2(png_set, tmp_path, capsys):
@@ -240,3 +244,100 @@ def test_feature_level_and_option_errors_exit_2(png_set, tmp_path, capsys):
     assert main(base + ["--threshold", "voxel=high"]) == 2
     assert "expected LEVEL=NUMBER" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _small_copy(png_set, root, n_synthetic=2):
+    """4 training and ``n_synthetic`` synthetic PNGs (and training labels) copied under ``root``."""
+    for name in ("train", "train_labels", "synthetic"):
+        (root / name).mkdir(parents=True)
+        for path in sorted((png_set / name).iterdir())[: 4 if name.startswith("train") else n_synthetic]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
+def _snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["synthetic", "inside train", "holds labels"])
+def test_out_on_an_input_is_refused_and_nothing_is_touched(png_set, tmp_path, where):
+    inputs = _small_copy(png_set, tmp_path / "in")
+    out = {"synthetic": inputs / "synthetic", "inside train": inputs / "train" / "audit",
+           "holds labels": inputs}[where]
+    before = _snapshot(tmp_path)
+    result = _run("audit", "--train", inputs / "train", "--train-labels", inputs / "train_labels", "--synthetic",
+                  inputs / "synthetic", "--grid", "32", "--no-progress", "--out", out)
+    assert result.returncode == 2, result.stderr
+    problem = {"synthetic": "is the --synthetic input", "inside train": "lies inside the --train input",
+               "holds labels": "holds the --train input"}[where]
+    assert f"--out {out}: {problem}" in result.stderr
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_bank_file_and_its_training_folder_are_inputs_too(png_set, tmp_path, capsys):
+    inputs = _small_copy(png_set, tmp_path / "in")
+    bank = tmp_path / "bank.npz"
+    build = ["bank", "build", "--train", inputs / "train", "--grid", "32", "--no-progress", "--out"]
+    assert main([str(a) for a in build + [inputs / "train" / "bank.npz"]]) == 2
+    assert "lies inside the --train input" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([str(a) for a in build + [tmp_path / "notes.txt"]]) == 2  # only a bank is ever replaced
+    assert "notes.txt: not a readable relict bank" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    np.savez(bank, manifest=np.frombuffer(json.dumps({"format": "relict-bank/1"}).encode(), np.uint8))
+    assert main([str(a) for a in build + [bank]]) == 0  # a bank of an older version is replaced
+    before = _snapshot(tmp_path)
+    audit = ["audit", "--bank", bank, "--synthetic", inputs / "synthetic", "--no-progress", "--out"]
+    assert main([str(a) for a in audit + [bank]]) == 2
+    assert "is the --bank input" in capsys.readouterr().err
+    assert main([str(a) for a in audit + [inputs / "train" / "report"]]) == 2  # the bank's saved training folder
+    assert "lies inside the training folder of the bank input" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+
+def test_out_replaces_only_what_relict_wrote(png_set, tmp_path, capsys):
+    inputs = _small_copy(png_set, tmp_path / "in")
+    out = tmp_path / "out"
+    argv = [str(a) for a in ("audit", "--train", inputs / "train", "--synthetic", inputs / "synthetic", "--alpha",
+                             "0.3", "--grid", "32", "--no-progress", "--out", out)]
+    out.mkdir()
+    (out / "thesis.tex").write_text("not relict's")
+    assert main(argv) == 2  # a folder relict did not write
+    assert "a non-empty folder that relict did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    (out / "thesis.tex").unlink()
+    assert main(argv) == 0  # an empty folder is fine
+    (out / "notes.txt").write_text("added after the audit")
+    first = _snapshot(out)
+    assert main(argv) == 2  # a report folder with something added is not replaced
+    assert "holds files relict did not write (notes.txt)" in capsys.readouterr().err
+    assert _snapshot(out) == first
+    (out / "notes.txt").unlink()
+    assert main(argv) == 0  # a report folder holding only what relict wrote is replaced
+    assert sorted(p.name for p in out.iterdir()) == [".relict-output", "report.html", "results.csv", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary or old folders left
+
+
+def test_flipped_bit_in_bank_rows_fails_the_audit(png_set, tmp_path):
+    inputs = _small_copy(png_set, tmp_path / "in")
+    bank = tmp_path / "bank.npz"
+    assert main([str(a) for a in ("bank", "build", "--train", inputs / "train", "--grid", "32", "--no-progress",
+                                  "--out", bank)]) == 0
+    flip_bit(bank, "rows.voxel.rows")
+    result = _run("audit", "--bank", bank, "--synthetic", inputs / "synthetic", "--no-progress",
+                  "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{bank}: array 'rows.voxel.rows' does not match its checksum" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def flip_bit(path: Path, member: str) -> None:
+    """Flip one bit in the middle of the data of ``member`` of the ``.npz`` at ``path``."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member + ".npy")
+    size = np.load(path)[member].nbytes  # the array's data ends its member
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - size + size // 2] ^= 0x10
+    path.write_bytes(bytes(data))

@@ -1,11 +1,18 @@
 """Every bad input gets a clear error naming the item and the problem."""
 
+import csv
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import relict_callbacks as rc
 from relict_callbacks import BankError, ItemError
+from relict_callbacks.cli import main
+from relict_callbacks.io import ImageReader
 
 from conftest import smooth_field
 
@@ -134,3 +141,116 @@ def test_scorer_configuration_errors(bank):
         rc.ReplicaScorer(bank, thresholds={"feature": 0.9})
     with pytest.raises(ValueError, match="rule must be one of"):
         rc.ReplicaScorer(bank, rule="most")
+
+
+def _run(*args):
+    command = [sys.executable, "-m", "relict_callbacks.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """6 training images and 4 synthetic ones (the third a copy of a training image) as 16x16 ``.npy``."""
+    images = smooth_field(10, (16, 16), seed=3)[:, 0].numpy()
+    for name, part in (("train", images[:6]), ("synthetic", np.concatenate([images[6:8], images[2:3], images[8:9]]))):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(part):
+            np.save(tmp_path / name / f"{name}-{i}.npy", image)
+    return tmp_path
+
+
+def _audit_args(folders, *extra):
+    return ["audit", "--train", folders / "train", "--synthetic", folders / "synthetic", "--grid", "16",
+            "--threshold", "voxel=0.95", "--no-progress", "--out", folders / "out", *extra]
+
+
+def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
+    synthetic = folders / "synthetic"
+    np.save(synthetic / "constant.npy", np.zeros((16, 16)))
+    nan = np.ones((16, 16))
+    nan[3, 3] = np.nan
+    np.save(synthetic / "nan.npy", nan)
+    (synthetic / "corrupt.npy").write_bytes(b"\x93NUMPY" + b"\x00" * 20)
+    np.save(synthetic / "volume.npy", np.random.rand(8, 8, 8))  # 3D among 2D
+    np.save(synthetic / "rgb.npy", np.random.rand(3, 16, 16))  # 3 channels, the bank has 1
+    result = _run(*_audit_args(folders))
+    assert result.returncode == 0, result.stderr
+    assert "5 of 9 synthetic images could not be scored" in result.stderr
+    rows = {row["id"]: row for row in csv.DictReader((folders / "out" / "results.csv").open())}
+    errors = {name: rows[name]["error"] for name in rows if rows[name]["error"]}
+    assert sorted(errors) == ["constant.npy", "corrupt.npy", "nan.npy", "rgb.npy", "volume.npy"]
+    assert "image is constant" in errors["constant.npy"] and "1 NaN/Inf" in errors["nan.npy"]
+    assert "cannot read image" in errors["corrupt.npy"] and "a 3D image" in errors["volume.npy"]
+    assert "but the bank holds 2D images with 1 channel" in errors["rgb.npy"]
+    assert all(rows[name]["is_replica"] == "" for name in errors)
+    assert rows["synthetic-2.npy"]["is_replica"] == "True" and rows["synthetic-0.npy"]["is_replica"] == "False"
+    summary = json.loads((folders / "out" / "summary.json").read_text())
+    assert summary["counts"] == {"synthetic": 4, "flagged": 1, "not_scored": 5}
+    assert summary["replica_rate"] == 0.25 and "(5 more could not be scored)" in summary["headline"]
+    assert {bad["id"] for bad in summary["not_scored"]} == set(errors)
+    page = (folders / "out" / "report.html").read_text()
+    assert "Not scored (5)" in page and "constant.npy" in page and "image is constant" in page
+
+    result = _run(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
+    assert result.returncode == 2 and "constant.npy" in result.stderr and "--strict" in result.stderr
+    assert json.loads((folders / "out" / "summary.json").read_text()) == summary
+
+
+def test_a_bad_training_image_stops_the_audit_saying_why(folders, capsys):
+    np.save(folders / "train" / "constant.npy", np.zeros((16, 16)))
+    assert main([str(a) for a in _audit_args(folders)]) == 2
+    message = capsys.readouterr().err
+    assert "'constant.npy': image is constant" in message
+    assert "training and holdout images make the reference" in message and not (folders / "out").exists()
+
+
+def test_no_scorable_synthetic_image_is_an_error(folders, capsys):
+    for path in (folders / "synthetic").iterdir():
+        np.save(path, np.zeros((16, 16)))
+    assert main([str(a) for a in _audit_args(folders)]) == 2
+    assert "none of the 4 synthetic images can be scored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--alpha", "nan", "must be a finite number, got nan"), ("--alpha", "1.5", "must be in (0, 1), got 1.5"),
+    ("--confidence", "1", "must be in (0, 1), got 1.0"), ("--fail-above", "inf", "must be a finite number"),
+    ("--fail-above", "-0.1", "must be in [0, 1]"), ("--grid", "0", "must be in [2, inf]"),
+    ("--grid", "1.5", "expected a whole number"), ("--spacing", "-1", "must be in (0, inf]"),
+    ("--gallery", "-1", "must be in [0, inf]"), ("--threshold", "voxel=inf", "--threshold voxel must be a finite"),
+    ("--threshold", "voxel=1.5", "--threshold voxel must be in [-1, 1]"),
+])
+def test_numeric_options_refuse_nan_inf_and_out_of_range(folders, capsys, option, value, problem):
+    with pytest.raises(SystemExit) as stop:
+        code = main([str(a) for a in _audit_args(folders, option, value)])
+        raise SystemExit(code)
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and problem in message and option in message, message
+    assert not (folders / "out").exists()
+
+
+def test_threshold_nan_on_the_command_line(folders):
+    result = _run(*_audit_args(folders, "--threshold", "voxel=nan"))
+    assert result.returncode == 2
+    assert "relict: error: --threshold voxel must be a finite number, got nan" in result.stderr
+    assert not (folders / "out").exists()
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda: rc.VoxelLevel(grid=0), "grid must be in [2, inf], got 0"),
+    (lambda: rc.VoxelLevel(grid=(16, float("nan"))), "grid[1] must be a finite number, got nan"),
+    (lambda: rc.VoxelLevel(max_shift=-1), "max_shift must be in [0, inf], got -1"),
+    (lambda: rc.VoxelLevel(max_shift=float("inf")), "max_shift must be a finite number"),
+    (lambda: rc.VoxelLevel(top_k=0), "top_k must be in [1, inf], got 0"),
+    (lambda: rc.SegmentationLevel(grid=(8, 8, 8, 8)), "grid must be one size or 2 or 3 sizes"),
+    (lambda: rc.SegmentationLevel(labels=[1.5]), "labels must be a whole number, got 1.5"),
+    (lambda: rc.FeatureLevel(torch.nn.Flatten(), grid=-4), "grid must be in [2, inf], got -4"),
+    (lambda: ImageReader(spacing=float("nan")), "spacing must be a finite number, got nan"),
+    (lambda: ImageReader(spacing=0), "spacing must be in (0, inf], got 0"),
+    (lambda: ImageReader(grid=1), "grid must be in [2, inf], got 1"),
+    (lambda: _build(_good(), null_size=0), "null_size must be in [1, inf], got 0"),
+    (lambda: _build(_good(), batch_size=float("nan")), "batch_size must be a finite number, got nan"),
+])
+def test_python_options_refuse_nan_inf_and_out_of_range(make, problem):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert problem in str(error.value)

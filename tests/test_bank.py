@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -99,3 +100,41 @@ def test_leave_one_out_null_never_matches_an_item_with_itself():
     bank = rc.ReferenceBank.build(items, [rc.VoxelLevel(grid=16, max_shift=0, flips=())], progress=False, null_size=5)
     assert len(bank.nulls["voxel"]) == 5
     assert bank.nulls["voxel"].max() < 0.99
+
+
+def _flip_bit(path, member: str) -> None:
+    """Flip one bit in the middle of the data of ``member`` of the ``.npz`` at ``path``."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member + ".npy")
+    size = np.load(path)[member].nbytes  # the array's data ends its member
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - size + size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_every_array_is_checksummed_and_a_flipped_bit_is_named(tmp_path):
+    bank = rc.ReferenceBank.build(_items(), LEVELS(), progress=False)
+    path = bank.save(tmp_path / "bank.npz")
+    manifest = rc.ReferenceBank.read_manifest(path)
+    assert set(manifest["checksums"]) == {"ids", "rows.voxel.rows", "rows.voxel.thumbs", "rows.segmentation.masks",
+                                          "rows.segmentation.sizes", "null.voxel", "null.segmentation"}
+    for member in ("rows.voxel.rows", "null.segmentation"):  # (ids and manifest are read whole: zip CRC-32)
+        broken = tmp_path / f"broken-{member}.npz"
+        broken.write_bytes(path.read_bytes())
+        _flip_bit(broken, member)
+        with pytest.raises(rc.BankError, match=rf"broken-{member}.npz: array '{member}' does not match its checksum"):
+            rc.ReferenceBank.load(broken)
+
+
+def test_cache_with_a_flipped_bit_is_rebuilt_saying_why(tmp_path, caplog):
+    items = _items()
+    first = rc.ReferenceBank.build(items, LEVELS(), cache_dir=tmp_path, progress=False)
+    _flip_bit(tmp_path / "bank.npz", "rows.voxel.rows")
+    with caplog.at_level(logging.WARNING, logger="relict_callbacks"):
+        rebuilt = rc.ReferenceBank.build(items, LEVELS(), cache_dir=tmp_path, progress=False)
+    assert "array 'rows.voxel.rows' does not match its checksum" in caplog.text
+    assert rebuilt.cache_message.startswith("built") and "does not match its checksum" in rebuilt.cache_message
+    assert rebuilt.fingerprint == first.fingerprint
+    assert rc.ReferenceBank.build(items, LEVELS(), cache_dir=tmp_path, progress=False).cache_message.startswith("reused")

@@ -7,6 +7,7 @@ import torch
 
 from ..items import Item, ItemError
 from ..search import inner_product_topk
+from ..validation import check_grid
 from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
 
 
@@ -33,7 +34,7 @@ class FeatureLevel(Level):
     def __init__(self, extractor, grid=None, name: str = "feature") -> None:
         if not callable(extractor):
             raise TypeError(f"FeatureLevel extractor must be an nn.Module or callable, got {type(extractor).__name__}")
-        self.extractor, self.grid, self.name = extractor, grid, name
+        self.extractor, self.grid, self.name = extractor, check_grid("grid", grid), name
 
     def config(self) -> dict:
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid

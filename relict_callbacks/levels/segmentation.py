@@ -7,6 +7,7 @@ import torch
 
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
+from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
 
 
@@ -58,8 +59,8 @@ class SegmentationLevel(Level):
         if segmenter is not None and not callable(segmenter):
             raise TypeError(f"segmenter must be an nn.Module or callable, got {type(segmenter).__name__}")
         self.segmenter = segmenter
-        self.labels = None if labels is None else [int(v) for v in labels]
-        self.grid = grid
+        self.labels = None if labels is None else [check_number("labels", v, low=0, integer=True) for v in labels]
+        self.grid = check_grid("grid", grid)
 
     def config(self) -> dict:
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid

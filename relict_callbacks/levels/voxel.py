@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..items import Item, ItemError
 from ..search import inner_product_topk
+from ..validation import check_grid, check_number
 from .base import Level, Nearest, resample, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
@@ -111,13 +112,12 @@ class VoxelLevel(Level):
     def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="lr", top_k: int = 5) -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
-        if (max_shift is not None and max_shift < 0) or top_k < 1:
-            raise ValueError("max_shift must be >= 0 and top_k >= 1")
-        self.grid = grid
+        self.grid = check_grid("grid", grid)
         self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
-        self.max_shift = max_shift if max_shift is None else int(max_shift)
-        self.flips = flips if isinstance(flips, str) else tuple(int(a) for a in flips)
-        self.top_k = int(top_k)
+        self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
+        self.flips = flips if isinstance(flips, str) else tuple(check_number("flips", a, low=0, high=2, integer=True)
+                                                                for a in flips)
+        self.top_k = check_number("top_k", top_k, low=1, integer=True)
 
     def config(self) -> dict:
         mask_digest = None
