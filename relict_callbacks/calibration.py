@@ -145,7 +145,7 @@ class Calibration:
     def false_positive_bound(self) -> float:
         """Bound on the fraction of unseen patients the verdict flags: ``sum(p_cutoffs) / needed``; at most
         ``alpha`` unless a level is under-resolved or has an explicit threshold."""
-        return min(1.0, sum(self.p_cutoffs.values()) / self.needed)
+        return min(1.0, round(sum(self.p_cutoffs.values()) / self.needed, 12))  # 12 digits: no float dust
 
     def verdict(self, flags: list[bool]) -> bool:
         """The overall flag from the levels' flags."""
