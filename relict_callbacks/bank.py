@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, level_from_config
+from .levels.base import resolve_grid
 from .validation import check_number
 
 log = logging.getLogger("relict_callbacks")
@@ -144,6 +145,23 @@ class ReferenceBank:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in query.items()}
         return level.nearest(tensors, self.arrays[level.name], exclude=exclude, index=index)
 
+    def nearest_levels(self, queries: dict[str, dict[str, np.ndarray]], device="cpu", *, exclude=None,
+                       indexes=None) -> dict[str, Nearest]:
+        """:meth:`nearest` at every level for the same queries (``queries[level name]`` are their rows). A level
+        aligned to another one (``level.align_to``, e.g. segmentation to voxel) re-scores that level's matches
+        under their transforms instead of searching by itself."""
+        found = {}
+        names = [level.name for level in self.levels]
+        for level in sorted(self.levels, key=lambda lv: lv.align_to in names):  # anchors first
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in queries[level.name].items()}
+            options = {}
+            if level.align_to in names:
+                anchor = self.level(level.align_to)
+                options = {"match": found[anchor.name], "match_grid": resolve_grid(anchor.grid, self.image_shape[1])}
+            found[level.name] = level.nearest(tensors, self.arrays[level.name], exclude=exclude,
+                                              index=(indexes or {}).get(level.name), **options)
+        return {name: found[name] for name in names}
+
     # -- building ------------------------------------------------------------------------------------------
     @classmethod
     def build(cls, items, levels: list[Level], holdout=None, cache_dir=None, *, batch_size: int = 16,
@@ -239,8 +257,9 @@ class ReferenceBank:
             for item in batch:
                 self.check_compatible(item.image, f"holdout item {item.id!r}")
                 content.update(item)
-            for level in self.levels:
-                nulls[level.name].append(self.nearest(level, level.embed(batch, device), device).similarity)
+            found = self.nearest_levels({level.name: level.embed(batch, device) for level in self.levels}, device)
+            for name, nearest in found.items():
+                nulls[name].append(nearest.similarity)
             bar.update(len(batch))
         bar.close()
         if not nulls[self.levels[0].name]:
@@ -258,9 +277,9 @@ class ReferenceBank:
         for start in tqdm(range(0, len(chosen), step), desc="relict null (leave-one-out)", disable=not progress):
             indices = chosen[start : start + step]
             exclude = torch.from_numpy(indices).to(device)
-            for level in self.levels:
-                query = {key: rows[indices] for key, rows in self.arrays[level.name].items()}
-                nulls[level.name].append(self.nearest(level, query, device, exclude=exclude).similarity)
+            queries = {name: {key: rows[indices] for key, rows in arrays.items()} for name, arrays in self.arrays.items()}
+            for name, nearest in self.nearest_levels(queries, device, exclude=exclude).items():
+                nulls[name].append(nearest.similarity)
         return {name: np.concatenate(parts) for name, parts in nulls.items()}
 
     # -- persistence ---------------------------------------------------------------------------------------

@@ -12,32 +12,37 @@ from scipy import stats
 
 from .atomic import atomic_write
 from .bank import ReferenceBank
+from .calibration import RULES, Calibration, combine, p_values
 from .intervals import rate_bounds
-from .validation import check_number, check_probability
 from .items import ItemError, iter_batches, iter_raw
-
-RULES = ("any", "all", "majority")
+from .validation import check_number, check_probability
 
 
 @dataclass
 class LevelMatch:
-    """One sample at one level: similarity to its nearest training image, which one, and the verdict."""
+    """One sample at one level: similarity to its nearest training image, which one, under which transform
+    (how the training image was mirrored/moved to match), the conformal ``p_value`` of that similarity against
+    the level's null (the fraction of unseen patients at least as close) and the level's flag."""
 
     similarity: float
     nearest_id: str
     nearest_index: int
     is_replica: bool
     transform: str = "identity"
+    p_value: float = 1.0
 
 
 @dataclass
 class SampleRecord:
-    """One sample: its per-level matches and the overall verdict under the scorer's rule."""
+    """One sample: its per-level matches, the overall verdict under the scorer's rule and the combined
+    ``p_value`` of its level p-values (see :mod:`relict_callbacks.calibration`; ``<= alpha`` when flagged by
+    calibrated thresholds)."""
 
     index: int
     id: str
     is_replica: bool
     levels: dict[str, LevelMatch]
+    p_value: float = 1.0
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ReplicaReport:
     tests: dict[str, RankTest]
     nulls: dict[str, np.ndarray] = field(repr=False)
     confidence: float = 0.95
+    calibration: Calibration | None = None
 
     @property
     def replica_rate(self) -> float:
@@ -100,7 +106,9 @@ class ReplicaReport:
         low, high = self.replica_rate_bounds
         return {"replica_rate": self.replica_rate, "replica_rate_bounds": [low, high], "confidence": self.confidence,
                 "level_rates": self.level_rates, "thresholds": self.thresholds,
-                "rule": self.rule, "alpha": self.alpha, "null_source": self.null_source, "null": null_summary,
+                "rule": self.rule, "alpha": self.alpha,
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
+                "null_source": self.null_source, "null": null_summary,
                 "tests": {name: asdict(test) for name, test in self.tests.items()},
                 "records": [asdict(record) for record in self.records]}
 
@@ -110,18 +118,19 @@ class ReplicaReport:
             json.dump(self.to_dict(), file, indent=1)
 
     def to_csv(self, path) -> None:
-        """Write one row per sample: verdict, then per level similarity, nearest id, transform and flag."""
+        """Write one row per sample: verdict and combined p-value, then per level similarity, nearest id,
+        transform, p-value and flag."""
         names = list(self.thresholds)
-        header = ["index", "id", "is_replica"] + [f"{n}_{c}" for n in names
-                                                  for c in ("similarity", "nearest_id", "transform", "is_replica")]
+        columns = ("similarity", "nearest_id", "transform", "p_value", "is_replica")
+        header = ["index", "id", "is_replica", "p_value"] + [f"{n}_{c}" for n in names for c in columns]
         with atomic_write(path, newline="") as file:
             writer = csv.writer(file)
             writer.writerow(header)
             for r in self.records:
-                row = [r.index, r.id, r.is_replica]
+                row = [r.index, r.id, r.is_replica, f"{r.p_value:.6g}"]
                 for n in names:
                     m = r.levels[n]
-                    row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, m.is_replica]
+                    row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, f"{m.p_value:.6g}", m.is_replica]
                 writer.writerow(row)
 
     def summary(self) -> str:
@@ -132,8 +141,11 @@ class ReplicaReport:
                  f"rule={self.rule}, null={self.null_source}, alpha={self.alpha})"]
         for name, rate in self.level_rates.items():
             sims, test = self.similarities(name), self.tests[name]
-            lines.append(f"  {name:<13} rate {rate:.3f}  threshold {self.thresholds[name]:.4f}  "
+            cutoff = "" if self.calibration is None else f" (p<={self.calibration.p_cutoffs[name]:.3g})"
+            lines.append(f"  {name:<13} rate {rate:.3f}  threshold {self.thresholds[name]:.4f}{cutoff}  "
                          f"nn-similarity mean {sims.mean():.4f} max {sims.max():.4f}  copy z {test.z:+.2f} (p={test.p:.2g})")
+        if self.calibration is not None:
+            lines.append("  " + self.calibration.describe())
         return "\n".join(lines)
 
 
@@ -142,10 +154,15 @@ class ReplicaScorer:
 
     Args:
         bank: the reference bank (training set embedded per level, with calibration nulls).
-        alpha: false-positive rate the default thresholds aim at: a level's threshold is the ``1 - alpha``
-            quantile of its null (unseen patients -> nearest training image).
+        alpha: bound on the fraction of unseen patients flagged overall: each level gives a conformal p-value
+            against its null (unseen patients -> nearest training image), a level flags at
+            ``p <= alpha * needed / levels`` and the rule's ``needed`` levels must flag (see
+            :mod:`relict_callbacks.calibration`); ``report.thresholds`` are the similarities this amounts to. A
+            null too small for that is said so (a warning, ``report.calibration``), and its level flags above
+            the null maximum.
         rule: ``"any"``, ``"all"`` or ``"majority"`` of the levels must flag a sample for it to be a replica.
-        thresholds: explicit ``{level: threshold}`` overriding the calibrated ones.
+        thresholds: explicit ``{level: threshold}`` overriding the calibrated ones (the report's
+            ``calibration`` then states the false-positive bound they amount to on the null).
         search: ``"exact"`` (chunked matmul) or a faiss index kind (``"flat"``, ``"ivf"``, ``"hnsw"``) for the
             dot-product levels (voxel, feature); the segmentation level always searches exactly.
         confidence: confidence of each one-sided exact bound on the replica rate (``report.replica_rate_bounds``,
@@ -177,20 +194,13 @@ class ReplicaScorer:
             raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
         self.bank, self.alpha, self.rule, self.device = bank, alpha, rule, device
         self.batch_size, self.query_block = batch_size, query_block
-        self.thresholds = {}
-        for name in names:  # a loop, not a comprehension, so the warning's stacklevel points at the caller
-            given = (thresholds or {}).get(name)
-            self.thresholds[name] = self._calibrated(name) if given is None else float(given)
+        self.calibration = Calibration.fit({name: bank.nulls[name] for name in names}, alpha, rule, thresholds)
+        self.thresholds = self.calibration.thresholds
+        if self.calibration.under_resolved:
+            warnings.warn(self.calibration.shortfall(), stacklevel=2)
         self.indexes = {}
         if search != "exact":
             self.indexes = {level.name: level.build_index(bank.arrays[level.name], search) for level in bank.levels}
-
-    def _calibrated(self, name: str) -> float:
-        null = self.bank.nulls[name]
-        if len(null) < 1 / self.alpha:
-            warnings.warn(f"level {name!r}: the null has {len(null)} values, too few to resolve alpha={self.alpha}; "
-                          "its threshold is the null maximum (use a larger holdout or training set)", stacklevel=3)
-        return float(np.quantile(null, 1 - self.alpha, method="higher"))
 
     def _samples(self, samples, labels):
         if labels is None:
@@ -210,32 +220,35 @@ class ReplicaScorer:
             for level in self.bank.levels:
                 for key, array in level.embed(batch, self.device).items():
                     rows[level.name].setdefault(key, []).append(array)
-        found = {}
-        for level in self.bank.levels:  # one pass over the bank per block of queries, not per embedding batch
-            query = {key: np.concatenate(parts) for key, parts in rows[level.name].items()}
-            found[level.name] = [self.bank.nearest(level, {key: array[start : start + self.query_block]
-                                                           for key, array in query.items()},
-                                                   self.device, index=self.indexes.get(level.name))
-                                 for start in range(0, len(ids), self.query_block)]
-        sims = {name: [f.similarity for f in parts] for name, parts in found.items()}
-        indices = {name: [f.index for f in parts] for name, parts in found.items()}
-        transforms = {name: [t for f in parts for t in f.transform] for name, parts in found.items()}
         if not ids:
             raise ItemError("no samples to score")
-        sims = {name: np.concatenate(parts) for name, parts in sims.items()}
-        indices = {name: np.concatenate(parts) for name, parts in indices.items()}
+        queries = {name: {key: np.concatenate(parts) for key, parts in level_rows.items()}
+                   for name, level_rows in rows.items()}
+        found = {name: [] for name in queries}
+        for start in range(0, len(ids), self.query_block):  # one pass over the bank per block of queries
+            block = {name: {key: array[start : start + self.query_block] for key, array in query.items()}
+                     for name, query in queries.items()}
+            for name, nearest in self.bank.nearest_levels(block, self.device, indexes=self.indexes).items():
+                found[name].append(nearest)
+        sims = {name: np.concatenate([f.similarity for f in parts]) for name, parts in found.items()}
+        indices = {name: np.concatenate([f.index for f in parts]) for name, parts in found.items()}
+        transforms = {name: [t for f in parts for t in f.transform] for name, parts in found.items()}
+        names = list(self.thresholds)
+        p = np.stack([p_values(sims[name], self.bank.nulls[name]) for name in names], axis=1)
+        combined = combine(p, self.calibration.needed)
         records = []
         for i, sample_id in enumerate(ids):
             levels = {}
-            for name in sims:
+            for column, name in enumerate(names):
                 sim, j = float(sims[name][i]), int(indices[name][i])
-                levels[name] = LevelMatch(sim, self.bank.ids[j], j, sim > self.thresholds[name], transforms[name][i])
-            flags = [m.is_replica for m in levels.values()]
-            verdict = {"any": any(flags), "all": all(flags), "majority": sum(flags) > len(flags) / 2}[self.rule]
-            records.append(SampleRecord(i, sample_id, verdict, levels))
+                levels[name] = LevelMatch(sim, self.bank.ids[j], j, sim > self.thresholds[name], transforms[name][i],
+                                          float(p[i, column]))
+            verdict = self.calibration.verdict([m.is_replica for m in levels.values()])
+            records.append(SampleRecord(i, sample_id, verdict, levels, float(combined[i])))
         tests = {}
         for name, null in self.bank.nulls.items():
             result = stats.ranksums(sims[name], null, alternative="greater")
             tests[name] = RankTest(float(result.statistic), float(result.pvalue))
         return ReplicaReport(records, dict(self.thresholds), self.rule, self.alpha, self.bank.null_source, tests,
-                             {name: np.asarray(null) for name, null in self.bank.nulls.items()}, self.confidence)
+                             {name: np.asarray(self.bank.nulls[name]) for name in names}, self.confidence,
+                             self.calibration)

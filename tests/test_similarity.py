@@ -53,7 +53,7 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
 def test_dice_equals_direct_computation(rng):
     masks = torch.from_numpy(rng.random((10, 1, 12, 12, 6)) < 0.3).to(torch.uint8)
     queries = torch.from_numpy(rng.random((4, 1, 12, 12, 6)) < 0.3).to(torch.uint8)
-    level = rc.SegmentationLevel(grid=(12, 12, 6))
+    level = rc.SegmentationLevel(grid=(12, 12, 6), flips=(), max_shift=0)  # plain Dice: no mirror/shift search
     images = torch.rand(10, 1, 12, 12, 6)
     bank = _bank(list(images), level, list(masks))
     found = bank.nearest(level, level.embed([Item(torch.rand(1, 12, 12, 6), q, str(i)) for i, q in enumerate(queries)]))

@@ -36,6 +36,7 @@ class Level(ABC):
 
     name: str
     dot_product = False
+    align_to: str | None = None  # a level whose matches this one re-scores when the bank has it (nearest(match=))
 
     @abstractmethod
     def config(self) -> dict:

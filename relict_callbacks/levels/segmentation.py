@@ -1,4 +1,13 @@
-"""Segmentation level: Dice overlap of the segmented structures with those of the nearest training image."""
+"""Segmentation level: Dice overlap of the segmented structures with those of the nearest training image, under
+the mirror/shift that matched.
+
+With a voxel level in the bank, the masks are compared with those of the voxel level's nearest training image,
+moved by the transform the voxel level found (``undo_match``), so a mirrored copy scores its true overlap and
+an unseen patient is compared with the one training image it resembles most, not with every lesion in the bank.
+Without one, the level runs its own small search: exact Dice against the whole bank as it is and mirrored along
+each spatial axis, then the best few candidates again at the shift their mask centroids predict (within
+``max_shift``) and one voxel around it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,9 @@ from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+from .voxel import _describe, undo_match
+
+REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -26,12 +38,36 @@ def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
     return channels > 0.5
 
 
+def mean_dice(overlap: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Dice averaged over the last (label) axis from overlaps and summed sizes; a label empty on both sides
+    is left out, and a pair with every label empty scores 0.
+
+    >>> mean_dice(torch.tensor([[2.0, 0.0]]), torch.tensor([[4.0, 0.0]])).tolist()
+    [1.0]
+    """
+    dice = torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.nan)
+    return dice.nanmean(dim=-1).nan_to_num(0.0)
+
+
+def _centroid(masks: torch.Tensor) -> torch.Tensor:
+    """Centroid (voxels, per spatial axis) of the union of ``[L, *spatial]`` masks; mid-grid when empty."""
+    points = torch.nonzero(masks.any(0)).float()
+    if len(points) == 0:
+        return torch.tensor([(n - 1) / 2 for n in masks.shape[1:]])
+    return points.mean(0)
+
+
 class SegmentationLevel(Level):
-    """Dice between the structures in a sample and those of its nearest training image.
+    """Dice between the structures in a sample and those of its nearest training image, under the mirror and
+    shift that matched.
 
     Masks come from the items' labels; items without one are segmented with ``segmenter`` (a callable or
     ``nn.Module`` mapping ``[B, C, *spatial]`` to a label map ``[B, 1, *spatial]`` or channels
     ``[B, K, *spatial]``). Several labels give the mean Dice over labels.
+
+    Which training image: with a voxel level in the bank, the voxel level's nearest one, its masks moved by the
+    transform the voxel level matched (mirror, shift; nearest-neighbour), and the match carries that
+    transform; without one, the best Dice over the bank under the level's own small mirror/shift search.
 
     Empty masks: a label empty in both images is left out of the mean (it is no evidence either way); a label
     empty in one image only scores 0; a pair with every label empty on both sides scores 0, so a sample with
@@ -42,37 +78,53 @@ class SegmentationLevel(Level):
         labels: label values (one-channel maps) or channel indices (multi-channel) to compare; default: all
             foreground as one structure (one-channel) or every channel.
         grid: common grid masks are resampled to, nearest-neighbour (default 128² for 2D, 64³ for 3D).
+        flips: spatial axes the own search mirrors along: ``"all"`` (default: each axis in turn), a tuple of
+            axes, or ``()``.
+        max_shift: largest translation, in grid voxels per axis, the own search tries (default: 5% of the
+            grid's smallest side; 0 disables it).
 
     >>> import torch
     >>> from relict_callbacks.items import Item
     >>> level = SegmentationLevel(grid=8)
-    >>> mask = torch.zeros(1, 8, 8); mask[0, 2:5, 2:5] = 1
+    >>> mask = torch.zeros(1, 8, 8); mask[0, 2:5, 1:3] = 1
     >>> rows = level.embed([Item(torch.rand(1, 8, 8), mask, "a")])
-    >>> query = {k: torch.from_numpy(v) for k, v in rows.items()}
-    >>> float(level.nearest(query, rows).similarity[0])
-    1.0
+    >>> copy = level.embed([Item(torch.rand(1, 8, 8), mask.flip(2), "mirrored")])
+    >>> found = level.nearest({k: torch.from_numpy(v) for k, v in copy.items()}, rows)
+    >>> float(found.similarity[0]), found.transform
+    (1.0, ['flip1'])
     """
 
     name = "segmentation"
+    align_to = "voxel"
 
-    def __init__(self, segmenter=None, labels=None, grid=None) -> None:
+    def __init__(self, segmenter=None, labels=None, grid=None, flips="all", max_shift: int | None = None) -> None:
         if segmenter is not None and not callable(segmenter):
             raise TypeError(f"segmenter must be an nn.Module or callable, got {type(segmenter).__name__}")
+        if isinstance(flips, str) and flips != "all":
+            raise ValueError(f"flips must be 'all' or a tuple of spatial axes, got {flips!r}")
         self.segmenter = segmenter
         self.labels = None if labels is None else [check_number("labels", v, low=0, integer=True) for v in labels]
         self.grid = check_grid("grid", grid)
+        self.flips = flips if isinstance(flips, str) else tuple(check_number("flips axis", a, low=0, integer=True)
+                                                                for a in flips)
+        self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
 
     def config(self) -> dict:
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
         segmenter = None if self.segmenter is None else model_digest(self.segmenter)
-        return {"type": "SegmentationLevel", "name": self.name, "segmenter": segmenter, "labels": self.labels, "grid": grid}
+        return {"type": "SegmentationLevel", "name": self.name, "segmenter": segmenter, "labels": self.labels,
+                "grid": grid, "flips": self.flips if isinstance(self.flips, str) else list(self.flips),
+                "max_shift": self.max_shift}
 
     @classmethod
     def from_config(cls, config: dict) -> SegmentationLevel:
         if config.get("segmenter"):
             raise ValueError("this bank's segmentation level uses a segmenter: pass "
                              "levels=[SegmentationLevel(segmenter=...), ...] to load it")
-        return cls(labels=config["labels"], grid=config["grid"])
+        if "flips" not in config:
+            raise ValueError("this bank was built by an older relict-callbacks whose segmentation level did not align "
+                             "masks (its null does not fit this version): build it again")
+        return cls(labels=config["labels"], grid=config["grid"], flips=config["flips"], max_shift=config["max_shift"])
 
     def _label(self, item: Item, device) -> torch.Tensor:
         if item.label is not None:
@@ -95,22 +147,80 @@ class SegmentationLevel(Level):
                 raise ItemError(f"item {item.id!r}: {mask.shape[0]} label channel(s), the first item has "
                                 f"{masks[0].shape[0]}")
             masks.append(mask)
-        masks = torch.stack(masks).flatten(2)
-        return {"masks": masks.to(torch.uint8).numpy(), "sizes": masks.sum(dim=2).numpy()}
+        masks = torch.stack(masks)
+        return {"masks": masks.to(torch.uint8).numpy(), "sizes": masks.flatten(2).sum(dim=2).numpy()}
 
-    def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
-        q, q_sizes = query["masks"].float(), query["sizes"].float()
+    # -- search -------------------------------------------------------------------------------------------
+    def nearest(self, query, bank, *, exclude=None, index=None, match: Nearest | None = None,
+                match_grid=None) -> Nearest:
+        """Best Dice per query; with ``match`` (the voxel level's matches, whose transforms are expressed on
+        ``match_grid``), the Dice with each matched training image under its transform."""
+        q = query["masks"].float()
         if q.shape[1:] != bank["masks"].shape[1:]:
-            raise ValueError(f"samples have masks {tuple(q.shape[1:])} (labels x voxels), the bank has "
+            raise ValueError(f"samples have masks {tuple(q.shape[1:])} (labels x grid), the bank has "
                              f"{tuple(bank['masks'].shape[1:])}")
-        refs, ref_sizes = bank["masks"], torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
+        if match is not None:
+            pairs = [[(int(j), transform)] for j, transform in zip(match.index, match.transform)]
+            return self._best(q, bank, pairs, tuple(match_grid))
+        reach = max(1, round(0.05 * min(q.shape[2:]))) if self.max_shift is None else self.max_shift
+        axes = range(q.ndim - 2) if self.flips == "all" else self.flips
+        proposals = [[] for _ in range(len(q))]  # (Dice as is, bank index, flip) per query
+        for flip in [()] + [(axis,) for axis in axes]:
+            values, indices = self._dice_topk(q.flip([2 + a for a in flip]), bank, exclude)
+            for found, v, j in zip(proposals, values.tolist(), indices.tolist()):
+                found += [(score, m, flip) for score, m in zip(v, j)]
+        pairs = []
+        for i, found in enumerate(proposals):
+            found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
+            pairs.append([(m, _describe(flip, ())) for _, m, flip in found]
+                         + [(m, _describe(flip, shift)) for _, m, flip in found
+                            for shift in self._shifts(q[i], bank["masks"][m], flip, reach)])
+        return self._best(q, bank, pairs, tuple(q.shape[2:]))
+
+    def _dice_topk(self, q: torch.Tensor, bank, exclude) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top Dice candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank, as they are."""
+        q, q_sizes = q.flatten(2), q.flatten(2).sum(dim=2)
+        refs = bank["masks"]
+        ref_sizes = torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
 
         def score_chunk(start: int, stop: int) -> torch.Tensor:
-            r = rows_to_tensor(refs, start, stop, q.device)
+            r = rows_to_tensor(refs, start, stop, q.device).flatten(2)
             overlap = torch.einsum("qld,rld->qrl", q, r)
-            total = q_sizes[:, None, :] + ref_sizes[None, start:stop, :]
-            dice = torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.nan)
-            return dice.nanmean(dim=2).nan_to_num(0.0)
+            return mean_dice(overlap, q_sizes[:, None, :] + ref_sizes[None, start:stop, :])
 
-        values, indices = chunked_topk(score_chunk, len(refs), 1, exclude=exclude)
-        return Nearest(values[:, 0].cpu().numpy(), indices[:, 0].cpu().numpy(), ["identity"] * len(q))
+        return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, exclude=exclude)
+
+    @staticmethod
+    def _shifts(query: torch.Tensor, ref, flip: tuple, reach: int) -> list[tuple[int, ...]]:
+        """The shift the mask centroids predict for ``query`` ``[L, *grid]`` against bank masks ``ref`` under
+        ``flip`` (within ``reach``), and its neighbours one voxel along each axis."""
+        if reach == 0:
+            return []
+        oriented = query.flip([1 + a for a in flip])
+        ref = torch.from_numpy(np.asarray(ref)).bool()
+        centre = (_centroid(oriented.bool()) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
+        steps = [tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(centre))
+                 for axis in range(len(centre)) for step in (-1, 1)]
+        return sorted({tuple(centre), *steps} - {(0,) * len(centre)})
+
+    @staticmethod
+    def _best(q: torch.Tensor, bank, pairs: list[list[tuple[int, str]]], transform_grid: tuple) -> Nearest:
+        """Per query ``q[i]``, the best Dice over its (bank index, transform) ``pairs``, each bank mask moved
+        into the query's frame by ``undo_match`` on ``transform_grid`` (nearest-neighbour)."""
+        refs, grid = bank["masks"], tuple(q.shape[2:])
+        similarity, index, transforms = [], [], []
+        for query, candidates in zip(q, pairs):
+            scores = []
+            for j, transform in candidates:
+                ref = torch.from_numpy(np.asarray(refs[j])).float()
+                if transform != "identity":
+                    moved = undo_match(resample(ref, transform_grid, nearest=True), transform) > 0.5
+                    ref = resample(moved.float(), grid, nearest=True)
+                overlap = (query * ref).flatten(1).sum(1)
+                total = query.flatten(1).sum(1) + ref.flatten(1).sum(1)
+                scores.append(float(mean_dice(overlap, total)))
+            best = int(np.argmax(scores))
+            similarity.append(scores[best])
+            index.append(candidates[best][0])
+            transforms.append(candidates[best][1])
+        return Nearest(np.array(similarity, dtype=np.float32), np.array(index, dtype=np.int64), transforms)
