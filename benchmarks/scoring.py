@@ -1,12 +1,15 @@
 """Wall time and peak memory of ReplicaScorer.score, as ratios against baselines measured in the same run.
 
-64 samples against a bank of 2,000 3D items at 64³ (and a 2D case at 128²), voxel level:
-  (a) a naive per-pair NumPy NCC loop (np.corrcoef), timed on a subset and extrapolated;
-  (b) a bare torch matmul of the same shapes (queries @ bank.T, float32, bank in memory).
-The scorer reads its float16 bank memory-mapped from disk (a saved bank, as users load it), with the default
-VoxelLevel (flip + shift search) and with plain NCC (``max_shift=0, flips=()``) to show what the search costs.
-Times are the best of 3 runs. Peak memory is the process's peak resident set (VmHWM, reset before each measurement) above what it held
-before; memory-mapped bank pages count while resident. Run: ``python benchmarks/scoring.py [--items 2000]``.
+64 samples against banks of 2,000 3D items at 64³ and 20,000 2D items at 128² (and 100,000 at 128² on a GPU),
+voxel level, on ``--device cpu`` or ``cuda``:
+  (a) a naive per-pair NumPy NCC loop (np.corrcoef), timed on a subset and extrapolated (CPU only);
+  (b) a bare torch matmul of the same shapes on the device (queries @ bank.T + top-k, float32, bank in memory).
+The bank is built on the device (build throughput in items/s is printed) and saved; the scorer reads it
+memory-mapped from disk (as users load it), with the default VoxelLevel (flip + shift search) and with plain NCC
+(``max_shift=0, flips=()``) to show what the search costs; the breakdown splits a score into embedding the
+samples and searching the bank. Times are the best of 3 runs. Peak memory is the process's peak resident set
+(VmHWM, reset before each measurement) above what it held before; memory-mapped bank pages count while resident.
+Run: ``python benchmarks/scoring.py [--device cuda] [--items-3d 2000 --items-2d 20000]``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 import relict_callbacks as rc
 from relict_callbacks.data import LR_AXIS
+from relict_callbacks.items import iter_batches
 
 
 def _rss_kib(field: str) -> int:
@@ -28,6 +32,11 @@ def _rss_kib(field: str) -> int:
         if line.startswith(field):
             return int(line.split()[1])
     return 0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def measure(fn, repeats: int = 3):
@@ -39,71 +48,101 @@ def measure(fn, repeats: int = 3):
 def _measure_once(fn):
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _rss_kib("VmRSS")
+    _sync()
     start = time.perf_counter()
     result = fn()
+    _sync()
     seconds = time.perf_counter() - start
     return seconds, (_rss_kib("VmHWM") - before) / 1024, result
 
 
-def smooth_batch(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def smooth_batch(n: int, shape: tuple[int, ...], seed: int, device="cpu") -> torch.Tensor:
     """Distinct smooth random images [n, 1, *shape], standing in for patients (speed does not depend on content)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, *(s // 4 for s in shape), generator=gen)
+    x = torch.randn(n, 1, *(s // 4 for s in shape), generator=gen).to(device)
     mode = "trilinear" if len(shape) == 3 else "bilinear"
     return torch.nn.functional.interpolate(x, size=shape, mode=mode, align_corners=False)
 
 
-def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, workdir: Path) -> None:
-    print(f"\n== {name}: {n_samples} samples x bank of {n_items} items at {'x'.join(map(str, shape))} ==")
+def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, workdir: Path, device: str) -> None:
+    print(f"\n== {name}: {n_samples} samples x bank of {n_items} items at {'x'.join(map(str, shape))}, {device} ==")
     holdout = smooth_batch(16, shape, seed=10**6)
     samples = smooth_batch(n_samples, shape, seed=2 * 10**6)
     samples[:8] = smooth_batch(8, shape, seed=0).flip(2 + LR_AXIS[len(shape)])  # mirrored copies of bank items
     paths = {}
     for label, level in (("default (flip + shift search)", rc.VoxelLevel()),
                          ("plain NCC", rc.VoxelLevel(max_shift=0, flips=()))):
-        t = time.perf_counter()
         items = (image for chunk in range(0, n_items, 100)
                  for image in smooth_batch(min(100, n_items - chunk), shape, seed=chunk))
-        bank = rc.ReferenceBank.build(items, [level], holdout=holdout, progress=False, batch_size=32)
+        _sync()
+        t = time.perf_counter()
+        bank = rc.ReferenceBank.build(items, [level], holdout=holdout, progress=False, batch_size=32, device=device)
+        _sync()
+        seconds = time.perf_counter() - t
         paths[label] = bank.save(workdir / f"{name}-{len(paths)}.npz")
-        print(f"bank build ({label}): {time.perf_counter() - t:.1f} s, file {paths[label].stat().st_size / 2**20:.0f} MiB")
+        print(f"bank build ({label}) on {device}: {seconds:.1f} s, {n_items / seconds:.0f} items/s (making the "
+              f"items included), file {paths[label].stat().st_size / 2**20:.0f} MiB")
         del bank
 
-    refs = smooth_batch(n_items, shape, seed=7).flatten(1)
-    queries = samples.flatten(1)
+    refs = smooth_batch(n_items, shape, seed=7, device=device).flatten(1)
+    queries = samples.to(device).flatten(1)
     bare, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
-    refs = None  # free the float32 copy before the scorer runs
-
-    sub_q, sub_r = samples[:2].flatten(1).numpy(), smooth_batch(40, shape, seed=9).flatten(1).numpy()
-    naive_seconds, _, _ = measure(lambda: [[np.corrcoef(q, r)[0, 1] for r in sub_r] for q in sub_q], repeats=1)
-    naive = naive_seconds / (len(sub_q) * len(sub_r)) * n_samples * n_items
+    half = None
+    if device != "cpu":
+        refs, queries = refs.half(), queries.half()
+        half, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
+    refs = queries = None  # free the copy before the scorer runs
 
     dims = int(np.prod(shape))
-    print(f"bare torch matmul + top-k (same shapes, fp32 in memory): {bare:.2f} s, bank held as float32 in RAM: "
-          f"{n_items * dims * 4 / 2**20:.0f} MiB")
-    print(f"naive NumPy corrcoef loop (extrapolated from {len(sub_q) * len(sub_r)} pairs): {naive:.1f} s")
+    print(f"bare torch matmul + top-k (same shapes, fp32 on {device}): {bare * 1000:.1f} ms"
+          + ("" if half is None else f" (fp16: {half * 1000:.1f} ms)")
+          + f", bank held as float32: {n_items * dims * 4 / 2**20:.0f} MiB")
+    naive = None
+    if device == "cpu":
+        sub_q, sub_r = samples[:2].flatten(1).numpy(), smooth_batch(40, shape, seed=9).flatten(1).numpy()
+        naive_seconds, _, _ = measure(lambda: [[np.corrcoef(q, r)[0, 1] for r in sub_r] for q in sub_q], repeats=1)
+        naive = naive_seconds / (len(sub_q) * len(sub_r)) * n_samples * n_items
+        print(f"naive NumPy corrcoef loop (extrapolated from {len(sub_q) * len(sub_r)} pairs): {naive:.1f} s")
     for label, path in paths.items():
         bank = rc.ReferenceBank.load(path)
-        scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.9})
+        scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.9}, device=device)
         scorer.score(samples[:2])  # warm the page cache and the kernels
         seconds, peak, report = measure(lambda: scorer.score(samples))
+        level = bank.levels[0]
+        embed, _, query = measure(lambda: _embed(level, samples, device))
+        search, _, _ = measure(lambda: bank.nearest(level, query, device))
         caught = sum(r.is_replica for r in report.records[:8])
-        print(f"ReplicaScorer.score, {label}: {seconds:.2f} s, peak working memory +{max(peak, 0):.0f} MiB "
-              f"(bank float16, memory-mapped: {n_items * dims * 2 / 2**20:.0f} MiB) | "
-              f"{seconds / bare:.2f}x the bare matmul, {naive / seconds:.0f}x faster than the naive loop | "
+        faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
+        print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
+              f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB (bank float16, "
+              f"memory-mapped: {n_items * dims * 2 / 2**20:.0f} MiB) | {seconds / bare:.2f}x the bare matmul{faster} | "
               f"mirrored copies flagged {caught}/8")
         bank = scorer = None  # release the memory map before the next bank
 
 
+def _embed(level, samples: torch.Tensor, device) -> dict[str, np.ndarray]:
+    """The level's query rows for ``samples``, embedded in batches of 16 as the scorer does."""
+    parts = [level.embed(batch, device) for batch in iter_batches(samples, 16, name="sample")]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--items-3d", type=int, default=2000, help="3D bank items at 64³ (0: skip)")
+    parser.add_argument("--items-2d", type=int, default=20000, help="2D bank items at 128² (0: skip)")
+    parser.add_argument("--items-2d-large", type=int, default=None,
+                        help="a second, larger 2D bank (default 100,000 on cuda, none on cpu)")
     parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    large = args.items_2d_large if args.items_2d_large is not None else (100_000 if args.device == "cuda" else 0)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.device}: {where}")
+    cases = [("3D", (64, 64, 64), args.items_3d), ("2D", (128, 128), args.items_2d), ("2D", (128, 128), large)]
     with tempfile.TemporaryDirectory() as workdir:
-        run_case("3D", (64, 64, 64), args.items, args.samples, Path(workdir))
-        run_case("2D", (128, 128), args.items, args.samples, Path(workdir))
+        for name, shape, items in cases:
+            if items:
+                run_case(name, shape, items, args.samples, Path(workdir), args.device)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""The built-in samplers with MONAI core and the older monai-generative nets and inferers (duck-typed)."""
+"""The built-in samplers with MONAI core and the older monai-generative nets and inferers (duck-typed), on any
+device and in any precision: networks on the ``meta`` device (shape-only; a CPU tensor mixed in raises as CUDA
+would) in float32, bfloat16 and float16, and real CPU runs in bfloat16 under a Lightning Trainer."""
 
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+import relict_callbacks as rc
 from relict_callbacks.integrations.samplers import DiffusionSampler, GANSampler, LatentDiffusionSampler
 from relict_callbacks.monitor import SamplerError
 from relict_callbacks.monitor.sampling import draw_samples
+
+from lightning_models import SIZE, TinyDDPM, loader, phantoms, trainer
 
 COMMON = dict(spatial_dims=2, attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
 
@@ -21,6 +26,9 @@ def nets(package: str):
         from generative.networks.nets import AutoencoderKL, DiffusionModelUNet
     widths = {"channels" if package == "monai" else "num_channels": (8, 8)}  # the older package's name
     return ({**COMMON, **widths}, DiffusionModelUNet, AutoencoderKL, DiffusionInferer, LatentDiffusionInferer)
+
+
+PRECISIONS = [torch.float32, torch.bfloat16, torch.float16]  # fp32, bf16-true, 16-true
 
 
 def draw(sampler, model):
@@ -66,3 +74,76 @@ def test_missing_network_attribute_is_named():
     sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=20), (1, 16, 16), network="unet")
     with pytest.raises(SamplerError, match="has no attribute 'unet'"):
         draw(sampler, torch.nn.Linear(2, 2))
+
+
+# -- any device, any precision: the meta device stands in for CUDA ------------------------------------------------
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("package", ["monai", "generative"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_diffusion_sampler_follows_the_networks_device_and_dtype(package, kind, dtype):
+    options, unet_class, _, inferer_class, _ = nets(package)
+    unet = unet_class(in_channels=2, out_channels=2, **options).to("meta", dtype)
+    scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[kind](num_train_timesteps=20)
+    sampler = DiffusionSampler(scheduler, (2, 16, 16), num_inference_steps=3, inferer=inferer_class(scheduler),
+                               label_channels=1)
+    images, labels = sampler(unet, 2, torch.Generator().manual_seed(0))
+    assert images.device.type == "meta" and images.dtype == dtype and images.shape == (2, 1, 16, 16)
+    assert labels.device.type == "meta" and labels.shape == (2, 1, 16, 16)
+    assert sampler.scheduler.timesteps.device.type == "cpu"  # MONAI's inferer concatenates them with a CPU tensor
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("package", ["monai", "generative"])
+def test_latent_diffusion_sampler_follows_the_networks_device_and_dtype(package, dtype):
+    options, unet_class, vae_class, _, latent_inferer_class = nets(package)
+    model = torch.nn.Module()
+    model.unet = unet_class(in_channels=2, out_channels=2, **options)
+    model.vae = vae_class(in_channels=2, out_channels=2, latent_channels=2, **options)
+    model.to("meta", dtype)
+    scheduler = DDIMScheduler(num_train_timesteps=20)
+    sampler = LatentDiffusionSampler("vae", scheduler, (2, 8, 8), num_inference_steps=2, network="unet",
+                                     inferer=latent_inferer_class(scheduler, scale_factor=1.0), label_channels=1)
+    images, labels = sampler(model, 2, torch.Generator().manual_seed(0))
+    assert images.device.type == "meta" and images.dtype == dtype and images.shape == (2, 1, 16, 16)
+    assert labels.shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+def test_gan_sampler_follows_the_networks_device_and_dtype(dtype):
+    generator = torch.nn.Sequential(torch.nn.Linear(4, 2 * 8 * 8), torch.nn.Unflatten(1, (2, 8, 8))).to("meta", dtype)
+    images, labels = GANSampler(4, label_channels=1)(generator, 3, torch.Generator().manual_seed(0))
+    assert images.device.type == "meta" and images.dtype == dtype and images.shape == (3, 1, 8, 8)
+    assert labels.device.type == "meta" and labels.shape == (3, 1, 8, 8)
+
+
+def test_noise_is_the_same_in_every_precision():
+    """Drawn in float32, then cast: a bf16 model sees the float32 model's noise, rounded."""
+    generator = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(4, 4))
+    generator[1].weight.data, generator[1].bias.data = torch.eye(4), torch.zeros(4)
+    full = GANSampler(4)(generator, 3, torch.Generator().manual_seed(0))
+    half = GANSampler(4)(generator.to(torch.bfloat16), 3, torch.Generator().manual_seed(0))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, full.to(torch.bfloat16))
+
+
+def test_diffusion_sampler_runs_under_autocast():
+    """A mixed-precision network (float32 weights) sampled inside an autocast region, as in a training step."""
+    options, unet_class, _, _, _ = nets("monai")
+    unet = unet_class(in_channels=1, out_channels=1, **options)
+    sampler = DiffusionSampler(DDPMScheduler(num_train_timesteps=20), (1, 16, 16), num_inference_steps=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        images = sampler(unet, 2, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images.float()).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, precision):
+    from relict_callbacks.integrations.lightning import ReplicaMonitor
+
+    sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, SIZE, SIZE), num_inference_steps=3,
+                               network="unet")
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
+    model = TinyDDPM()
+    trainer(tmp_path, 1, [monitor], precision=precision).fit(model, loader(phantoms(6)))
+    assert next(model.unet.parameters()).dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert [entry["error"] for entry in monitor.history] == [None]
+    assert 0 <= monitor.history[0]["relict/replica_rate"] <= 1

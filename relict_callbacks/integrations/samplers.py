@@ -5,12 +5,17 @@ sampler finds its networks on it by attribute name (``network="unet"``), takes t
 itself. They are duck-typed: MONAI core's ``DiffusionModelUNet``/``DiffusionInferer`` and the older
 ``monai-generative`` nets and inferers both work, with either package's schedulers. The monitor calls samplers in
 eval mode, without gradients and with a seeded, forked RNG, so every check draws the same noise.
+
+Devices and precision: noise is drawn on the generator's device in float32 (the same noise whatever the model's
+precision), then moved to the network's device and cast to its dtype, so ``bf16-true``/``16-true`` networks get
+bf16/fp16 noise; ``*-mixed`` networks keep float32 weights, so they sample in float32, or in reduced precision
+inside an autocast region the caller opens. Scheduler timesteps stay on the CPU, as MONAI's inferers expect
+(``DiffusionInferer.sample`` concatenates them with a CPU tensor); the network gets each one on its device.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 
@@ -26,13 +31,17 @@ def _part(model, part, what: str):
     return part
 
 
-def _device(module) -> torch.device:
-    parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
-    return parameter.device if parameter is not None else torch.device("cpu")
+def _placement(module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first floating-point parameter (CPU and float32 when it has none)."""
+    parameters = module.parameters() if isinstance(module, torch.nn.Module) else ()
+    parameter = next((p for p in parameters if p.is_floating_point()), None)
+    return (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"), torch.float32)
 
 
-def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+def _noise(shape, generator: torch.Generator, placement: tuple[torch.device, torch.dtype]) -> torch.Tensor:
+    """Standard normal noise drawn in float32 with ``generator``, then moved to the network's device and dtype."""
+    device, dtype = placement
+    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
 
 
 def _split_labels(images: torch.Tensor, label_channels: int):
@@ -49,12 +58,13 @@ class _SchedulerSampler:
         self.scheduler = copy.deepcopy(scheduler)  # set_timesteps must not change the training scheduler
         self.num_inference_steps, self.label_channels = num_inference_steps, label_channels
 
-    def _set_timesteps(self, device) -> None:
+    def _set_timesteps(self) -> None:
+        """Set the inference steps, leaving the timesteps on the CPU (MONAI's inferers concatenate them with a
+        CPU tensor; the network gets each timestep moved to its own device)."""
         if self.num_inference_steps is not None:
-            if "device" in inspect.signature(self.scheduler.set_timesteps).parameters:
-                self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-            else:
-                self.scheduler.set_timesteps(self.num_inference_steps)
+            self.scheduler.set_timesteps(self.num_inference_steps)
+        if isinstance(getattr(self.scheduler, "timesteps", None), torch.Tensor):
+            self.scheduler.timesteps = self.scheduler.timesteps.cpu()
 
 
 class DiffusionSampler(_SchedulerSampler):
@@ -91,9 +101,8 @@ class DiffusionSampler(_SchedulerSampler):
 
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         unet = _part(model, self.network, "diffusion network")
-        device = _device(unet)
-        self._set_timesteps(device)
-        noise = _noise((num_samples, *self.image_shape), generator, device)
+        self._set_timesteps()
+        noise = _noise((num_samples, *self.image_shape), generator, _placement(unet))
         images = self.inferer.sample(input_noise=noise, diffusion_model=unet, scheduler=self.scheduler, verbose=False)
         return _split_labels(images, self.label_channels)
 
@@ -134,12 +143,11 @@ class LatentDiffusionSampler(_SchedulerSampler):
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         unet = _part(model, self.network, "diffusion network")
         autoencoder = _part(model, self.autoencoder, "autoencoder")
-        device = _device(unet)
-        self._set_timesteps(device)
+        self._set_timesteps()
         was_training = autoencoder.training  # the autoencoder may not be part of `model`, so restore it here
         autoencoder.eval()
         try:
-            noise = _noise((num_samples, *self.latent_shape), generator, device)
+            noise = _noise((num_samples, *self.latent_shape), generator, _placement(unet))
             images = self.inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet,
                                          scheduler=self.scheduler, verbose=False)
         finally:
@@ -167,5 +175,5 @@ class GANSampler:
 
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         network = _part(model, self.network, "generator network")
-        images = network(_noise((num_samples, *self.latent_shape), generator, _device(network)))
+        images = network(_noise((num_samples, *self.latent_shape), generator, _placement(network)))
         return _split_labels(images, self.label_channels)
