@@ -313,3 +313,11 @@ def test_out_replaces_only_what_relict_wrote(png_set, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [".relict-output", "report.html", "results.csv", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary or old folders left
 
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["audit", "--help"])
+    page = " ".join(capsys.readouterr().out.split())  # as argparse wraps it
+    assert stop.value.code == 0 and "exit status: 0 done" in page and "1 the replica rate is above --fail-above" in page
+    assert "2 usage error or bad input" in page and "--strict" in page
