@@ -4,8 +4,8 @@ Built by streaming items in batches (raw images are never all in memory), saved 
 (``allow_pickle=False``; the JSON manifest is a member of it) whose arrays are loaded memory-mapped, and
 cached in a ``cache_dir`` while its fingerprint (level configs, item ids, a content hash of images and labels,
 the holdout) matches. The manifest holds an xxh3-128 checksum of every array; loading verifies them all,
-hashing each mapped array in blocks: one pass over the file, as long as a plain sequential read of it
-(``benchmarks/bank_integrity.py``: 0.16 s for a 1 GB bank of 2,000 x 64³ in the page cache).
+hashing each mapped array in blocks: one pass over the file, no longer than a plain sequential read of it
+(``benchmarks/bank_integrity.py``: 0.82-0.94x for a 1 GB bank of 2,000 x 64³ in the page cache).
 """
 
 from __future__ import annotations

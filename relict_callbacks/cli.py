@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--synthetic", type=Path, required=True, help="folder of synthetic images")
     audit.add_argument("--synthetic-labels", type=Path, help="their labels, for the segmentation level")
     audit.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="LEVEL=VALUE",
-                       help="explicit thresholds, e.g. voxel=0.92 (default: calibrated on the null)")
+                       help="explicit thresholds in [-1, 1], e.g. voxel=0.92 (default: calibrated on the null)")
     audit.add_argument("--alpha", type=PROBABILITY, default=0.01, help="false-positive rate per level (default 0.01)")
     audit.add_argument("--rule", choices=["any", "all", "majority"], default="any",
                        help="levels that must flag a sample (default any)")

@@ -138,6 +138,17 @@ def _flagged_rows(report: ReplicaReport) -> list[list]:
     return rows
 
 
+def _not_scored(bad: list[BadImage]) -> list[str]:
+    """The HTML section listing the synthetic images that could not be scored (none: no section)."""
+    if not bad:
+        return []
+    return [f"<h2>Not scored ({len(bad)})</h2>",
+            "<p class='note'>These synthetic images could not be scored: they are in none of the rates below and "
+            "were not checked for replicas. Fix them and audit again (<code>--strict</code> makes them an "
+            "error).</p>",
+            _table(["synthetic file", "problem"], [[html.escape(b.id), html.escape(b.error)] for b in bad])]
+
+
 def _plain(value) -> str:
     """A JSON-like value as short readable text.
 
@@ -181,6 +192,7 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
         f"<p>A synthetic image is flagged when {rule} ({', '.join(levels)}) find it more similar to a training image "
         f"than the threshold; thresholds are the {1 - report.alpha:.3g} quantile of the null similarity, so about "
         f"{report.alpha:.1%} of unseen patients would be flagged per level by chance.</p></header>",
+        *_not_scored(bad),
         "<h2>Per level</h2>",
         _table(["level", "threshold", "flagged", "synthetic: mean / max", "null: mean / max",
                 "dataset-level test"], _level_rows(report, inputs)),
@@ -208,12 +220,6 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
             parts.append(f"<p class='note'>First {FLAGGED_ROWS} shown; all are in results.csv.</p>")
     else:
         parts.append("<p>None.</p>")
-    if bad:
-        parts += [f"<h2 id='not-scored'>Not scored ({len(bad)})</h2>",
-                  "<p class='note'>These synthetic images could not be scored, so they are in no rate above and "
-                  "were not checked for replicas. Fix them and audit again (<code>--strict</code> makes them an "
-                  "error).</p>",
-                  _table(["synthetic file", "problem"], [[html.escape(b.id), html.escape(b.error)] for b in bad])]
     facts = {"synthetic_images": len(report.records), "not_scored": len(bad), **inputs}
     parts += ["<h2>Inputs</h2><dl>",
               "".join(f"<dt>{html.escape(k.replace('_', ' '))}</dt><dd>{html.escape(_plain(v))}</dd>"

@@ -1,6 +1,8 @@
 """ReferenceBank: item forms, save/load round trip (memory-mapped), cache reuse and rebuild by fingerprint."""
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -138,3 +140,21 @@ def test_cache_with_a_flipped_bit_is_rebuilt_saying_why(tmp_path, caplog):
     assert rebuilt.cache_message.startswith("built") and "does not match its checksum" in rebuilt.cache_message
     assert rebuilt.fingerprint == first.fingerprint
     assert rc.ReferenceBank.build(items, LEVELS(), cache_dir=tmp_path, progress=False).cache_message.startswith("reused")
+
+
+def test_audit_with_a_flipped_bit_in_the_bank_exits_2_naming_the_array(tmp_path):
+    for name, seed in (("train", 0), ("synthetic", 1)):
+        (tmp_path / name).mkdir()
+        for item in _items(4, seed=seed):
+            np.save(tmp_path / name / f"{item['id']}.npy", item["image"][0].numpy())
+    bank = tmp_path / "bank.npz"
+    relict = [sys.executable, "-m", "relict_callbacks.cli"]
+    build = [*relict, "bank", "build", "--train", tmp_path / "train", "--grid", "16", "--no-progress", "--out", bank]
+    assert subprocess.run(list(map(str, build)), capture_output=True, timeout=300).returncode == 0
+    _flip_bit(bank, "rows.voxel.rows")
+    audit = [*relict, "audit", "--bank", bank, "--synthetic", tmp_path / "synthetic", "--no-progress",
+             "--out", tmp_path / "out"]
+    result = subprocess.run(list(map(str, audit)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"relict: error: {bank}: array 'rows.voxel.rows' does not match its checksum" in result.stderr
+    assert not (tmp_path / "out").exists()
