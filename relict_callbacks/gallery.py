@@ -18,6 +18,7 @@ from .atomic import atomic_write
 
 VIEWS_3D = ("axial", "coronal", "sagittal", "axial MIP")
 REPLICA_COLOUR = "#c62828"
+MEASURE = {"voxel": "NCC", "feature": "cosine", "segmentation": "Dice"}  # what each level's similarity is
 _GAP = 2  # pixels of background between the views of a 3D montage
 
 
@@ -80,6 +81,29 @@ class GalleryRow:
     nearest: np.ndarray | None
     caption: str
     is_replica: bool = False
+
+
+def caption(record, main: str) -> str:
+    """A gallery caption for a report record: the sample, its nearest training image at level ``main`` and the
+    transform it matched under, each level's similarity (with its own match where that differs), the combined
+    p-value and the verdict.
+
+    >>> from relict_callbacks.scoring import LevelMatch, SampleRecord
+    >>> record = SampleRecord(0, "gen-7", True, {"voxel": LevelMatch(0.994, "case-2", 2, True, "flip1", 0.01),
+    ...                                          "segmentation": LevelMatch(0.95, "case-2", 2, True, "flip1", 0.01)},
+    ...                       p_value=0.02)
+    >>> caption(record, "voxel")
+    'gen-7 -> train case-2 [flip1]  NCC 0.994  Dice 0.950  p=0.02  REPLICA'
+    """
+    match = record.levels[main]
+    parts = [f"{record.id} -> train {match.nearest_id}" + ("" if match.transform == "identity" else
+                                                          f" [{match.transform}]")]
+    for name, level in record.levels.items():
+        own = [level.nearest_id] if level.nearest_id != match.nearest_id else []
+        own += [level.transform] if level.transform != match.transform else []
+        parts.append(f"{MEASURE.get(name, name)} {level.similarity:.3f}" + (f" [{', '.join(own)}]" if own else ""))
+    parts.append(f"p={record.p_value:.2g}" + ("  REPLICA" if record.is_replica else ""))
+    return "  ".join(parts)
 
 
 def _window(view: np.ndarray) -> tuple[float, float]:
