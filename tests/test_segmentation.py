@@ -71,6 +71,14 @@ def test_without_a_voxel_level_the_level_searches_mirror_and_shift_itself():
     assert found["plain"].similarity < 0.6
 
 
+def test_own_search_finds_small_mirrored_and_shifted_lesions_in_3d():
+    train = make_phantoms(8, "head_ct", ndim=3, size=32, seed=5)
+    bank = rc.ReferenceBank.build(train, [rc.SegmentationLevel(grid=32)], progress=False)
+    copy = make_replica(make_replica(train[6], "flip"), "shift", seed=2)  # lesions of a few voxels, moved by 2
+    match = rc.ReplicaScorer(bank, alpha=0.2).score([copy]).records[0].levels["segmentation"]
+    assert match.nearest_id == train[6]["id"] and match.similarity > 0.9 and match.transform.startswith("flip0+shift")
+
+
 def test_masks_are_aligned_when_the_voxel_grid_differs():
     train = make_phantoms(8, "head_ct", ndim=2, size=48, seed=91)
     bank = rc.ReferenceBank.build(train, [rc.VoxelLevel(grid=24), rc.SegmentationLevel(grid=48)], progress=False)
