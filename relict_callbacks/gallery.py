@@ -170,7 +170,8 @@ def gallery_figure(rows: list[GalleryRow], title: str = "") -> Figure:
     scale = max([float(np.percentile(d, 99.5)) for d in diffs if d is not None] + [1.0])
     for sub, row, view, diff in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, views, diffs):
         colour = REPLICA_COLOUR if row.is_replica else "black"
-        sub.suptitle(row.caption, x=0.005, ha="left", fontsize=10, color=colour,
+        fits = 72 * width / (0.65 * max(len(row.caption), 1))  # points per character that fit across the figure
+        sub.suptitle(row.caption, x=0.005, ha="left", fontsize=min(10, fits), color=colour,
                      fontweight="bold" if row.is_replica else "normal")
         ax_sample, ax_nearest, ax_diff = sub.subplots(3, 1) if stacked else sub.subplots(1, 3)
         _show(ax_sample, row.sample, view, "gray", _window(view))
