@@ -183,12 +183,15 @@ class SegmentationLevel(Level):
         return self._best(q, bank, pairs, tuple(q.shape[2:]))
 
     def _dice_topk(self, q: torch.Tensor, bank, exclude, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank by Dice within ``reach``: bank
-        voxels within ``reach`` of the query's mask count as overlap, so a shifted copy ranks first."""
+        """Top candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank: by Dice (``reach`` 0), or by
+        overlap within ``reach`` voxels (bank voxels that near the query's mask count), scaled by the size
+        ratio of the two masks, so that a shifted copy of the same size ranks first."""
         q_sizes = q.flatten(2).sum(dim=2)
-        if reach > 0:
+        for axis in range(2, q.ndim) if reach > 0 else ():  # dilate by reach: a separable max filter
+            window = [1] * (q.ndim - 2)
+            window[axis - 2] = 2 * reach + 1
             pool = F.max_pool3d if q.ndim == 5 else F.max_pool2d
-            q = pool(q, 2 * reach + 1, stride=1, padding=reach)
+            q = pool(q, window, stride=1, padding=[w // 2 for w in window])
         q = q.flatten(2)
         refs = bank["masks"]
         ref_sizes = torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
@@ -196,7 +199,11 @@ class SegmentationLevel(Level):
         def score_chunk(start: int, stop: int) -> torch.Tensor:
             r = rows_to_tensor(refs, start, stop, q.device).flatten(2)
             overlap = torch.einsum("qld,rld->qrl", q, r)
-            return mean_dice(overlap, q_sizes[:, None, :] + ref_sizes[None, start:stop, :])
+            sizes = q_sizes[:, None, :], ref_sizes[None, start:stop, :]
+            if reach == 0:
+                return mean_dice(overlap, sizes[0] + sizes[1])
+            small, large = torch.minimum(*sizes), torch.maximum(*sizes)
+            return mean_dice(overlap * small / large.clamp_min(1), 2 * large)  # fraction within reach x size ratio
 
         return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, exclude=exclude)
 
