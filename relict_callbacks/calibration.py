@@ -3,7 +3,8 @@ false-positive rate on unseen patients is at most ``alpha``, whatever the rule a
 
 A level's p-value for a sample whose nearest-training similarity is ``s`` is its conformal p-value against the
 level's null (``n`` unseen patients' similarities): ``p = (1 + #{null >= s}) / (1 + n)``. For an unseen patient
-exchangeable with the null, ``P(p <= u) <= u``: "how unusual is this closeness among unseen patients".
+exchangeable with the null, ``P(p <= u) <= u``: "how unusual is this closeness among unseen patients". A
+leave-one-out null (no holdout) stands in for unseen patients, so there the guarantee is only approximate.
 
 A rule asks ``k`` of the ``L`` levels to flag (``any``: 1, ``all``: L, ``majority``: L // 2 + 1). A level flags
 at ``p <= alpha * k / L``; by Markov's inequality ``P(at least k of L p-values <= c) <= L * c / k``, so at most

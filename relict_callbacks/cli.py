@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--synthetic-labels", type=Path, help="their labels, for the segmentation level")
     audit.add_argument("--threshold", action="extend", nargs="+", default=[], metavar="LEVEL=VALUE",
                        help="explicit thresholds in [-1, 1], e.g. voxel=0.92 (default: calibrated on the null)")
-    audit.add_argument("--alpha", type=PROBABILITY, default=0.01, help="false-positive rate per level (default 0.01)")
+    audit.add_argument("--alpha", type=PROBABILITY, default=0.01, help="bound on the fraction of unseen patients flagged overall, whatever --rule "
+                       "(default 0.01)")
     audit.add_argument("--rule", choices=["any", "all", "majority"], default="any",
                        help="levels that must flag a sample (default any)")
     audit.add_argument("--confidence", type=PROBABILITY, default=0.95, help="confidence of the bounds on the "

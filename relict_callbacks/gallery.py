@@ -89,6 +89,29 @@ class GalleryRow:
     is_replica: bool = False
 
 
+def caption(record, main: str) -> str:
+    """A gallery caption for a report record: the sample, its nearest training image at level ``main`` and the
+    transform it matched under, each level's similarity (with its own match where that differs), the combined
+    p-value and the verdict.
+
+    >>> from relict_callbacks.scoring import LevelMatch, SampleRecord
+    >>> record = SampleRecord(0, "gen-7", True, {"voxel": LevelMatch(0.994, "case-2", 2, True, "flip1", 0.01),
+    ...                                          "segmentation": LevelMatch(0.95, "case-2", 2, True, "flip1", 0.01)},
+    ...                       p_value=0.02)
+    >>> caption(record, "voxel")
+    'gen-7 -> train case-2 [flip1]  NCC 0.994  Dice 0.950  p=0.02  REPLICA'
+    """
+    match = record.levels[main]
+    parts = [f"{record.id} -> train {match.nearest_id}" + ("" if match.transform == "identity" else
+                                                          f" [{match.transform}]")]
+    for name, level in record.levels.items():
+        own = [level.nearest_id] if level.nearest_id != match.nearest_id else []
+        own += [level.transform] if level.transform != match.transform else []
+        parts.append(f"{MEASURE.get(name, name)} {level.similarity:.3f}" + (f" [{', '.join(own)}]" if own else ""))
+    parts.append(f"p={record.p_value:.2g}" + ("  REPLICA" if record.is_replica else ""))
+    return "  ".join(parts)
+
+
 def _window(view: np.ndarray) -> tuple[float, float]:
     finite = view[np.isfinite(view)]
     if finite.size == 0:
@@ -153,7 +176,8 @@ def gallery_figure(rows: list[GalleryRow], title: str = "") -> Figure:
     scale = max([float(np.percentile(d, 99.5)) for d in diffs if d is not None] + [1.0])
     for sub, row, view, diff in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, views, diffs):
         colour = REPLICA_COLOUR if row.is_replica else "black"
-        sub.suptitle(row.caption, x=0.005, ha="left", fontsize=10, color=colour,
+        fits = 72 * width / (0.65 * max(len(row.caption), 1))  # points per character that fit across the figure
+        sub.suptitle(row.caption, x=0.005, ha="left", fontsize=min(10, fits), color=colour,
                      fontweight="bold" if row.is_replica else "normal")
         ax_sample, ax_nearest, ax_diff = sub.subplots(3, 1) if stacked else sub.subplots(1, 3)
         _show(ax_sample, row.sample, view, "gray", _window(view))
@@ -268,9 +292,6 @@ def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid
                 sample, nearest = resample(sample, grid), undo_match(resample(nearest, grid), match.transform)
             else:
                 nearest = resample(nearest, tuple(sample.shape[1:]))
-        scores = "  ".join(f"{MEASURE.get(n, n)} {m.similarity:.3f}" for n, m in record.levels.items())
-        moved = "" if match.transform == "identity" else f" ({match.transform})"
-        caption = f"{record.id} -> train {match.nearest_id}{moved}  {scores}" + ("  REPLICA" if record.is_replica else "")
-        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption,
+        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption(record, main),
                                record.is_replica))
     return rows

@@ -113,12 +113,15 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _level_rows(report: ReplicaReport, inputs: dict) -> list[list]:
-    given = inputs.get("thresholds_given") or {}
+def _level_rows(report: ReplicaReport) -> list[list]:
+    calibration = report.calibration
     rows = []
     for name, rate in report.level_rates.items():
         sims, null, test = report.similarities(name), report.nulls[name], report.tests[name]
-        how = "given" if name in given else f"{1 - report.alpha:.3g} quantile of null"
+        cutoff = calibration.p_cutoffs[name]
+        how = (f"given; p &le; {cutoff:.3g}" if name in calibration.given else
+               f"p &le; {cutoff:.3g}" + (" <b class='flag'>under-resolved</b>" if name in calibration.under_resolved
+                                         else ""))
         closer = "closer than unseen patients" if test.p < 0.05 else "not closer than unseen patients"
         rows.append([f"<b>{name}</b> ({MEASURE.get(name, 'similarity')})", f"{report.thresholds[name]:.4f} ({how})",
                      f"{int(round(rate * len(sims)))} ({rate:.1%})", f"{sims.mean():.4f} / {sims.max():.4f}",
@@ -130,11 +133,10 @@ def _level_rows(report: ReplicaReport, inputs: dict) -> list[list]:
 def _flagged_rows(report: ReplicaReport) -> list[list]:
     rows = []
     for record in [r for r in report.records if r.is_replica][:FLAGGED_ROWS]:
-        matches = [f"{name}: {m.similarity:.4f} &rarr; {html.escape(m.nearest_id)}"
-                   + (f" ({html.escape(m.transform)})" if m.transform != "identity" else "")
-                   + (" <b class='flag'>&#9873;</b>" if m.is_replica else "")
+        matches = [f"{name}: {m.similarity:.4f} (p = {m.p_value:.2g}) &rarr; {html.escape(m.nearest_id)} "
+                   f"under <code>{html.escape(m.transform)}</code>" + (" <b class='flag'>&#9873;</b>" if m.is_replica else "")
                    for name, m in record.levels.items()]
-        rows.append([html.escape(record.id), "<br>".join(matches)])
+        rows.append([html.escape(record.id), f"{record.p_value:.2g}", "<br>".join(matches)])
     return rows
 
 
@@ -170,6 +172,7 @@ padding:0 24px 48px;color:#1d1d1f;line-height:1.45}
 .verdict{margin:24px 0;padding:18px 22px;border-radius:8px;color:#fff}
 .verdict h1{margin:0 0 6px;font-size:1.5em}.verdict p{margin:0}
 .fail,.flagged{background:#c62828}.pass,.clean{background:#2e7d32}
+.shortfall{margin-top:8px;padding:6px 10px;background:#fff3cd;color:#5c4400;border-radius:4px}
 h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;width:100%;font-size:.9em}
 th,td{border:1px solid #ddd;padding:5px 8px;text-align:left;vertical-align:top}th{background:#f5f5f5}
@@ -187,15 +190,19 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
     rule = {"any": "any level", "all": "all levels", "majority": "a majority of levels"}[report.rule]
     null_text = ("unseen patients (holdout) to their nearest training image" if report.null_source == "holdout"
                  else "training images to their nearest other training image (leave-one-out)")
+    calibration = report.calibration
+    shortfall = calibration.shortfall()
     parts = [
         f"<header class='verdict {result.status}'><h1>{html.escape(result.headline)}</h1>"
-        f"<p>A synthetic image is flagged when {rule} ({', '.join(levels)}) find it more similar to a training image "
-        f"than the threshold; thresholds are the {1 - report.alpha:.3g} quantile of the null similarity, so about "
-        f"{report.alpha:.1%} of unseen patients would be flagged per level by chance.</p></header>",
+        f"<p>Each level gives a synthetic image a p-value: the fraction of unseen patients at least as similar to "
+        f"their nearest training image. An image is flagged when {rule} ({', '.join(levels)}) have p &le; "
+        f"{calibration.level_cutoff:.3g} (alpha = {report.alpha} corrected for {len(levels)} level(s)), so at most "
+        f"{calibration.false_positive_bound:.3g} of unseen patients are flagged overall.</p>"
+        + (f"<p class='shortfall'>&#9888; {html.escape(shortfall)}</p>" if shortfall else "") + "</header>",
         *_not_scored(bad),
         "<h2>Per level</h2>",
         _table(["level", "threshold", "flagged", "synthetic: mean / max", "null: mean / max",
-                "dataset-level test"], _level_rows(report, inputs)),
+                "dataset-level test"], _level_rows(report)),
         f"<p class='note'>Null: similarity of {null_text}. Dataset-level test: one-sided Wilcoxon rank-sum test "
         "of &ldquo;synthetic images sit closer to the training set than unseen patients do&rdquo; (z &gt; 0: closer; "
         "a small p with no flagged image points at memorization spread over many samples).</p>",
@@ -208,14 +215,15 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
         parts += [f"<h2>Most similar pairs ({len(gallery)})</h2>",
                   f"<img alt='gallery' src='{_png(gallery_figure(gallery))}'>",
                   "<p class='note'>Flagged samples first, then by similarity. Each row: the synthetic image, its nearest "
-                  "training image (moved by the mirror/shift the voxel level matched, where it did) and the absolute "
+                  "training image (moved by the transform the voxel level matched, given in brackets; the segmentation "
+                  "level compares masks under the same transform) and the absolute "
                   "difference of the two z-scored images. 3D volumes: middle axial, coronal and sagittal slices and "
                   "an axial maximum-intensity projection; radiological orientation (patient's right on the left, "
                   "anterior/superior up). Red frame: flagged.</p>"]
     parts.append(f"<h2>Flagged samples ({flagged})</h2>")
     if flagged:
-        parts.append(_table(["synthetic file", "similarity → nearest training file per level (⚑: above threshold)"],
-                            _flagged_rows(report)))
+        parts.append(_table(["synthetic file", "p-value", "per level: similarity (p-value) → nearest training file "
+                             "under the transform that matched (⚑: level flags)"], _flagged_rows(report)))
         if flagged > FLAGGED_ROWS:
             parts.append(f"<p class='note'>First {FLAGGED_ROWS} shown; all are in results.csv.</p>")
     else:

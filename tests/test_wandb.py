@@ -57,9 +57,10 @@ def test_metrics_histograms_gallery_and_alerts_reach_wandb(wandb_dir):
     assert any(m.glob_name == "relict/*" and m.step_metric == "epoch" for m in of_type(records, "metric"))
 
     table = json.loads((run_dir / "files" / logs[1]["relict/gallery/path"]).read_text())
-    assert table["columns"] == ["epoch", "sample", "replica", "voxel_similarity", "voxel_nearest_id", "synthetic",
-                                "nearest_training", "abs_difference"]
+    assert table["columns"] == ["epoch", "sample", "replica", "voxel_similarity", "voxel_nearest_id",
+                                "voxel_transform", "synthetic", "nearest_training", "abs_difference"]
     assert len(table["data"]) == 3 and all(row[2] is True and row[4].startswith("train-") for row in table["data"])
+    assert all(row[5] == "identity" or "flip" in row[5] or "shift" in row[5] for row in table["data"])
     images = [c for a in of_type(records, "artifact") if a.type == "run_table" for c in a.manifest.contents
               if c.path.endswith(".png")]
     assert len(images) >= 3 * 3  # sample, nearest and difference for each row (identical PNGs are stored once)

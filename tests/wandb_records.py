@@ -6,6 +6,7 @@ The file is a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of ch
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,18 @@ from wandb.proto import wandb_internal_pb2
 BLOCK, HEADER = 32768, 7
 
 
-def read_records(path) -> list:
+def read_records(path, timeout: float = 60.0) -> list:
+    """The run's records, once its ``exit`` record is in the file (``wandb.finish()`` can return before the W&B
+    service has written it out; under load that takes seconds), or whatever is there after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    records = _parse(path)
+    while not (records and records[-1].WhichOneof("record_type") == "exit") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = _parse(path)
+    return records
+
+
+def _parse(path) -> list:
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     records, pending, pos = [], b"", HEADER
@@ -24,6 +36,8 @@ def read_records(path) -> list:
             pos += space
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # still being written
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0:  # zero padding up to the end of the block

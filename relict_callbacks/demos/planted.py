@@ -48,8 +48,8 @@ def run_demo(out="relict_demo", kind: str = "head_ct", ndim: int = 2, size: int 
         print(f"  {kind_:<10} {hits}/{len(rows)} flagged with the right source   e.g. NCC {example.similarity:.3f} "
               f"-> {example.nearest_id} ({example.transform})")
     false_alarms = sum(r.is_replica for s, r in zip(samples, records) if s["id"].startswith("fresh"))
-    print(f"  fresh patients flagged: {false_alarms}/{len(fresh)} (expected about alpha x levels = "
-          f"{alpha * len(bank.levels):.2f} of them)")
+    print(f"  fresh patients flagged: {false_alarms}/{len(fresh)} (at most a fraction "
+          f"{report.calibration.false_positive_bound:.3g} of them expected)")
     print(f"\nwrote {out / 'report.json'} and {out / 'results.csv'} in {seconds:.1f} s")
     return {"copies_caught": caught, "copies": len(copies), "fresh_flagged": false_alarms, "fresh": len(fresh),
             "seconds": seconds}

@@ -95,13 +95,15 @@ class WandbSink:
 
         names = list(check.report.thresholds)
         show = monitor.log_training_images
-        columns = ["epoch", "sample", "replica"] + [f"{n}_{c}" for n in names for c in ("similarity", "nearest_id")]
+        columns = ["epoch", "sample", "replica"] + [f"{n}_{c}" for n in names
+                                                   for c in ("similarity", "nearest_id", "transform")]
         columns += ["synthetic"] + (["nearest_training", "abs_difference"] if show else [])
         table = wandb.Table(columns=columns)
         for row, record in zip(monitor.gallery(check), ranked_records(check.report, monitor.gallery_size)):
             values = [check.epoch, record.index, record.is_replica]
             for n in names:
-                values += [round(record.levels[n].similarity, 4), record.levels[n].nearest_id]
+                values += [round(record.levels[n].similarity, 4), record.levels[n].nearest_id,
+                           record.levels[n].transform]
             values.append(_image(row.sample, f"sample {record.index}"))
             if show:
                 nearest = row.nearest if row.nearest is not None else np.zeros_like(row.sample)

@@ -4,15 +4,16 @@ the mirror/shift that matched.
 With a voxel level in the bank, the masks are compared with those of the voxel level's nearest training image,
 moved by the transform the voxel level found (``undo_match``), so a mirrored copy scores its true overlap and
 an unseen patient is compared with the one training image it resembles most, not with every lesion in the bank.
-Without one, the level runs its own small search: exact Dice against the whole bank as it is and mirrored along
-each spatial axis, then the best few candidates again at the shift their mask centroids predict (within
-``max_shift``) and one voxel around it.
+Without one, the level runs its own small search against the whole bank, as the masks are and mirrored along
+each spatial axis: the best exact Dice, and the best few candidates by Dice within ``max_shift`` voxels again by
+exact Dice at the shift their mask centroids predict and one voxel around it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
@@ -164,29 +165,45 @@ class SegmentationLevel(Level):
             return self._best(q, bank, pairs, tuple(match_grid))
         reach = max(1, round(0.05 * min(q.shape[2:]))) if self.max_shift is None else self.max_shift
         axes = range(q.ndim - 2) if self.flips == "all" else self.flips
-        proposals = [[] for _ in range(len(q))]  # (Dice as is, bank index, flip) per query
+        exact = [[] for _ in range(len(q))]  # (Dice as is, bank index, flip) per query
+        near = [[] for _ in range(len(q))]  # (Dice within reach, bank index, flip) per query
         for flip in [()] + [(axis,) for axis in axes]:
-            values, indices = self._dice_topk(q.flip([2 + a for a in flip]), bank, exclude)
-            for found, v, j in zip(proposals, values.tolist(), indices.tolist()):
-                found += [(score, m, flip) for score, m in zip(v, j)]
+            oriented = q.flip([2 + a for a in flip])
+            for found, tolerance in ((exact, 0), (near, reach)):
+                values, indices = self._dice_topk(oriented, bank, exclude, tolerance)
+                for candidates, v, j in zip(found, values.tolist(), indices.tolist()):
+                    candidates += [(score, m, flip) for score, m in zip(v, j)]
         pairs = []
-        for i, found in enumerate(proposals):
-            found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
-            pairs.append([(m, _describe(flip, ())) for _, m, flip in found]
-                         + [(m, _describe(flip, shift)) for _, m, flip in found
+        for i, (as_is, within) in enumerate(zip(exact, near)):
+            _, best, best_flip = max(as_is, key=lambda p: p[0])  # the best unshifted pair, then shifted candidates
+            shifted = sorted(within, key=lambda p: -p[0])[:REFINE_CANDIDATES]
+            pairs.append([(best, _describe(best_flip, ()))]
+                         + [(m, _describe(flip, shift)) for _, m, flip in shifted
                             for shift in self._shifts(q[i], bank["masks"][m], flip, reach)])
         return self._best(q, bank, pairs, tuple(q.shape[2:]))
 
-    def _dice_topk(self, q: torch.Tensor, bank, exclude) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top Dice candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank, as they are."""
-        q, q_sizes = q.flatten(2), q.flatten(2).sum(dim=2)
+    def _dice_topk(self, q: torch.Tensor, bank, exclude, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank: by Dice (``reach`` 0), or by
+        overlap within ``reach`` voxels (bank voxels that near the query's mask count), scaled by the size
+        ratio of the two masks, so that a shifted copy of the same size ranks first."""
+        q_sizes = q.flatten(2).sum(dim=2)
+        for axis in range(2, q.ndim) if reach > 0 else ():  # dilate by reach: a separable max filter
+            window = [1] * (q.ndim - 2)
+            window[axis - 2] = 2 * reach + 1
+            pool = F.max_pool3d if q.ndim == 5 else F.max_pool2d
+            q = pool(q, window, stride=1, padding=[w // 2 for w in window])
+        q = q.flatten(2)
         refs = bank["masks"]
         ref_sizes = torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
 
         def score_chunk(start: int, stop: int) -> torch.Tensor:
             r = rows_to_tensor(refs, start, stop, q.device).flatten(2)
             overlap = torch.einsum("qld,rld->qrl", q, r)
-            return mean_dice(overlap, q_sizes[:, None, :] + ref_sizes[None, start:stop, :])
+            sizes = q_sizes[:, None, :], ref_sizes[None, start:stop, :]
+            if reach == 0:
+                return mean_dice(overlap, sizes[0] + sizes[1])
+            small, large = torch.minimum(*sizes), torch.maximum(*sizes)
+            return mean_dice(overlap * small / large.clamp_min(1), 2 * large)  # fraction within reach x size ratio
 
         return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, exclude=exclude)
 
