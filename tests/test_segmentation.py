@@ -12,7 +12,7 @@ import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.data import make_phantoms, make_replica
 from relict_callbacks.levels.voxel import undo_match
-from relict_callbacks.report import gallery_rows, ranked_records
+from relict_callbacks.gallery import gallery_rows, ranked_records
 
 
 def _moved(item: dict, axis: int, shift: tuple[int, ...]) -> dict:
