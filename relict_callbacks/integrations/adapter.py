@@ -1,8 +1,10 @@
-"""What every framework adapter (Lightning callback, MONAI handler) shares: the views of its ``Monitor``, the
-framework's other scalar metrics kept with each check, and handing checks to sinks."""
+"""What every framework adapter (Lightning callback, MONAI handler) shares: the monitor's options in its
+signature, the views of its ``Monitor``, the framework's other scalar metrics kept with each check, and handing
+checks to sinks."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 
@@ -11,6 +13,21 @@ import torch
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
+
+
+def with_monitor_options(*excluded: str):
+    """Decorate an adapter's ``__init__(self, ..., **options)`` that passes ``options`` on to :class:`Monitor`:
+    its signature becomes its own parameters plus Monitor's options (typed, with defaults), less ``excluded``, so
+    ``help()``, IDEs and jsonargparse (LightningCLI) see every option while it is declared only on Monitor."""
+    def decorate(init):
+        own = inspect.signature(init, eval_str=True)
+        kept = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        taken = {p.name for p in kept} | set(excluded)
+        options = [p for p in inspect.signature(Monitor, eval_str=True).parameters.values() if p.name not in taken]
+        init.__signature__ = own.replace(parameters=kept + options)
+        return init
+
+    return decorate
 
 
 class MonitorAdapter:
