@@ -14,6 +14,8 @@ import inspect
 
 import torch
 
+from relict_callbacks.monitor.sampling import device_of
+
 
 def _part(model, part, what: str):
     """``part`` as a module: ``None`` -> the model, a string -> that attribute of the model, else ``part`` itself."""
@@ -24,11 +26,6 @@ def _part(model, part, what: str):
             raise AttributeError(f"{type(model).__name__} has no attribute {part!r} (the {what})")
         return getattr(model, part)
     return part
-
-
-def _device(module) -> torch.device:
-    parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -91,7 +88,7 @@ class DiffusionSampler(_SchedulerSampler):
 
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         unet = _part(model, self.network, "diffusion network")
-        device = _device(unet)
+        device = device_of(unet)
         self._set_timesteps(device)
         noise = _noise((num_samples, *self.image_shape), generator, device)
         images = self.inferer.sample(input_noise=noise, diffusion_model=unet, scheduler=self.scheduler, verbose=False)
@@ -134,7 +131,7 @@ class LatentDiffusionSampler(_SchedulerSampler):
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         unet = _part(model, self.network, "diffusion network")
         autoencoder = _part(model, self.autoencoder, "autoencoder")
-        device = _device(unet)
+        device = device_of(unet)
         self._set_timesteps(device)
         was_training = autoencoder.training  # the autoencoder may not be part of `model`, so restore it here
         autoencoder.eval()
@@ -167,5 +164,5 @@ class GANSampler:
 
     def __call__(self, model, num_samples: int, generator: torch.Generator):
         network = _part(model, self.network, "generator network")
-        images = network(_noise((num_samples, *self.latent_shape), generator, _device(network)))
+        images = network(_noise((num_samples, *self.latent_shape), generator, device_of(network)))
         return _split_labels(images, self.label_channels)

@@ -7,7 +7,7 @@ import torch
 
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
-from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -62,7 +62,7 @@ class SegmentationLevel(Level):
         self.grid = grid
 
     def config(self) -> dict:
-        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        grid = plain_grid(self.grid)
         segmenter = None if self.segmenter is None else model_digest(self.segmenter)
         return {"type": "SegmentationLevel", "name": self.name, "segmenter": segmenter, "labels": self.labels, "grid": grid}
 
