@@ -128,3 +128,5 @@ def test_bad_option_values_are_refused_when_constructed():
         ReplicaMonitor(levels=[rc.VoxelLevel()], rule="most")
     with pytest.raises(ValueError, match="every_n_epochs must be in"):
         ReplicaMonitorHandler(levels=[rc.VoxelLevel()], interval=0)
+    with pytest.raises(ValueError, match=r"sinks\[0\] \(str\) has no log_check"):
+        ReplicaMonitor(levels=[rc.VoxelLevel()], sinks=["wandb"])

@@ -71,6 +71,16 @@ def scalar_metrics(metrics) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if not key.startswith("relict/") and scalar(value)}
 
 
+def checked_sinks(sinks) -> list:
+    """``sinks`` as a list, each with a callable ``log_check``; else ``ValueError`` naming the first that has none."""
+    sinks = list(sinks)
+    for position, sink in enumerate(sinks):
+        if not callable(getattr(sink, "log_check", None)):
+            raise ValueError(f"sinks[{position}] ({type(sink).__name__}) has no log_check(check, monitor, context) "
+                             "method")
+    return sinks
+
+
 def notify_sinks(sinks, check: Check, monitor: Monitor, context, who: str, where: str, logger=log) -> None:
     """Hand a successful check to each sink; a failing sink (e.g. W&B without credentials) is logged, never raised."""
     for sink in sinks:

@@ -12,7 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from relict_callbacks.bank import ReferenceBank
-from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics, with_monitor_options
+from relict_callbacks.integrations.adapter import (MonitorAdapter, checked_sinks, notify_sinks, scalar_metrics,
+                                                   with_monitor_options)
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.integrations.wandb import WandbSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
@@ -66,14 +67,15 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     @with_monitor_options()
     def __init__(self, bank: ReferenceBank | None = None, *, sinks: Sequence[Any] = (), **options) -> None:
         self.monitor = Monitor(bank, **options)
-        self.sinks = list(sinks)
+        self.sinks = checked_sinks(sinks)
         self.stopped_epoch = 0
         self._saved_at = None
         self._known_checkpoints: set[str] = set()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(num_samples=self.monitor.num_samples, every_n_epochs=self.monitor.every_n_epochs)
+        monitor = self.monitor
+        return self._generate_state_key(num_samples=monitor.num_samples, every_n_epochs=monitor.every_n_epochs)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

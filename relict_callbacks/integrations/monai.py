@@ -11,7 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from relict_callbacks.bank import ReferenceBank
-from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics, with_monitor_options
+from relict_callbacks.integrations.adapter import (MonitorAdapter, checked_sinks, notify_sinks, scalar_metrics,
+                                                   with_monitor_options)
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
@@ -90,7 +91,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
                  summary_writer: Any = None, checkpoint_dir: str | os.PathLike | None = None,
                  check_on_completed: bool = False, name: str | None = None, **options) -> None:
         self.monitor = Monitor(bank, every_n_epochs=interval, **options)
-        self.sinks = list(sinks)
+        self.sinks = checked_sinks(sinks)
         if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
             self.sinks.append(TensorBoardSink(summary_writer))
         self.summary_writer, self.checkpoint_dir = summary_writer, checkpoint_dir
