@@ -342,10 +342,9 @@ def _gallery(report, synthetic, train, bank, count: int) -> list:
 
     position = {} if train is None else {item_id: i for i, item_id in enumerate(train.ids)}
     sample = {item_id: i for i, item_id in enumerate(synthetic.ids)}
-    voxel_grid = bank.level("voxel").grid if any(level.name == "voxel" for level in bank.levels) else None
     return gallery_rows(report, lambda record: synthetic[sample[record.id]]["image"],
                         lambda match: train[position[match.nearest_id]]["image"] if match.nearest_id in position
-                        else None, voxel_grid, count)
+                        else None, bank.levels[0], count)
 
 
 if __name__ == "__main__":

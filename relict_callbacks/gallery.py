@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from .atomic import atomic_write
 
 if TYPE_CHECKING:
+    from .levels import Level
     from .scoring import ReplicaReport
 
 VIEWS_3D = ("axial", "coronal", "sagittal", "axial MIP")
@@ -124,7 +125,7 @@ def _zscore(array: np.ndarray) -> np.ndarray:
     return (array - array.mean()) / max(float(array.std()), 1e-12)
 
 
-def _difference(sample: np.ndarray, nearest: np.ndarray) -> np.ndarray | None:
+def difference_map(sample: np.ndarray, nearest: np.ndarray) -> np.ndarray | None:
     """|z(sample) - z(nearest)| per voxel, or None when the shapes differ."""
     if sample.shape != nearest.shape:
         return None
@@ -172,7 +173,7 @@ def gallery_figure(rows: list[GalleryRow], title: str = "") -> Figure:
     width, per_row = (height * aspect + 1.4, 3 * (height + 0.35) + 0.3) if stacked else \
         (3 * height * aspect + 1.4, height + 0.6)
     fig = Figure(figsize=(width, per_row * len(rows) + (0.4 if title else 0)), layout="constrained")
-    diffs = [None if row.nearest is None else _difference(_array(row.sample), _array(row.nearest)) for row in rows]
+    diffs = [None if row.nearest is None else difference_map(_array(row.sample), _array(row.nearest)) for row in rows]
     scale = max([float(np.percentile(d, 99.5)) for d in diffs if d is not None] + [1.0])
     for sub, row, view, diff in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, views, diffs):
         colour = REPLICA_COLOUR if row.is_replica else "black"
@@ -263,35 +264,24 @@ def save_figure(fig: Figure, path, dpi: int = 100) -> None:
 
 
 def ranked_records(report: ReplicaReport, count: int) -> list:
-    """The ``count`` records a gallery shows: flagged first, then by similarity at the voxel level (or the
-    report's first level)."""
-    names = list(report.thresholds)
-    main = "voxel" if "voxel" in names else names[0]
-    return sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[main].similarity))[:count]
+    """The ``count`` records a gallery shows: flagged first, then by similarity at the primary (first) level."""
+    primary = next(iter(report.thresholds))
+    return sorted(report.records, key=lambda r: (not r.is_replica, -r.levels[primary].similarity))[:count]
 
 
-def gallery_rows(report: ReplicaReport, sample_image, training_image, voxel_grid, count: int) -> list[GalleryRow]:
+def gallery_rows(report: ReplicaReport, sample_image, training_image, primary: Level, count: int) -> list[GalleryRow]:
     """Gallery rows for the ``count`` records of :func:`ranked_records`, in that order.
 
     ``sample_image(record)`` gives a sample ``[C, *spatial]`` tensor; ``training_image(match)`` the nearest
-    training image for a :class:`LevelMatch`, or ``None`` to hide it. With a voxel level (``voxel_grid`` is its
-    grid), both are shown on that grid and the training image is moved by the matched mirror/shift.
+    training image for a :class:`LevelMatch`, or ``None`` to hide it. The ``primary`` level (the report's first)
+    picks the nearest image and shows the pair (:meth:`Level.display_pair`).
     """
-    from .levels.base import resample, resolve_grid
-    from .levels.voxel import undo_match
-
-    names = list(report.thresholds)
-    main = "voxel" if "voxel" in names else names[0]
     rows = []
     for record in ranked_records(report, count):
-        match = record.levels[main]
+        match = record.levels[primary.name]
         sample, nearest = sample_image(record), training_image(match)
         if nearest is not None:
-            if main == "voxel":  # on the level's grid, moved into the sample's frame
-                grid = resolve_grid(voxel_grid, sample.ndim - 1)
-                sample, nearest = resample(sample, grid), undo_match(resample(nearest, grid), match.transform)
-            else:
-                nearest = resample(nearest, tuple(sample.shape[1:]))
-        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption(record, main),
+            sample, nearest = primary.display_pair(sample, nearest, match.transform)
+        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption(record, primary.name),
                                record.is_replica))
     return rows

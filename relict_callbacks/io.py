@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .items import ItemError
-from .levels.base import resolve_grid
+from .levels.base import plain_grid, resolve_grid
 from .validation import check_grid, check_number
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".npz", ".png", ".jpg", ".jpeg", ".dcm")
@@ -166,7 +166,7 @@ class ImageReader:
 
     def config(self) -> dict:
         """The reader settings as JSON (saved with a bank, so samples are read the same way later)."""
-        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        grid = plain_grid(self.grid)
         return {"grid": grid, "spacing": self.spacing, "ndim": self.ndim}
 
     @classmethod

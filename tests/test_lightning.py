@@ -55,7 +55,7 @@ def test_same_noise_every_check_and_training_rng_untouched(tmp_path):
     model = TinyDDPM()
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=3, alpha=0.2, seed=7,
                              progress=False)
-    monitor.monitor.prepare(train, progress=False)
+    monitor.monitor.prepare(train)
     model.train()
     torch.manual_seed(123)
     first = monitor.monitor.check(model, 0, 0).samples
@@ -160,3 +160,12 @@ def test_model_without_sample_method_is_a_clear_error(tmp_path):
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, strict=True, progress=False)
     with pytest.raises(SamplerError, match="TinyDDPM has no sample"):
         trainer(tmp_path, 1, [monitor]).fit(TinyDDPM(), loader(phantoms(8)))
+
+
+def test_fast_dev_run_builds_nothing_and_checks_nothing(tmp_path):
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, save_dir=tmp_path / "relict",
+                             progress=False)
+    fit = trainer(tmp_path, 3, [monitor], fast_dev_run=True)
+    fit.fit(TurnsCopier(phantoms(8), copy_from=0), loader(phantoms(8)))
+    assert monitor.monitor.bank is None and monitor.history == []
+    assert not (tmp_path / "relict").exists() and "relict/replica_rate" not in fit.callback_metrics

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
 from ..items import ItemError, iter_batches
-from ..levels.base import resample
+from ..levels.base import plain_grid, resample
 
 DEFAULT_GRID = {2: (64, 64), 3: (32, 32, 32)}
 POOL = {2: (4, 4), 3: (2, 2, 2)}  # the features keep this coarse layout
@@ -183,7 +183,7 @@ class CopyEncoder(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments (JSON)."""
-        grid = list(self.grid) if isinstance(self.grid, tuple) else self.grid
+        grid = plain_grid(self.grid)
         return {"grid": grid, "width": self.width, "dim": self.dim, "steps": self.steps,
                 "batch_size": self.batch_size, "time_budget": self.time_budget, "temperature": self.temperature,
                 "lr": self.lr, "seed": self.seed}

@@ -1,8 +1,10 @@
-"""What every framework adapter (Lightning callback, MONAI handler) shares: the views of its ``Monitor``, the
-framework's other scalar metrics kept with each check, and handing checks to sinks."""
+"""What every framework adapter (Lightning callback, MONAI handler) shares: the monitor's options in its
+signature, the views of its ``Monitor``, the framework's other scalar metrics kept with each check, and handing
+checks to sinks."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 
@@ -11,6 +13,21 @@ import torch
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
+
+
+def with_monitor_options(*excluded: str):
+    """Decorate an adapter's ``__init__(self, ..., **options)`` that passes ``options`` on to :class:`Monitor`:
+    its signature becomes its own parameters plus Monitor's options (typed, with defaults), less ``excluded``, so
+    ``help()``, IDEs and jsonargparse (LightningCLI) see every option while it is declared only on Monitor."""
+    def decorate(init):
+        own = inspect.signature(init, eval_str=True)
+        kept = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        taken = {p.name for p in kept} | set(excluded)
+        options = [p for p in inspect.signature(Monitor, eval_str=True).parameters.values() if p.name not in taken]
+        init.__signature__ = own.replace(parameters=kept + options)
+        return init
+
+    return decorate
 
 
 class MonitorAdapter:
@@ -52,6 +69,16 @@ def scalar_metrics(metrics) -> dict[str, float]:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
     return {key: float(value) for key, value in metrics.items() if not key.startswith("relict/") and scalar(value)}
+
+
+def checked_sinks(sinks) -> list:
+    """``sinks`` as a list, each with a callable ``log_check``; else ``ValueError`` naming the first that has none."""
+    sinks = list(sinks)
+    for position, sink in enumerate(sinks):
+        if not callable(getattr(sink, "log_check", None)):
+            raise ValueError(f"sinks[{position}] ({type(sink).__name__}) has no log_check(check, monitor, context) "
+                             "method")
+    return sinks
 
 
 def notify_sinks(sinks, check: Check, monitor: Monitor, context, who: str, where: str, logger=log) -> None:

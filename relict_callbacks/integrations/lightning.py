@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics
+from relict_callbacks.bank import ReferenceBank
+from relict_callbacks.integrations.adapter import (MonitorAdapter, checked_sinks, notify_sinks, scalar_metrics,
+                                                   with_monitor_options)
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.integrations.wandb import WandbSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 from relict_callbacks.monitor.communicator import Communicator
-
-log = logging.getLogger("relict_callbacks")
-
 
 class ReplicaMonitor(MonitorAdapter, Callback):
     r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
@@ -25,37 +26,24 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     Metrics (``relict/replica_rate``, ``relict/<level>/...``) go to the loggers on check epochs; on every epoch
     the latest values are put in ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="relict/replica_rate",
     mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate", mode="min", divergence_threshold=0.05)``
-    find them on every epoch (Lightning runs those monitoring callbacks after this one).
+    find them on every epoch (Lightning runs those monitoring callbacks after this one). Nothing is checked
+    under ``fast_dev_run`` or during the sanity check.
+
+    The bank is built at the start of training on rank 0 from the ``train_items`` option or else the train
+    dataloader's whole dataset. The sampler gets the ``LightningModule`` as its model.
 
     Args:
-        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one at the
-            start of training (rank 0, progress bar) from ``train_items`` or else the train dataloader's dataset,
-            reused from ``cache_dir`` while the training data and levels are unchanged.
-        levels, cache_dir, holdout, train_items: how to build the bank; ``holdout`` are real images not used in
-            training (items, Dataset or DataLoader), for calibration.
-        sampler: ``sampler(pl_module, num_samples, generator) -> images | (images, labels)``, e.g. a
-            :class:`~relict_callbacks.integrations.samplers.DiffusionSampler`; default: ``pl_module.sample(n)``
-            (or ``generate(n)``).
-        num_samples: samples per check (split across processes under DDP, gathered and scored once).
-        every_n_epochs: how often to check.
-        alpha, rule, thresholds, search: scoring (see :class:`~relict_callbacks.ReplicaScorer`).
-        max_replica_rate, patience, min_delta, stop_on: stopping (see :class:`~relict_callbacks.monitor.Monitor`):
-            by default training stops once the replica rate exceeds ``max_replica_rate`` for ``patience`` checks.
-        seed: seed of the sampling noise (the same draws every check).
-        strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging and going on.
-        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
-        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
-        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
+        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and the ``levels`` option.
         sinks: objects with ``log_check(check, monitor, trainer)`` called on rank 0 after each check; a
             :class:`~relict_callbacks.integrations.wandb.WandbSink` / ``TensorBoardSink`` is added by itself for an
             attached ``WandbLogger`` / ``TensorBoardLogger`` (galleries, histograms, alerts).
-        progress: show a progress bar while building the bank.
+        **options: every option of :class:`~relict_callbacks.monitor.Monitor` (``levels``, ``num_samples``,
+            ``every_n_epochs``, ``max_replica_rate``, ``patience``, ``device``, ...), documented there once.
 
     Example::
 
         from lightning import Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         from relict_callbacks import ReplicaMonitor, VoxelLevel
 
         monitor = ReplicaMonitor(levels=[VoxelLevel()], cache_dir="relict_cache", num_samples=16,
@@ -63,36 +51,41 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         trainer = Trainer(callbacks=[monitor, ModelCheckpoint(monitor="relict/replica_rate", every_n_epochs=5)])
         trainer.fit(model, train_loader)
         monitor.safe_checkpoint()   # latest checkpoint whose replica rate stayed <= 0.05
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: relict_callbacks.ReplicaMonitor
+              init_args:
+                levels: [{class_path: relict_callbacks.VoxelLevel, init_args: {grid: 64}}]
+                num_samples: 16
+                every_n_epochs: 5
+                max_replica_rate: 0.05
     """
 
-    def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
-                 num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, rule: str = "any",
-                 thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
-                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True) -> None:
-        self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
-                               num_samples=num_samples, every=every_n_epochs, alpha=alpha, rule=rule,
-                               thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
-                               patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
-                               save_dir=save_dir, gallery_size=gallery_size,
-                               log_training_images=log_training_images)
-        self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
+    @with_monitor_options()
+    def __init__(self, bank: ReferenceBank | None = None, *, sinks: Sequence[Any] = (), **options) -> None:
+        self.monitor = Monitor(bank, **options)
+        self.sinks = checked_sinks(sinks)
         self.stopped_epoch = 0
         self._saved_at = None
         self._known_checkpoints: set[str] = set()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(num_samples=self.monitor.num_samples, every_n_epochs=self.monitor.every)
+        monitor = self.monitor
+        return self._generate_state_key(num_samples=monitor.num_samples, every_n_epochs=monitor.every_n_epochs)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _skipped(trainer):
+            rank_zero_info("ReplicaMonitor: no replica checks under fast_dev_run")
+            return
         outcome = None
         if trainer.is_global_zero:
             try:
-                self.monitor.device = pl_module.device
-                self.monitor.scorer_options["device"] = pl_module.device
-                self.monitor.prepare(self._train_items(trainer), progress=self.progress)
+                self.monitor.prepare(self._train_items(trainer), device=pl_module.device)
                 outcome = self.monitor.bank.image_shape
             except Exception as error:  # every rank must learn about it, or the others wait forever
                 outcome = f"{type(error).__name__}: {error}"
@@ -102,7 +95,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         if isinstance(outcome, str):
             raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
         self.monitor.image_shape = outcome
-
         self._add_logger_sinks(trainer)
 
     def _add_logger_sinks(self, trainer: Trainer) -> None:
@@ -114,14 +106,17 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
                 try:
                     self.sinks.append(WandbSink(logger.experiment))
                 except Exception as error:  # e.g. no credentials: metrics still reach monitor.history
-                    log.warning("relict: no W&B gallery or alerts, the W&B run is unavailable: %s", error)
+                    rank_zero_warn(f"relict: no W&B gallery or alerts, the W&B run is unavailable: {error}")
             if isinstance(logger, TensorBoardLogger) and not any(isinstance(s, TensorBoardSink) for s in self.sinks):
                 self.sinks.append(TensorBoardSink(logger.experiment))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._collect_checkpoints(trainer)
+        if not _skipped(trainer):
+            self._collect_checkpoints(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _skipped(trainer):
+            return
         epoch = trainer.current_epoch
         check = self._check(trainer, pl_module) if self.monitor.is_due(epoch) else None
         metrics = self.monitor.ledger.last_metrics
@@ -138,14 +133,16 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         self._saved_at = (trainer.current_epoch, trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _skipped(trainer):
+            return
         self._collect_checkpoints(trainer)
         if self.monitor.save_dir is not None and trainer.is_global_zero:
             self.monitor.save_history()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):
-        if self.train_items is not None or self.monitor.bank is not None:
-            return self.train_items
+        if self.monitor.train_items is not None or self.monitor.bank is not None:
+            return None
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
@@ -173,6 +170,11 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
             for path in sorted(new):
                 self.monitor.ledger.note_checkpoint(*self._saved_at, path)
             self._saved_at = None
+
+
+def _skipped(trainer: Trainer) -> bool:
+    """No checks under ``fast_dev_run`` or during the sanity check (Lightning's own callbacks skip them too)."""
+    return bool(trainer.fast_dev_run) or trainer.sanity_checking
 
 
 class StrategyCommunicator(Communicator):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-from relict_callbacks.integrations.adapter import MonitorAdapter, notify_sinks, scalar_metrics
+from relict_callbacks.bank import ReferenceBank
+from relict_callbacks.integrations.adapter import (MonitorAdapter, checked_sinks, notify_sinks, scalar_metrics,
+                                                   with_monitor_options)
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
@@ -37,29 +41,12 @@ class ReplicaMonitorHandler(MonitorAdapter):
     and :meth:`safe_checkpoint` tell what happened.
 
     Args:
-        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one when the
-            engine starts.
-        levels, cache_dir, holdout, train_items: how to build the bank; ``holdout`` are real images not used in
-            training (items, Dataset or DataLoader), for calibration; ``train_items`` default to the engine's
-            ``data_loader.dataset``.
-        sampler: ``sampler(network, num_samples, generator) -> images | (images, labels)``, e.g. a
-            :class:`~relict_callbacks.integrations.samplers.DiffusionSampler` or ``GANSampler``; default:
-            ``network.sample(n)`` (or ``generate(n)``).
-        num_samples: samples per check.
-        interval: check every ``interval`` epochs (and after the first).
-        alpha, rule, thresholds, search: scoring (see :class:`~relict_callbacks.ReplicaScorer`).
-        max_replica_rate, patience, min_delta, stop_on: stopping (see :class:`~relict_callbacks.monitor.Monitor`):
-            by default the engine terminates once the replica rate exceeds ``max_replica_rate`` for ``patience``
-            checks.
-        seed: seed of the sampling noise (the same draws every check).
-        strict: raise on a failing check instead of logging it and going on.
-        save_dir: folder for ``history.json``, per-check reports and gallery PNGs (written atomically).
-        gallery_size: sample/training pairs per gallery (W&B table, TensorBoard, PNG).
-        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger.
+        bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and the ``levels`` option.
+        interval: check every ``interval`` epochs (and after the first), MONAI's name for the monitor's
+            ``every_n_epochs``.
         sinks: objects with ``log_check(check, monitor, engine)``, called after each successful check, e.g.
             :class:`~relict_callbacks.integrations.wandb.WandbSink` ``(wandb.init(...))``; a failing sink is
             logged, never stops training.
-        progress: show a progress bar while building the bank.
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter``: each check's metrics as scalars at
             ``engine.state.epoch`` (MONAI's epoch-level convention), plus a
             :class:`~relict_callbacks.integrations.tensorboard.TensorBoardSink` for the gallery and histograms
@@ -68,6 +55,14 @@ class ReplicaMonitorHandler(MonitorAdapter):
             of a checked epoch are recorded with that check, so :meth:`safe_checkpoint` can name one.
         check_on_completed: also check when the run completes, if its last epoch was not checked.
         name: name of the ``logging.Logger``; default: the engine's logger (MONAI's handler convention).
+        **options: every other option of :class:`~relict_callbacks.monitor.Monitor` (``levels``, ``num_samples``,
+            ``max_replica_rate``, ``patience``, ``device``, ...), documented there once. The sampler gets the
+            engine's network as its model.
+
+    In a MONAI bundle config (``monai.bundle.ConfigParser``)::
+
+        {"_target_": "relict_callbacks.ReplicaMonitorHandler", "interval": 5, "num_samples": 16,
+         "levels": [{"_target_": "relict_callbacks.VoxelLevel"}], "max_replica_rate": 0.05}
 
     >>> import torch, relict_callbacks as rc
     >>> from monai.engines import SupervisedTrainer
@@ -91,20 +86,12 @@ class ReplicaMonitorHandler(MonitorAdapter):
     ([0, 1], True)
     """
 
-    def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
-                 num_samples: int = 16, interval: int = 1, alpha: float = 0.01, rule: str = "any", thresholds=None,
-                 search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
-                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True,
-                 summary_writer=None, checkpoint_dir=None, check_on_completed: bool = False,
-                 name: str | None = None) -> None:
-        self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
-                               num_samples=num_samples, every=interval, alpha=alpha, rule=rule,
-                               thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
-                               patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
-                               save_dir=save_dir, gallery_size=gallery_size,
-                               log_training_images=log_training_images)
-        self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
+    @with_monitor_options("every_n_epochs")
+    def __init__(self, bank: ReferenceBank | None = None, *, interval: int = 1, sinks: Sequence[Any] = (),
+                 summary_writer: Any = None, checkpoint_dir: str | os.PathLike | None = None,
+                 check_on_completed: bool = False, name: str | None = None, **options) -> None:
+        self.monitor = Monitor(bank, every_n_epochs=interval, **options)
+        self.sinks = checked_sinks(sinks)
         if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
             self.sinks.append(TensorBoardSink(summary_writer))
         self.summary_writer, self.checkpoint_dir = summary_writer, checkpoint_dir
@@ -133,10 +120,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
                 and torch.distributed.get_world_size() > 1:
             raise RuntimeError(f"ReplicaMonitorHandler supports single-process engines only, this one runs on "
                                f"{torch.distributed.get_world_size()} processes")
-        device = getattr(engine.state, "device", None) or "cpu"
-        self.monitor.device = device
-        self.monitor.scorer_options["device"] = device
-        self.monitor.prepare(self._train_items(engine), progress=self.progress)
+        self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None))
         self._files = self._scan()
 
     def __call__(self, engine: Engine) -> None:
@@ -172,8 +156,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     # -- internals -----------------------------------------------------------------------------------------------
     def _train_items(self, engine: Engine):
-        if self.train_items is not None or self.monitor.bank is not None:
-            return self.train_items
+        if self.monitor.train_items is not None or self.monitor.bank is not None:
+            return None
         dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
         if dataset is None:
             raise ValueError(f"ReplicaMonitorHandler: {type(engine).__name__} has no data_loader.dataset to build "

@@ -22,9 +22,9 @@ class TensorBoardSink:
     >>> from torch.utils.tensorboard import SummaryWriter
     >>> from relict_callbacks.monitor import Monitor
     >>> train = rc.data.make_phantoms(6, ndim=2, size=16)
-    >>> monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=2, alpha=0.2,
+    >>> monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=2, alpha=0.2, progress=False,
     ...                   sampler=lambda model, n, generator: torch.rand(n, 1, 16, 16, generator=generator))
-    >>> monitor.prepare(train, progress=False)
+    >>> monitor.prepare(train)
     >>> TensorBoardSink(SummaryWriter(tempfile.mkdtemp())).log_check(monitor.check(None, 0, 5), monitor)
     """
 

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from relict_callbacks.gallery import display_view, figure_to_png_bytes, histogram_figure, ranked_records
+from relict_callbacks.gallery import difference_map, display_view, figure_to_png_bytes, histogram_figure, ranked_records
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
@@ -108,7 +108,7 @@ class WandbSink:
             if show:
                 nearest = row.nearest if row.nearest is not None else np.zeros_like(row.sample)
                 values += [_image(nearest, record.levels[names[0]].nearest_id),
-                           _image(np.abs(_z(row.sample) - _z(nearest)), "|z(sample) - z(nearest)|")]
+                           _image(difference_map(row.sample, nearest), "|z(sample) - z(nearest)|")]
             table.add_data(*values)
         return table
 
@@ -124,10 +124,6 @@ class WandbSink:
         self._above_limit = above
         if check.stop_reason is not StopReason.NOT_STOPPED:
             run.alert(title="Training stopped: memorization", text=check.stop_message, level=wandb.AlertLevel.ERROR)
-
-
-def _z(array: np.ndarray) -> np.ndarray:
-    return (array - array.mean()) / (array.std() + 1e-6)
 
 
 def _png_array(png: bytes) -> np.ndarray:

@@ -61,9 +61,23 @@ class Level(ABC):
         index.add(rows.reshape(len(rows), -1))
         return index
 
+    def stored_image(self, bank: dict[str, np.ndarray], index: int) -> torch.Tensor | None:
+        """Bank item ``index`` as an image ``[C, *spatial]``, for galleries; ``None`` for levels that keep no
+        images (embeddings, masks)."""
+        return None
+
+    def display_pair(self, sample: torch.Tensor, nearest: torch.Tensor, transform: str):
+        """``(sample, nearest)`` as a gallery shows them side by side: ``nearest`` on the sample's grid."""
+        return sample, resample(nearest, tuple(sample.shape[1:]))
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}({params})"
+
+
+def plain_grid(grid):
+    """A grid option as JSON holds it (a tuple becomes a list), for ``config()`` dicts and fingerprints."""
+    return list(grid) if isinstance(grid, (tuple, list)) else grid
 
 
 def resolve_grid(grid, ndim: int) -> tuple[int, ...]:

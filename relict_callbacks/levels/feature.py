@@ -8,7 +8,7 @@ import torch
 from ..items import Item, ItemError
 from ..search import inner_product_topk
 from ..validation import check_grid
-from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid
 
 
 class FeatureLevel(Level):
@@ -37,7 +37,7 @@ class FeatureLevel(Level):
         self.extractor, self.grid, self.name = extractor, check_grid("grid", grid), name
 
     def config(self) -> dict:
-        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        grid = plain_grid(self.grid)
         return {"type": "FeatureLevel", "name": self.name, **model_digest(self.extractor), "grid": grid}
 
     def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
-from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid
 from .voxel import _describe, undo_match
 
 REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
@@ -111,7 +111,7 @@ class SegmentationLevel(Level):
         self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
 
     def config(self) -> dict:
-        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        grid = plain_grid(self.grid)
         segmenter = None if self.segmenter is None else model_digest(self.segmenter)
         return {"type": "SegmentationLevel", "name": self.name, "segmenter": segmenter, "labels": self.labels,
                 "grid": grid, "flips": self.flips if isinstance(self.flips, str) else list(self.flips),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..items import Item, ItemError
 from ..search import inner_product_topk
 from ..validation import check_grid, check_number
-from .base import Level, Nearest, resample, resolve_grid
+from .base import Level, Nearest, plain_grid, resample, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
@@ -123,7 +123,7 @@ class VoxelLevel(Level):
         mask_digest = None
         if self.mask is not None:
             mask_digest = hashlib.blake2b(self.mask.numpy().tobytes(), digest_size=8).hexdigest()
-        grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
+        grid = plain_grid(self.grid)
         return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
                 "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k}
 
@@ -134,6 +134,15 @@ class VoxelLevel(Level):
         return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"])
 
     # -- geometry -----------------------------------------------------------------------------------------
+    def stored_image(self, bank: dict[str, np.ndarray], index: int) -> torch.Tensor:
+        """The bank's z-scored image ``index`` on the level's grid."""
+        return torch.from_numpy(np.asarray(bank["rows"][index], dtype=np.float32))
+
+    def display_pair(self, sample: torch.Tensor, nearest: torch.Tensor, transform: str):
+        """Both on the level's grid, ``nearest`` moved by the matched mirror/shift into the sample's frame."""
+        grid = resolve_grid(self.grid, sample.ndim - 1)
+        return resample(sample, grid), undo_match(resample(nearest, grid), transform)
+
     def _mask(self, grid: tuple[int, ...], factor: int = 1, device="cpu") -> torch.Tensor | None:
         if self.mask is None:
             return None

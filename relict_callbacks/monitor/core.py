@@ -11,10 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from ..bank import ReferenceBank
 from ..gallery import GalleryRow, gallery_figure, save_figure
-from ..scoring import ReplicaScorer
+from ..levels import Level
+from ..scoring import RULES, ReplicaScorer
+from ..validation import check_number, check_probability
 from . import presentation
 from .communicator import Communicator
 from .ledger import Check, Ledger
@@ -28,72 +34,102 @@ SINGLE_PROCESS = Communicator()
 class Monitor:
     """Schedule, sample, score, remember and decide: the replica monitor without any training framework.
 
+    Every option is declared here once; the Lightning callback and the MONAI handler take them as they are.
+
     Args:
         bank: a ready :class:`ReferenceBank`; or ``None`` and ``levels`` to build one in :meth:`prepare`.
-        levels, cache_dir, holdout: how to build (or reuse from ``cache_dir``) the bank when ``bank`` is None;
-            ``holdout`` are real images not used in training, for calibration.
-        sampler: ``sampler(model, num_samples, generator) -> images`` or ``-> (images, labels)``; default: the
-            model's ``sample(n)``/``generate(n)``.
-        num_samples: samples drawn per check (split over processes in distributed training).
-        every: check every ``every`` epochs (at epochs ``every-1, 2*every-1, ...``) and after the first epoch.
-        alpha, rule, thresholds, search: passed to :class:`ReplicaScorer`.
-        max_replica_rate, patience, min_delta, stop_on: when to stop (see :class:`~.stop.StopPolicy`).
+        levels: the RELICT levels to build the bank with, e.g. ``[VoxelLevel()]``; the first is the primary level,
+            which orders and shows galleries and fills the history table.
+        train_items: the training images to build the bank from (items, Dataset or DataLoader); default: what the
+            adapter finds (the train dataloader's or the engine's dataset).
+        holdout: real images not used in training, for calibration.
+        cache_dir: folder where the bank is saved and reused while the training data and levels are unchanged.
+        sampler: ``sampler(model, num_samples, generator) -> images`` or ``-> (images, labels)``, e.g. a
+            :class:`~relict_callbacks.integrations.samplers.DiffusionSampler`; default: the model's
+            ``sample(n)``/``generate(n)``.
+        num_samples: samples drawn per check (split over processes in distributed training, scored once).
+        every_n_epochs: check after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
+        alpha: false-positive rate that sets each level's threshold (see :class:`ReplicaScorer`).
+        confidence: level of the one-sided bounds ``relict/replica_rate_low`` / ``_high``.
+        rule: how many levels must flag a sample for it to count as a replica: ``"any"``, ``"all"``, ``"majority"``.
+        thresholds: explicit per-level thresholds, e.g. ``{"voxel": 0.9}``, instead of calibrated ones.
+        search: ``"exact"`` or a faiss index kind for large banks.
+        max_replica_rate: the replica rate above which a check counts against the model.
+        patience: consecutive bad checks before stopping.
+        min_delta: for ``"rising"``, how far above its lowest value the rate must be to count as rising.
+        stop_on: criteria that stop training: ``"limit"`` (rate > ``max_replica_rate``) and/or ``"rising"``
+            (rate > lowest rate so far + ``min_delta``); default ``("limit",)`` when ``max_replica_rate`` is set.
         seed: seed of the sampling noise; the same every check, offset by the process rank.
-        strict: raise on a failing check instead of logging it and going on.
-        save_dir: if set, ``history.json`` and, per check, ``report-epoch=E.json`` and ``gallery-epoch=E.png``
-            (the most similar sample/training pairs) are written there.
-        gallery_size: pairs in a gallery; log_training_images: ``False`` keeps training images (patient data) out
-            of every gallery, leaving synthetic images, ids and scores.
-        device: where the bank is built and samples are scored.
+        strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging it and going on.
+        save_dir: folder for ``history.json`` and, per check, ``report-epoch=E.json`` and ``gallery-epoch=E.png``.
+        gallery_size: sample/training pairs per gallery (PNG, W&B table, TensorBoard).
+        log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger,
+            leaving synthetic images, ids and scores.
+        device: where the bank is built and samples are scored; default: the model's device (``"cpu"`` alone).
+        progress: show a progress bar while building the bank.
 
     >>> import torch, relict_callbacks as rc
-    >>> from relict_callbacks.monitor import Monitor
     >>> train = rc.data.make_phantoms(12, ndim=2, size=32)
     >>> class Copier(torch.nn.Module):  # a "generator" that returns training images
     ...     def sample(self, n):
     ...         return torch.stack([torch.as_tensor(item["image"]) for item in train[:n]])
-    >>> monitor = Monitor(levels=[rc.VoxelLevel(grid=32)], num_samples=4, alpha=0.1, max_replica_rate=0.5)
-    >>> monitor.prepare(train, progress=False)
+    >>> monitor = rc.Monitor(levels=[rc.VoxelLevel(grid=32)], train_items=train, num_samples=4, alpha=0.1,
+    ...                      max_replica_rate=0.5, progress=False)
+    >>> monitor.prepare()
     >>> check = monitor.check(Copier(), epoch=0, step=10)
     >>> check.metrics["relict/replica_rate"], check.stop_reason.name
     (1.0, 'RATE_ABOVE_LIMIT')
     """
 
-    def __init__(self, bank: ReferenceBank | None = None, *, levels=None, cache_dir=None, holdout=None,
-                 sampler=None, num_samples: int = 16, every: int = 1, alpha: float = 0.01, rule: str = "any",
-                 thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
-                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 gallery_size: int = 8, log_training_images: bool = True, device="cpu") -> None:
+    def __init__(self, bank: ReferenceBank | None = None, *, levels: list[Level] | None = None,
+                 train_items: Any = None, holdout: Any = None, cache_dir: str | os.PathLike | None = None,
+                 sampler: Callable | None = None,
+                 num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, confidence: float = 0.95,
+                 rule: str = "any", thresholds: dict[str, float] | None = None, search: str = "exact",
+                 max_replica_rate: float | None = None, patience: int = 1, min_delta: float = 0.0,
+                 stop_on: str | list[str] | None = None, seed: int = 0, strict: bool = False,
+                 save_dir: str | os.PathLike | None = None, gallery_size: int = 8, log_training_images: bool = True,
+                 device: str | torch.device | None = None, progress: bool = True) -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
-        if num_samples < 1 or every < 1:
-            raise ValueError(f"num_samples and every must be >= 1, got {num_samples}, {every}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        for name, value in (thresholds or {}).items():
+            check_number(f"thresholds[{name!r}]", value)
         self.stop = StopPolicy(max_replica_rate, patience, min_delta, stop_on)
         self.ledger = Ledger()
-        self.bank, self.levels, self.cache_dir, self.holdout = bank, levels, cache_dir, holdout
+        self.bank, self.levels, self.train_items, self.holdout = bank, levels, train_items, holdout
+        self.cache_dir = cache_dir
         self.sampler = sampler or default_sampler
-        self.num_samples, self.every, self.seed, self.strict = num_samples, every, seed, strict
-        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, device=device)
-        self.save_dir, self.device = save_dir, device
-        self.gallery_size, self.log_training_images = gallery_size, log_training_images
+        self.num_samples = check_number("num_samples", num_samples, low=1, integer=True)
+        self.every_n_epochs = check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
+        self.scorer_options = dict(alpha=check_probability("alpha", alpha), rule=rule, thresholds=thresholds,
+                                   search=search, confidence=check_probability("confidence", confidence))
+        self.seed, self.strict = check_number("seed", seed, low=0, integer=True), strict
+        self.save_dir, self.device, self.progress = save_dir, device, progress
+        self.gallery_size = check_number("gallery_size", gallery_size, low=1, integer=True)
+        self.log_training_images = log_training_images
         self.scorer: ReplicaScorer | None = None
         self.image_shape = None if bank is None else bank.image_shape  # (channels, spatial dims) samples must have
 
-    def prepare(self, train_items=None, progress: bool = True) -> None:
-        """Build (or load from ``cache_dir``) the bank from ``train_items`` unless one was given; make the scorer."""
+    def prepare(self, train_items=None, *, device=None) -> None:
+        """Build (or load from ``cache_dir``) the bank unless one was given, from the ``train_items`` option or
+        else ``train_items``; make the scorer. ``device`` is used when the ``device`` option is not set."""
+        device = self.device or device or "cpu"
         if self.bank is None:
-            if train_items is None:
+            items = train_items if self.train_items is None else self.train_items
+            if items is None:
                 raise ValueError("no bank and no training items to build one from")
-            self.bank = ReferenceBank.build(train_items, self.levels, holdout=self.holdout, cache_dir=self.cache_dir,
-                                            device=self.device, progress=progress)
+            self.bank = ReferenceBank.build(items, self.levels, holdout=self.holdout, cache_dir=self.cache_dir,
+                                            device=device, progress=self.progress)
             log.info("relict: %s", self.bank.cache_message or f"reference bank of {len(self.bank)} images built")
         if self.scorer is None:
-            self.scorer = ReplicaScorer(self.bank, **self.scorer_options)
+            self.scorer = ReplicaScorer(self.bank, **self.scorer_options, device=device)
         self.image_shape = self.bank.image_shape
 
     def is_due(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based) is checked: the first epoch, then every ``every`` epochs."""
-        return epoch == 0 or (epoch + 1) % self.every == 0
+        """Whether ``epoch`` (0-based) is checked: the first epoch, then every ``every_n_epochs`` epochs."""
+        return epoch == 0 or (epoch + 1) % self.every_n_epochs == 0
 
     def check(self, model, epoch: int, step: int, extra=None, comm: Communicator = SINGLE_PROCESS) -> Check:
         """Run one check: draw samples (each process its share), score them once (rank 0), decide, record.
@@ -195,8 +231,9 @@ class Monitor:
         return presentation.gallery(self.bank, check, self.gallery_size, self.log_training_images)
 
     def history_table(self, **options) -> str:
-        """The history as a readable table (options: see :func:`.presentation.history_table`)."""
-        return presentation.history_table(self.history, **options)
+        """The history as a readable table, at the primary (first) level unless ``level=...`` (options: see
+        :func:`.presentation.history_table`)."""
+        return presentation.history_table(self.history, **{"level": self.bank.levels[0].name, **options})
 
     def save_history(self) -> None:
         """Write ``history.json`` in ``save_dir``, atomically."""

@@ -3,7 +3,7 @@ table. Nothing here takes part in a decision; the stop policy, ledger and sampli
 
 >>> print(history_table([{"epoch": 0, "train_loss": 0.5, "relict/replica_rate": 0.25, "error": None,
 ...                       "relict/voxel/nn_similarity_mean": 0.4, "relict/voxel/nn_similarity_max": 0.9,
-...                       "checkpoint": "/ckpt/epoch=0.ckpt"}]))
+...                       "checkpoint": "/ckpt/epoch=0.ckpt"}], level="voxel"))
 epoch  train_loss  replica rate  mean sim  max sim  checkpoint
     0      0.5000          0.25     0.400    0.900  epoch=0.ckpt
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from ..bank import ReferenceBank
@@ -21,11 +20,11 @@ from .ledger import Check
 
 
 def gallery(bank: ReferenceBank, check: Check, size: int, log_training_images: bool = True) -> list[GalleryRow]:
-    """The check's ``size`` most similar sample/training pairs (training images left out unless allowed)."""
-    voxel = next((level for level in bank.levels if level.name == "voxel"), None)
+    """The check's ``size`` most similar sample/training pairs (training images left out unless allowed), shown
+    by the bank's primary (first) level."""
     return gallery_rows(check.report, lambda record: check.samples[record.index],
                         lambda match: training_image(bank, match.nearest_index) if log_training_images else None,
-                        None if voxel is None else voxel.grid, size)
+                        bank.levels[0], size)
 
 
 def gallery_title(check: Check) -> str:
@@ -34,12 +33,13 @@ def gallery_title(check: Check) -> str:
 
 
 def training_image(bank: ReferenceBank, index: int) -> torch.Tensor | None:
-    """Training image ``index`` as the bank holds it (the voxel level's z-scored grid), or ``None``."""
-    rows = bank.arrays.get("voxel", {}).get("rows")
-    return None if rows is None else torch.from_numpy(np.asarray(rows[index], dtype=np.float32))
+    """Training image ``index`` as the first level that keeps images holds it (e.g. the voxel level's z-scored
+    grid), or ``None``."""
+    images = (level.stored_image(bank.arrays[level.name], index) for level in bank.levels)
+    return next((image for image in images if image is not None), None)
 
 
-def history_table(history: list[dict], level: str = "voxel", loss: str = "train_loss", epoch_offset: int = 0,
+def history_table(history: list[dict], level: str, loss: str = "train_loss", epoch_offset: int = 0,
                   epoch_label: str = "epoch") -> str:
     """The history as a readable table: epoch, ``loss``, replica rate, mean/max similarity at ``level``,
     checkpoint file name (``epoch_offset=1`` numbers epochs from 1, as MONAI engines do)."""

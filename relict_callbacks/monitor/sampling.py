@@ -59,7 +59,7 @@ def default_sampler(model, num_samples: int, generator: torch.Generator):
 def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int]):
     """``sampler(model, num_samples, generator)`` with noise seeded by ``seed``, checked against
     ``expected_shape`` = ``(channels, spatial_dims)``; ``(images, labels)`` on the CPU. Raises :class:`SamplerError`."""
-    generator = torch.Generator(device=_device_of(model)).manual_seed(seed)
+    generator = torch.Generator(device=device_of(model)).manual_seed(seed)
     name = getattr(sampler, "__qualname__", type(sampler).__name__)
     try:
         with sampling_mode(model, seed):
@@ -86,7 +86,8 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
     return images.detach().float().cpu(), None if labels is None else labels.detach().cpu()
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for anything else)."""
     if isinstance(model, torch.nn.Module):
         parameter = next(model.parameters(), None)
         if parameter is not None:
