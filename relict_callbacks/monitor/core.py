@@ -162,8 +162,8 @@ class Monitor:
             return None
         if error is not None and comm.rank != 0:
             log.warning("relict: sampling failed on process %d: %s", comm.rank, _describe(error))
-        own = f"the sampler failed on process(es) {failed}" if error is None else _describe(error)
-        return comm.broadcast(own)
+        elsewhere = f"the sampler failed on process(es) {failed}, whose log has the error"
+        return comm.broadcast(elsewhere if error is None else _describe(error))  # rank 0's message
 
     def _score(self, images, labels, epoch: int, step: int) -> Check:
         """Score the gathered samples, write the check's files and decide (rank 0)."""
