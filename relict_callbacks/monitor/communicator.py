@@ -26,7 +26,7 @@ class Communicator:
     world_size = 1
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's ``tensor`` (the same shape and dtype on all), stacked in rank order: ``[world_size, ...]``."""
+        """Every process's ``tensor`` (the same shape and dtype on all), stacked in rank order: ``[world_size, *]``."""
         return tensor.unsqueeze(0)
 
     def broadcast(self, value):
