@@ -36,9 +36,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
     callback. Under ``torch.distributed`` (``torchrun``, ignite ``idist``), each process samples its share of
     ``num_samples`` from its network (unwrapped from ``DistributedDataParallel``); rank 0 alone builds the bank,
     scores, writes files and feeds the sinks, and every process publishes the same metrics and stops at the same
-    epoch. Afterwards,
-    :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`, :attr:`stopped_epoch`
-    and :meth:`safe_checkpoint` tell what happened.
+    epoch. Afterwards, :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`,
+    :attr:`stopped_epoch` and :meth:`safe_checkpoint` tell what happened.
 
     Args:
         bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one when the
@@ -147,9 +146,10 @@ class ReplicaMonitorHandler(MonitorAdapter):
         self._completed = (epoch, engine.state.iteration)
         check = self._check(engine, epoch) if self.monitor.is_due(epoch) else None
         engine.state.metrics.update(self.monitor.ledger.last_metrics)
-        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:
-            self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch {engine.state.epoch}"
-                                f": {check.stop_message}")
+        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:  # decided on rank 0 for all
+            if self._comm.rank == 0:
+                self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch "
+                                    f"{engine.state.epoch}: {check.stop_message}")
             self.stopped_epoch = epoch
             engine.terminate()
 
