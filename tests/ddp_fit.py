@@ -1,6 +1,10 @@
-"""Run by test_lightning_ddp.py: a 2-process DDP (gloo, CPU) fit with ReplicaMonitor; each rank writes what it saw."""
+"""Run by test_lightning_ddp.py: a 2-process DDP (gloo, CPU) fit with ReplicaMonitor; each rank writes what it saw.
+
+Rank 1's sampler fails at the second check. Each rank has its own ``save_dir`` (``relict-rank<R>``; Lightning starts
+rank 1 as a copy of this script with ``LOCAL_RANK=1``), so the test can tell who wrote files."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,10 +13,18 @@ from lightning_models import TurnsCopier, loader, phantoms, trainer
 import relict_callbacks as rc
 from relict_callbacks.integrations.lightning import ReplicaMonitor
 
+
+def sampler(model, n, generator):
+    if model.global_rank == 1 and model.current_epoch == 1:
+        raise RuntimeError("CUDA out of memory (pretend)")
+    return model.sample(n, generator)
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     train = phantoms(8)
-    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=5, alpha=0.1, max_replica_rate=0.5,
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=5, alpha=0.1,
+                             max_replica_rate=0.5, save_dir=out / f"relict-rank{os.environ.get('LOCAL_RANK', 0)}",
                              progress=False)
     fit = trainer(out, 10, [monitor], strategy="ddp", devices=2, logger=False)
     fit.fit(TurnsCopier(train, copy_from=2), loader(train, batch_size=2))

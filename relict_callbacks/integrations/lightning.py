@@ -82,19 +82,8 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if _skipped(trainer):
             rank_zero_info("ReplicaMonitor: no replica checks under fast_dev_run")
             return
-        outcome = None
-        if trainer.is_global_zero:
-            try:
-                self.monitor.prepare(self._train_items(trainer), device=pl_module.device)
-                outcome = self.monitor.bank.image_shape
-            except Exception as error:  # every rank must learn about it, or the others wait forever
-                outcome = f"{type(error).__name__}: {error}"
-                if trainer.world_size == 1:
-                    raise
-        outcome = trainer.strategy.broadcast(outcome, src=0)
-        if isinstance(outcome, str):
-            raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
-        self.monitor.image_shape = outcome
+        self.monitor.prepare(self._train_items(trainer), device=pl_module.device,
+                             comm=StrategyCommunicator(trainer, pl_module.device))
         self._add_logger_sinks(trainer)
 
     def _add_logger_sinks(self, trainer: Trainer) -> None:
@@ -178,17 +167,14 @@ def _skipped(trainer: Trainer) -> bool:
 
 
 class StrategyCommunicator(Communicator):
-    """The processes of a Lightning run, through its strategy's collectives."""
+    """The processes of a Lightning run, through its strategy's collectives (DDP, FSDP, DeepSpeed, ...)."""
 
     def __init__(self, trainer: Trainer, device: torch.device) -> None:
         self.strategy, self.device = trainer.strategy, device
         self.rank, self.world_size = trainer.global_rank, trainer.world_size
 
-    def any(self, flag: bool) -> bool:
-        return bool(self.strategy.all_gather(torch.tensor([flag], device=self.device)).any())
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.strategy.all_gather(tensor.to(self.device)).cpu().flatten(0, 1)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.strategy.all_gather(tensor.to(self.device)).reshape(self.world_size, *tensor.shape)
 
     def broadcast(self, value):
         return self.strategy.broadcast(value, src=0)

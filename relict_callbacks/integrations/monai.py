@@ -15,6 +15,7 @@ from relict_callbacks.integrations.adapter import (MonitorAdapter, checked_sinks
                                                    with_monitor_options)
 from relict_callbacks.integrations.tensorboard import TensorBoardSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
+from relict_callbacks.monitor.communicator import SINGLE_PROCESS, Communicator, current_communicator
 
 
 class ReplicaMonitorHandler(MonitorAdapter):
@@ -36,9 +37,11 @@ class ReplicaMonitorHandler(MonitorAdapter):
     ``load_state_dict`` hold plain Python values only, so ``CheckpointSaver(save_dict={..., "relict": handler})``
     and ``CheckpointLoader`` (``torch.load(weights_only=True)``) resume the history and patience counters.
     Epochs in :attr:`history` and in the messages are 0-based (``engine.state.epoch - 1``), as in the Lightning
-    callback. Single-process engines only: a distributed run is refused when the engine starts. Afterwards,
-    :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`, :attr:`stopped_epoch`
-    and :meth:`safe_checkpoint` tell what happened.
+    callback. Under ``torch.distributed`` (``torchrun``, ignite ``idist``), each process samples its share of
+    ``num_samples`` from its network (unwrapped from ``DistributedDataParallel``); rank 0 alone builds the bank,
+    scores, writes files and feeds the sinks, and every process publishes the same metrics and stops at the same
+    epoch. Afterwards, :attr:`history`, :attr:`stopping_reason` (``StopReason``), :attr:`stopping_reason_message`,
+    :attr:`stopped_epoch` and :meth:`safe_checkpoint` tell what happened.
 
     Args:
         bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and the ``levels`` option.
@@ -101,6 +104,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
         self.stopped_epoch = 0
         self._files: dict[str, tuple[int, int, int]] = {}
         self._completed: tuple[int, int] | None = None  # (epoch, iteration) of the last completed epoch
+        self._comm: Communicator = SINGLE_PROCESS
 
     # -- ignite --------------------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -115,13 +119,10 @@ class ReplicaMonitorHandler(MonitorAdapter):
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
-        """Build or load the reference bank (unless given) on the engine's device."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise RuntimeError(f"ReplicaMonitorHandler supports single-process engines only, this one runs on "
-                               f"{torch.distributed.get_world_size()} processes")
-        self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None))
-        self._files = self._scan()
+        """Build or load the reference bank (unless given) on the engine's device (rank 0 of a distributed run)."""
+        self._comm = current_communicator()
+        self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None), comm=self._comm)
+        self._files = self._comm.from_rank_zero(self._scan)
 
     def __call__(self, engine: Engine) -> None:
         """At the end of an epoch: check if due, publish the latest metrics, terminate if the monitor says stop."""
@@ -129,9 +130,10 @@ class ReplicaMonitorHandler(MonitorAdapter):
         self._completed = (epoch, engine.state.iteration)
         check = self._check(engine, epoch) if self.monitor.is_due(epoch) else None
         engine.state.metrics.update(self.monitor.ledger.last_metrics)
-        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:
-            self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch {engine.state.epoch}"
-                                f": {check.stop_message}")
+        if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:  # decided on rank 0 for all
+            if self._comm.rank == 0:
+                self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch "
+                                    f"{engine.state.epoch}: {check.stop_message}")
             self.stopped_epoch = epoch
             engine.terminate()
 
@@ -143,12 +145,13 @@ class ReplicaMonitorHandler(MonitorAdapter):
             engine.state.metrics.update(self.monitor.ledger.last_metrics)
         if self.checkpoint_dir is not None:
             self.collect_checkpoints(engine)
-        if self.monitor.save_dir is not None:
+        if self.monitor.save_dir is not None and self._comm.rank == 0:
             self.monitor.save_history()
 
     def collect_checkpoints(self, engine: Engine) -> None:
-        """Record files written or rewritten in ``checkpoint_dir`` since the last look with the last finished epoch."""
-        files = self._scan()
+        """Record files written or rewritten in ``checkpoint_dir`` since the last look with the last finished epoch
+        (as rank 0, which writes them, sees them)."""
+        files = self._comm.from_rank_zero(self._scan)
         if self._completed is not None:
             for path in sorted(path for path, stamp in files.items() if self._files.get(path) != stamp):
                 self.monitor.ledger.note_checkpoint(*self._completed, path)
@@ -167,6 +170,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
     def _network(self, engine: Engine) -> torch.nn.Module:
         for attribute in ("network", "g_network"):
             network = getattr(engine, attribute, None)
+            if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+                return network.module  # sampling runs no collective of DDP's
             if network is not None:
                 return network
         raise ValueError(f"ReplicaMonitorHandler: {type(engine).__name__} has neither .network nor .g_network to "
@@ -174,8 +179,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     def _check(self, engine: Engine, epoch: int) -> Check:
         extra = scalar_metrics(engine.state.metrics)
-        check = self.monitor.check(self._network(engine), epoch, engine.state.iteration, extra)
-        if check.ok:
+        check = self.monitor.check(self._network(engine), epoch, engine.state.iteration, extra, self._comm)
+        if check.ok and self._comm.rank == 0:
             self.logger.info(f"ReplicaMonitorHandler: engine epoch {engine.state.epoch}: replica rate "
                              f"{check.metrics['relict/replica_rate']:.3f} of {check.num_samples} samples")
             if self.summary_writer is not None:

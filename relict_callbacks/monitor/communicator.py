@@ -1,33 +1,100 @@
-"""How the processes of a distributed run talk during a check: rank, world size, any-failed, gather, broadcast.
+"""How the processes of a distributed run talk during a check: rank, world size, who failed, gather, broadcast.
 
-The base class is the single-process case (every call returns its input); an adapter passes a subclass that
-speaks its framework's collectives (e.g. the Lightning strategy), like torchmetrics' injectable ``dist_sync_fn``.
+A communicator is injected into :meth:`~relict_callbacks.monitor.Monitor.check`, like torchmetrics' ``dist_sync_fn``:
+the base class is the single process (every call returns its input), :class:`DistributedCommunicator` speaks plain
+``torch.distributed`` (``torchrun``, ignite ``idist``, MONAI), and an adapter may pass its framework's collectives
+(the Lightning callback uses its strategy's). A subclass sets ``rank`` and ``world_size`` and overrides the two
+primitives :meth:`~Communicator.all_gather` and :meth:`~Communicator.broadcast`; the rest is built on them.
+Every process calls each method together, in the same order.
 
 >>> import torch
 >>> single = Communicator()
->>> single.rank, single.world_size, single.any(False), single.gather(torch.ones(2, 1)).shape
-(0, 1, False, torch.Size([2, 1]))
+>>> single.rank, single.world_size, single.ranks_where(True), single.gather(torch.ones(2, 1)).shape
+(0, 1, [0], torch.Size([2, 1]))
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class Communicator:
-    """One process: rank 0 of 1. Subclasses override every method for distributed runs; all ranks call each."""
+    """One process: rank 0 of 1."""
 
     rank = 0
     world_size = 1
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process."""
-        return flag
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's ``tensor`` (same shape on all), concatenated along dim 0 in rank order, on the CPU."""
-        return tensor
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (the same shape and dtype on all), stacked in rank order: ``[world_size, *]``."""
+        return tensor.unsqueeze(0)
 
     def broadcast(self, value):
         """Rank 0's ``value`` (picklable), on every process."""
         return value
+
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks of the processes whose ``flag`` is true, e.g. those whose sampler failed."""
+        return self.all_gather(torch.tensor([int(flag)])).flatten().nonzero().flatten().tolist()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in rank order, on the CPU. Dim 0 may differ between
+        processes (the tensors travel padded to the longest and are trimmed); the other dims may not."""
+        if self.world_size == 1:
+            return tensor
+        shapes = self.all_gather(torch.tensor(tensor.shape)).cpu()
+        if (shapes[:, 1:] != shapes[:1, 1:]).any():
+            raise ValueError(f"cannot gather tensors whose shapes differ beyond dim 0: {shapes.tolist()} by rank")
+        rows = shapes[:, 0].tolist()
+        padded = tensor.new_zeros(max(rows), *tensor.shape[1:])
+        padded[: len(tensor)] = tensor
+        gathered = self.all_gather(padded).cpu()
+        return torch.cat([part[:count] for part, count in zip(gathered, rows)])
+
+    def from_rank_zero(self, function):
+        """``function()`` run on rank 0 only; its (picklable) result on every process. If it raises, rank 0 raises
+        that error and the others a ``RuntimeError`` quoting it, so no process waits for an answer forever."""
+        if self.world_size == 1:
+            return function()
+        failure = result = None
+        if self.rank == 0:
+            try:
+                result = function()
+            except Exception as error:
+                failure = error
+        message, result = self.broadcast((None if failure is None else f"{type(failure).__name__}: {failure}", result))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+        return result
+
+
+class DistributedCommunicator(Communicator):
+    """The processes of ``torch.distributed``'s default group; tensors travel on the GPU for NCCL, else the CPU."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device).contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)
+
+    def broadcast(self, value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SINGLE_PROCESS = Communicator()
+
+
+def current_communicator() -> Communicator:
+    """:class:`DistributedCommunicator` while ``torch.distributed`` runs several processes, else the single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedCommunicator()
+    return SINGLE_PROCESS

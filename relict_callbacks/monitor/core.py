@@ -9,7 +9,6 @@ events into :meth:`Monitor.prepare` and :meth:`Monitor.check`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +21,12 @@ from ..levels import Level
 from ..scoring import RULES, ReplicaScorer
 from ..validation import check_number, check_probability
 from . import presentation
-from .communicator import Communicator
+from .communicator import SINGLE_PROCESS, Communicator
 from .ledger import Check, Ledger
 from .sampling import SamplerError, default_sampler, draw_samples
 from .stop import StopPolicy, StopReason
 
 log = logging.getLogger("relict_callbacks")
-SINGLE_PROCESS = Communicator()
 
 
 class Monitor:
@@ -112,10 +110,16 @@ class Monitor:
         self.scorer: ReplicaScorer | None = None
         self.image_shape = None if bank is None else bank.image_shape  # (channels, spatial dims) samples must have
 
-    def prepare(self, train_items=None, *, device=None) -> None:
+    def prepare(self, train_items=None, *, device=None, comm: Communicator = SINGLE_PROCESS) -> None:
         """Build (or load from ``cache_dir``) the bank unless one was given, from the ``train_items`` option or
-        else ``train_items``; make the scorer. ``device`` is used when the ``device`` option is not set."""
-        device = self.device or device or "cpu"
+        else ``train_items``; make the scorer. ``device`` is used when the ``device`` option is not set. In a
+        distributed run (``comm``) only rank 0 builds and scores; the others learn the shape samples must have."""
+        if comm.world_size > self.num_samples:
+            raise ValueError(f"num_samples={self.num_samples} is fewer than the {comm.world_size} processes, each of "
+                             f"which draws at least one sample: set num_samples >= {comm.world_size}")
+        self.image_shape = comm.from_rank_zero(lambda: self._build(train_items, self.device or device or "cpu"))
+
+    def _build(self, train_items, device) -> tuple[int, int]:
         if self.bank is None:
             items = train_items if self.train_items is None else self.train_items
             if items is None:
@@ -125,80 +129,100 @@ class Monitor:
             log.info("relict: %s", self.bank.cache_message or f"reference bank of {len(self.bank)} images built")
         if self.scorer is None:
             self.scorer = ReplicaScorer(self.bank, **self.scorer_options, device=device)
-        self.image_shape = self.bank.image_shape
+        return self.bank.image_shape
 
     def is_due(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is checked: the first epoch, then every ``every_n_epochs`` epochs."""
         return epoch == 0 or (epoch + 1) % self.every_n_epochs == 0
 
+    def samples_for_rank(self, rank: int, world_size: int) -> int:
+        """How many of the ``num_samples`` the process ``rank`` draws: shares differ by at most one (the lower ranks
+        draw the extra ones) and add up to ``num_samples``.
+
+        >>> import relict_callbacks as rc
+        >>> monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=5)
+        >>> [monitor.samples_for_rank(rank, 3) for rank in range(3)]
+        [2, 2, 1]
+        """
+        return self.num_samples // world_size + (rank < self.num_samples % world_size)
+
     def check(self, model, epoch: int, step: int, extra=None, comm: Communicator = SINGLE_PROCESS) -> Check:
         """Run one check: draw samples (each process its share), score them once (rank 0), decide, record.
 
-        ``extra`` are the framework's other scalar metrics, kept in the history. A failure on any process is
-        recorded and logged on every process, and raised when ``strict``; the returned :class:`Check` says what
-        happened. Every process of ``comm`` must call this together.
+        ``extra`` are the framework's other scalar metrics, kept in the history. Every process of ``comm`` must call
+        this together; they agree on failures first, then rank 0 gathers the samples, scores them, writes the files
+        and decides, and every process records rank 0's outcome, so histories and stop decisions are the same
+        everywhere. A failure on any process is recorded on every process and raised when ``strict``; the returned
+        :class:`Check` says what happened.
         """
         error, images, labels = None, None, None
         try:
-            share = math.ceil(self.num_samples / comm.world_size)
-            images, labels = draw_samples(self.sampler, model, share, self.seed + comm.rank, self.image_shape)
+            images, labels = draw_samples(self.sampler, model, self.samples_for_rank(comm.rank, comm.world_size),
+                                          self.seed + comm.rank, self.image_shape)
         except Exception as exc:
             error = exc
-        if comm.world_size > 1:  # agree on failure first, so no process waits in a gather the others skip
-            if comm.any(error is not None) and error is None:
-                error = RuntimeError("the sampler failed on another process")
-            if error is None:
-                images = comm.gather(images)[: self.num_samples]
-                labels = None if labels is None else comm.gather(labels)[: self.num_samples]
-        if error is not None:
-            return self._fail(error, epoch, step, comm)
-        if comm.rank != 0:
-            return self._adopt(comm.broadcast(None), epoch, step, comm)
-        try:
-            check = self._score(images, labels, epoch, step, comm)
-            self._record(check, extra)
-            self._write_files(check)
-        except Exception as exc:
-            comm.broadcast({"error": f"{type(exc).__name__}: {exc}"})
-            return self._fail(exc, epoch, step, comm)
-        comm.broadcast({"error": None, "metrics": check.metrics, "samples": check.num_samples, "extra": extra})
+        message = self._agree_on_failure(error, comm)  # first, so no process waits in a gather the others skip
+        if message is None:
+            try:
+                images = comm.gather(images)
+                labels = None if labels is None else comm.gather(labels)
+            except ValueError as exc:  # shapes differ between processes: every process raised the same
+                error, message = exc, _describe(exc)
+        if message is not None:
+            return self._fail(error, message, epoch, step, comm)
+        check = outcome = None
+        if comm.rank == 0:
+            try:
+                check = self._score(images, labels, epoch, step)
+                outcome = {"error": None, "metrics": check.metrics, "samples": check.num_samples, "extra": extra,
+                           "stop_reason": check.stop_reason.name, "stop_message": check.stop_message,
+                           "stop_state": self.stop.state_dict()}
+            except Exception as exc:
+                error, outcome = exc, {"error": _describe(exc)}
+        outcome = comm.broadcast(outcome)
+        if outcome["error"] is not None:
+            return self._fail(error, outcome["error"], epoch, step, comm)
+        if check is None:  # another process: take over rank 0's check and stop policy
+            self.stop.load_state_dict(outcome["stop_state"])
+            check = Check(epoch, step, outcome["metrics"], num_samples=outcome["samples"],
+                          stop_reason=StopReason[outcome["stop_reason"]], stop_message=outcome["stop_message"])
+        self._record(check, outcome["extra"], comm)
         return check
 
-    def _score(self, images, labels, epoch: int, step: int, comm: Communicator) -> Check:
+    def _agree_on_failure(self, error: BaseException | None, comm: Communicator) -> str | None:
+        """What every process records when the sampler failed on any of them (rank 0's error, or which processes
+        failed; those log their own error); ``None`` when it failed nowhere."""
+        failed = comm.ranks_where(error is not None)
+        if not failed:
+            return None
+        if error is not None and comm.rank != 0:
+            log.warning("relict: sampling failed on process %d: %s", comm.rank, _describe(error))
+        elsewhere = f"the sampler failed on process(es) {failed}, whose log has the error"
+        return comm.broadcast(elsewhere if error is None else _describe(error))  # rank 0's message
+
+    def _score(self, images, labels, epoch: int, step: int) -> Check:
+        """Score the gathered samples, write the check's files and decide (rank 0)."""
         report = self.scorer.score(images, labels)
         check = Check(epoch, step, report.metrics(), report, images, num_samples=len(report.records))
-        self._decide(check, comm)
-        return check
-
-    def _decide(self, check: Check, comm: Communicator) -> None:
+        self._write_files(check)
         check.stop_reason = self.stop.update(check.metrics["relict/replica_rate"], check.epoch)
         if check.stop_reason is not StopReason.NOT_STOPPED:
             check.stop_message = self.stop.message
-            if comm.rank == 0:
-                log.warning("relict: stopping training: %s", check.stop_message)
-
-    def _adopt(self, outcome: dict, epoch: int, step: int, comm: Communicator) -> Check:
-        """Take over the check rank 0 scored (with rank 0's view of the other metrics)."""
-        if outcome["error"] is not None:
-            return self._fail(RuntimeError(outcome["error"]), epoch, step, comm)
-        check = Check(epoch, step, outcome["metrics"], num_samples=outcome["samples"])
-        self._decide(check, comm)
-        self._record(check, outcome["extra"])
+            log.warning("relict: stopping training: %s", check.stop_message)
         return check
 
-    def _fail(self, error: BaseException, epoch: int, step: int, comm: Communicator) -> Check:
+    def _fail(self, error: BaseException | None, message: str, epoch: int, step: int, comm: Communicator) -> Check:
         if self.strict:
-            raise error
-        message = str(error) if isinstance(error, SamplerError) else f"{type(error).__name__}: {error}"
+            raise error if error is not None else RuntimeError(message)
         if comm.rank == 0:
             log.warning("relict: check at epoch %d skipped, training goes on: %s", epoch, message)
         check = Check(epoch, step, error=message)
-        self._record(check)
+        self._record(check, comm=comm)
         return check
 
-    def _record(self, check: Check, extra=None) -> None:
+    def _record(self, check: Check, extra=None, comm: Communicator = SINGLE_PROCESS) -> None:
         self.ledger.record(check, extra)
-        if self.save_dir is not None:
+        if self.save_dir is not None and comm.rank == 0:
             self.save_history()
 
     def _write_files(self, check: Check) -> None:
@@ -248,3 +272,7 @@ class Monitor:
         self.ledger.entries = [dict(e) for e in state.get("history", [])]
         self.stop.load_state_dict(state)
         self.seed = state.get("seed", self.seed)
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, SamplerError) else f"{type(error).__name__}: {error}"

@@ -1,0 +1,64 @@
+"""Run by test_communicator.py on two processes (``torchrun``'s environment, gloo): each rank exercises the
+``DistributedCommunicator``, and ``Monitor.check`` through it without any training framework, and writes what it
+got to ``rank<R>.json``."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import relict_callbacks as rc
+from relict_callbacks.monitor import Monitor
+from relict_callbacks.monitor.communicator import current_communicator
+
+
+def copier(rank: int, fail_on: int | None = None):
+    """A sampler returning training images; it raises on process ``fail_on``."""
+    images = torch.stack([torch.as_tensor(item["image"]) for item in TRAIN])
+
+    def sampler(model, n, generator):
+        if rank == fail_on:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return images[:n]
+
+    return sampler
+
+
+def check(comm, **options) -> dict:
+    monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=3, alpha=0.1, max_replica_rate=0.5, progress=False, **options)
+    monitor.prepare(TRAIN, comm=comm)
+    done = monitor.check(None, epoch=0, step=7, comm=comm)
+    return {"history": monitor.history, "stop": done.stop_reason.name, "stop_state": monitor.stop.state_dict(),
+            "has_bank": monitor.bank is not None, "has_report": done.report is not None}
+
+
+def outcome(call) -> str:
+    try:
+        return repr(call())
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+TRAIN = rc.data.make_phantoms(8, ndim=2, size=16)
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    comm = current_communicator()
+    rank = comm.rank
+    seen = {
+        "kind": type(comm).__name__, "rank": rank, "world_size": comm.world_size,
+        "gather": comm.gather(torch.full((3 - rank, 2), rank)).tolist(),  # 3 rows from rank 0, 2 from rank 1
+        "ranks_where": comm.ranks_where(rank == 1),
+        "broadcast": comm.broadcast({"from": rank}),
+        "mismatch": outcome(lambda: comm.gather(torch.zeros(1, 2 + rank))),
+        "from_rank_zero": outcome(lambda: comm.from_rank_zero(lambda: f"built on {rank}")),
+        "rank_zero_fails": outcome(lambda: comm.from_rank_zero(lambda: 1 / 0)),
+        "too_few_samples": outcome(lambda: Monitor(levels=[rc.VoxelLevel()], num_samples=1).prepare(comm=comm)),
+        "check": check(comm, sampler=copier(rank)),
+        "failed_check": check(comm, sampler=copier(rank, fail_on=1))["history"],
+        "strict": outcome(lambda: check(comm, sampler=copier(rank, fail_on=1), strict=True)),
+    }
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
