@@ -43,7 +43,7 @@ def test_mirrored_copies_are_compared_under_the_voxel_match():
         assert segmentation.similarity > 0.9, f"{copy['id']}: Dice {segmentation.similarity:.3f} under {voxel.transform}"
         assert segmentation.is_replica and record.is_replica
     rows = gallery_rows(report, lambda r: torch.from_numpy(copies[r.index]["image"]),
-                        lambda m: torch.from_numpy(train[m.nearest_index]["image"]), 48, 2)
+                        lambda m: torch.from_numpy(train[m.nearest_index]["image"]), bank.levels[0], 2)
     assert all(f"[{r.levels['voxel'].transform}]" in row.caption and "Dice" in row.caption
                for row, r in zip(rows, ranked_records(report, 2)))
 
