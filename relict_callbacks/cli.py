@@ -30,6 +30,8 @@ def _add_bank_arguments(parser: argparse.ArgumentParser, train_required: bool) -
     parser.add_argument("--grid", type=int, help="voxels per axis of the common grid (default 128 for 2D, 64 for 3D)")
     parser.add_argument("--spacing", type=float, help="isotropic voxel size in mm of the 3D grid (default: the first "
                         "training volume's largest extent fills the grid)")
+    parser.add_argument("--device", default="cpu", help="where images are embedded and searched: cpu, cuda, "
+                        "cuda:1, ... (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -140,18 +142,34 @@ def _training_folders(args):
     return reader, levels, train, holdout
 
 
-def _bank(train, levels, holdout, reader, progress: bool):
+def _device(name: str):
+    """``--device`` as a torch device that exists here, or a UsageError naming the option."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r}: not a device name ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is false)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _bank(train, levels, holdout, reader, progress: bool, device):
     from .bank import ReferenceBank
 
-    bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress)
+    bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress, device=device)
     bank.manifest["audit"] = {"reader": reader.config(), "train": str(train.root.resolve())}  # for --bank
     return bank
 
 
 def _build_bank(args) -> int:
+    device = _device(args.device)
     reader, levels, train, holdout = _training_folders(args)
     start = time.perf_counter()
-    bank = _bank(train, levels, holdout, reader, not args.no_progress)
+    bank = _bank(train, levels, holdout, reader, not args.no_progress, device)
     bank.save(args.out)
     print(f"relict: bank of {len(bank)} training images ({', '.join(lv.name for lv in levels)}; null: "
           f"{bank.null_source}) written to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -179,6 +197,7 @@ def _audit(args) -> int:
     from .scoring import ReplicaScorer
 
     start = time.perf_counter()
+    device = _device(args.device)
     thresholds = _thresholds(args.threshold)
     if args.fail_above is not None and not 0 <= args.fail_above <= 1:
         raise UsageError(f"--fail-above {args.fail_above}: expected a rate between 0 and 1")
@@ -205,8 +224,8 @@ def _audit(args) -> int:
         raise UsageError("the segmentation level needs --synthetic-labels for the synthetic images")
     synthetic = ImageFolder(args.synthetic, reader, labels=args.synthetic_labels if segmentation else None)
     if args.bank is None:
-        bank = _bank(train, levels, holdout, reader, not args.no_progress)
-    scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None)
+        bank = _bank(train, levels, holdout, reader, not args.no_progress, device)
+    scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None, device=device)
     samples = tqdm(synthetic, total=len(synthetic), desc="relict score", unit="img", disable=args.no_progress)
     report = scorer.score(samples)
     result = verdict(report, args.fail_above)
@@ -217,7 +236,7 @@ def _audit(args) -> int:
               "training_images": len(bank), "levels": [level.name for level in bank.levels],
               "null": bank.null_source, "alpha": args.alpha, "rule": args.rule, "thresholds_given": thresholds,
               "fail_above": args.fail_above, "reader": reader.config(),
-              "training_images_shown": train is not None, "seconds": round(time.perf_counter() - start, 2)}
+              "training_images_shown": train is not None, "device": str(device), "seconds": round(time.perf_counter() - start, 2)}
     with atomic_dir(args.out) as folder:
         write_report(folder, report, result, inputs, gallery)
     print(report.summary())

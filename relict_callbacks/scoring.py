@@ -13,6 +13,7 @@ from scipy import stats
 from .atomic import atomic_write
 from .bank import ReferenceBank
 from .intervals import rate_bounds
+from .search import device_budget as device_budget_bytes
 from .validation import check_number, check_probability
 from .items import ItemError, iter_batches, iter_raw
 
@@ -152,6 +153,8 @@ class ReplicaScorer:
             metrics ``relict/replica_rate_low``/``_high``).
         batch_size, device: how samples are streamed and embedded, and where they are embedded and searched.
         query_block: samples searched together in one pass over the bank (memory: block x row size).
+        device_budget: on an accelerator, the bytes of bank rows kept resident on it (default: a quarter of a CUDA
+            device's memory); rows beyond it are streamed from pinned host memory at every search.
 
     >>> import relict_callbacks as rc
     >>> train = rc.data.make_phantoms(10, ndim=2, size=32)
@@ -164,7 +167,7 @@ class ReplicaScorer:
 
     def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
                  search: str = "exact", confidence: float = 0.95, batch_size: int = 16, query_block: int = 256,
-                 device="cpu") -> None:
+                 device="cpu", device_budget: int | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         check_probability("alpha", alpha)
@@ -177,6 +180,7 @@ class ReplicaScorer:
             raise ValueError(f"thresholds for unknown level(s) {sorted(unknown)}; the bank has {names}")
         self.bank, self.alpha, self.rule, self.device = bank, alpha, rule, device
         self.batch_size, self.query_block = batch_size, query_block
+        self.device_budget = None if device_budget is None else device_budget_bytes(device, device_budget)
         self.thresholds = {}
         for name in names:  # a loop, not a comprehension, so the warning's stacklevel points at the caller
             given = (thresholds or {}).get(name)
@@ -215,7 +219,8 @@ class ReplicaScorer:
             query = {key: np.concatenate(parts) for key, parts in rows[level.name].items()}
             found[level.name] = [self.bank.nearest(level, {key: array[start : start + self.query_block]
                                                            for key, array in query.items()},
-                                                   self.device, index=self.indexes.get(level.name))
+                                                   self.device, index=self.indexes.get(level.name),
+                                                   budget=self.device_budget)
                                  for start in range(0, len(ids), self.query_block)]
         sims = {name: [f.similarity for f in parts] for name, parts in found.items()}
         indices = {name: [f.index for f in parts] for name, parts in found.items()}

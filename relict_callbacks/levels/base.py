@@ -93,14 +93,19 @@ def resample(image: torch.Tensor, grid: tuple[int, ...], *, nearest: bool = Fals
 
 @torch.no_grad()
 def call_model(model, images: torch.Tensor, device) -> torch.Tensor:
-    """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients."""
+    """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients, on
+    the device and in the floating dtype of its parameters (``device`` and float32 without any)."""
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module is not None and module.training
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None) if module else None
+    if parameter is not None:
+        device, dtype = parameter.device, parameter.dtype
+    else:
+        dtype = torch.float32
     if module is not None:
         module.eval()
-        device = next(module.parameters(), torch.empty(0, device=device)).device
     try:
-        out = model(images.to(device))
+        out = model(images.to(device=device, dtype=dtype))
     finally:
         if was_training:
             module.train()

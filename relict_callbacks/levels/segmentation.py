@@ -94,7 +94,7 @@ class SegmentationLevel(Level):
                 raise ItemError(f"item {item.id!r}: {mask.shape[0]} label channel(s), the first item has "
                                 f"{masks[0].shape[0]}")
             masks.append(mask)
-        masks = torch.stack(masks).flatten(2)
+        masks = torch.stack(masks).flatten(2).cpu()
         return {"masks": masks.to(torch.uint8).numpy(), "sizes": masks.sum(dim=2).numpy()}
 
     def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
@@ -102,7 +102,7 @@ class SegmentationLevel(Level):
         if q.shape[1:] != bank["masks"].shape[1:]:
             raise ValueError(f"samples have masks {tuple(q.shape[1:])} (labels x voxels), the bank has "
                              f"{tuple(bank['masks'].shape[1:])}")
-        refs, ref_sizes = bank["masks"], torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
+        refs, ref_sizes = bank["masks"], torch.as_tensor(bank["sizes"]).to(q.device, torch.float32)
 
         def score_chunk(start: int, stop: int) -> torch.Tensor:
             r = rows_to_tensor(refs, start, stop, q.device)
