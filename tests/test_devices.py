@@ -117,6 +117,30 @@ def test_a_bf16_feature_extractor_and_segmenter_embed_in_their_own_dtype(device)
     assert [r.levels["feature"].nearest_id for r in report.records] == ["0", "1"]
 
 
+class Recording(torch.nn.Module):
+    """A 1x1 convolution (a segmenter, or with pooling a feature extractor) that records each batch it gets."""
+
+    def __init__(self, device, pool: bool) -> None:
+        super().__init__()
+        self.conv, self.pool, self.calls = torch.nn.Conv2d(1, 1, 1).to(device), pool, []
+
+    def forward(self, images):
+        self.calls.append((len(images), images.device.type, tuple(images.shape[2:])))
+        out = self.conv(images)
+        return torch.nn.functional.adaptive_avg_pool2d(out, 4).flatten(1) if self.pool else out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_build_resamples_and_embeds_in_batches_on_the_device(device):
+    train = list(smooth_field(8, (SIZE, SIZE), seed=10))
+    extractor, segmenter = Recording(device, pool=True), Recording(device, pool=False)
+    rc.ReferenceBank.build(train, [rc.FeatureLevel(extractor, grid=16), rc.SegmentationLevel(segmenter, grid=16)],
+                           holdout=train[:2], batch_size=4, progress=False, device=device)
+    kind = torch.device(device).type
+    assert extractor.calls == [(4, kind, (16, 16))] * 2 + [(2, kind, (16, 16))]  # training batches, then holdout
+    assert segmenter.calls == [(4, kind, (SIZE, SIZE))] * 2 + [(2, kind, (SIZE, SIZE))]
+
+
 # -- extractors ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_encoder_trains_and_embeds_on_the_device(device):

@@ -7,7 +7,7 @@ import torch
 
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
-from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, resample, resolve_grid, same_shape_runs
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -73,19 +73,25 @@ class SegmentationLevel(Level):
                              "levels=[SegmentationLevel(segmenter=...), ...] to load it")
         return cls(labels=config["labels"], grid=config["grid"])
 
-    def _label(self, item: Item, device) -> torch.Tensor:
-        if item.label is not None:
-            return item.label.float()
-        if self.segmenter is None:
-            raise ItemError(f"item {item.id!r}: no label, and the segmentation level has no segmenter to make one")
-        mask = call_model(self.segmenter, item.image[None], device)[0].float().cpu()
-        return mask if mask.ndim == item.image.ndim else mask[None]
+    def _labels(self, items: list[Item], device) -> list[torch.Tensor]:
+        """Each item's label map on ``device``; items without one are segmented, one ``segmenter`` call per run of
+        equal sizes."""
+        labels = [None if item.label is None else item.label.to(device, torch.float32) for item in items]
+        missing = [i for i, label in enumerate(labels) if label is None]
+        if missing and self.segmenter is None:
+            raise ItemError(f"item {items[missing[0]].id!r}: no label, and the segmentation level has no segmenter "
+                            "to make one")
+        for run in same_shape_runs([items[i].image for i in missing]):
+            chosen = [missing[i] for i in run]
+            made = call_model(self.segmenter, torch.stack([items[i].image for i in chosen]).to(device), device)
+            for i, mask in zip(chosen, made.to(device, torch.float32)):
+                labels[i] = mask if mask.ndim == items[i].image.ndim else mask[None]
+        return labels
 
     def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
         grid = resolve_grid(self.grid, items[0].image.ndim - 1)
         masks = []
-        for item in items:
-            label = self._label(item, device)
+        for item, label in zip(items, self._labels(items, device)):
             if tuple(label.shape[1:]) != tuple(item.image.shape[1:]):
                 raise ItemError(f"item {item.id!r}: segmenter output {tuple(label.shape)} does not match the image "
                                 f"{tuple(item.image.shape)}")
