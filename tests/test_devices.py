@@ -141,6 +141,23 @@ def test_bank_build_resamples_and_embeds_in_batches_on_the_device(device):
     assert segmenter.calls == [(4, kind, (SIZE, SIZE))] * 2 + [(2, kind, (SIZE, SIZE))]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_monai_handler_checks_a_network_on_the_device(device):
+    from monai.networks.schedulers import DDIMScheduler
+    from monai_engines import STEPS, ddpm_trainer, phantoms
+
+    from relict_callbacks.integrations.monai import ReplicaMonitorHandler
+    from relict_callbacks.integrations.samplers import DiffusionSampler
+
+    relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], num_samples=2, alpha=0.2, progress=False,
+                                   sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=STEPS), (1, 16, 16),
+                                                            num_inference_steps=2))
+    trainer = ddpm_trainer(phantoms(4), 1, [relict], device=device)
+    trainer.run()
+    assert [entry["error"] for entry in relict.history] == [None]
+    assert torch.device(relict.monitor.device).type == torch.device(device).type
+
+
 # -- extractors ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_encoder_trains_and_embeds_on_the_device(device):
