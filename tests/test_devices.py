@@ -93,6 +93,17 @@ def test_bank_build_and_scoring_on_the_device_match_the_cpu(device):
         assert [r.levels["voxel"].nearest_id for r in report.records[:2]] == ["t2", "t5"]
 
 
+@pytest.mark.cuda
+def test_rows_streamed_from_pinned_memory_score_as_resident_rows():
+    train, samples = smooth_field(10, (SIZE, SIZE), seed=11), smooth_field(3, (SIZE, SIZE), seed=12)
+    bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device="cuda")
+    resident = rc.ReplicaScorer(bank, alpha=0.2, device="cuda").score(samples)
+    assert bank.rows(bank.levels[0], "cuda")["rows"].device.type == "cuda"
+    streamed = rc.ReplicaScorer(bank, alpha=0.2, device="cuda", device_budget=0).score(samples)
+    assert bank.rows(bank.levels[0], "cuda", 0)["rows"].is_pinned()
+    assert np.allclose(streamed.similarities("voxel"), resident.similarities("voxel"), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_the_engine_scores_reduced_and_double_precision_in_float32(dtype):
     """Images of any float dtype, training items and samples, score as their float32 values do."""
