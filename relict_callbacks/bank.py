@@ -28,6 +28,7 @@ from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, level_from_config
 from .levels.base import resolve_grid
 from .validation import check_number
+from .search import place_rows
 
 log = logging.getLogger("relict_callbacks")
 
@@ -112,6 +113,7 @@ class ReferenceBank:
                  nulls: dict[str, np.ndarray], manifest: dict) -> None:
         self.levels, self.ids, self.arrays, self.nulls, self.manifest = levels, ids, arrays, nulls, manifest
         self.cache_message = ""
+        self._placed: dict = {}  # (device, budget) -> the arrays placed for search there (one placement kept)
 
     # -- facts ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -139,17 +141,32 @@ class ReferenceBank:
                 return level
         raise KeyError(f"bank has no level {name!r} (levels: {[lv.name for lv in self.levels]})")
 
+    def rows(self, level: Level, device="cpu", budget: int | None = None) -> dict:
+        """The bank arrays of ``level`` ready for search on ``device`` (see :func:`~relict_callbacks.search.place_rows`):
+        as stored (memory-mapped) for the CPU; elsewhere torch tensors, resident on the device within ``budget``
+        bytes (default: a quarter of a CUDA device's memory) and streamed from pinned host memory beyond it.
+        Placed once per device and budget, and kept until another is asked for."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if (device, budget) not in self._placed:
+            self._placed = {(device, budget): place_rows(self.arrays, device, budget)}
+        return self._placed[(device, budget)][level.name]
+
     def nearest(self, level: Level, query: dict[str, np.ndarray], device="cpu", *, exclude=None,
-                index=None) -> Nearest:
-        """``level.nearest`` of embedded query rows against this bank."""
+                index=None, budget: int | None = None) -> Nearest:
+        """``level.nearest`` of embedded query rows against this bank, searched on ``device`` (query rows and
+        ``exclude`` are moved there; ``budget``: see :meth:`rows`)."""
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in query.items()}
-        return level.nearest(tensors, self.arrays[level.name], exclude=exclude, index=index)
+        exclude = None if exclude is None else exclude.to(device)
+        return level.nearest(tensors, self.rows(level, device, budget), exclude=exclude, index=index)
 
     def nearest_levels(self, queries: dict[str, dict[str, np.ndarray]], device="cpu", *, exclude=None,
-                       indexes=None) -> dict[str, Nearest]:
+                       indexes=None, budget: int | None = None) -> dict[str, Nearest]:
         """:meth:`nearest` at every level for the same queries (``queries[level name]`` are their rows). A level
         aligned to another one (``level.align_to``, e.g. segmentation to voxel) re-scores that level's matches
-        under their transforms instead of searching by itself."""
+        under their transforms instead of searching by itself. Searched on ``device`` (``budget``: see :meth:`rows`)."""
+        exclude = None if exclude is None else exclude.to(device)
         found = {}
         names = [level.name for level in self.levels]
         for level in sorted(self.levels, key=lambda lv: lv.align_to in names):  # anchors first
@@ -158,7 +175,7 @@ class ReferenceBank:
             if level.align_to in names:
                 anchor = self.level(level.align_to)
                 options = {"match": found[anchor.name], "match_grid": resolve_grid(anchor.grid, self.image_shape[1])}
-            found[level.name] = level.nearest(tensors, self.arrays[level.name], exclude=exclude,
+            found[level.name] = level.nearest(tensors, self.rows(level, device, budget), exclude=exclude,
                                               index=(indexes or {}).get(level.name), **options)
         return {name: found[name] for name in names}
 

@@ -57,6 +57,8 @@ def _add_bank_arguments(parser: argparse.ArgumentParser, train_required: bool) -
     parser.add_argument("--grid", type=_number(integer=True, low=2), help="voxels per axis of the common grid (default 128 for 2D, 64 for 3D)")
     parser.add_argument("--spacing", type=_number(low=0, low_open=True), help="isotropic voxel size in mm of the 3D grid (default: the first "
                         "training volume's largest extent fills the grid)")
+    parser.add_argument("--device", default="cpu", help="where images are embedded and searched: cpu, cuda, "
+                        "cuda:1, ... (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -177,12 +179,27 @@ def _training_folders(args):
     return reader, levels, train, holdout
 
 
-def _bank(train, levels, holdout, reader, progress: bool):
+def _device(name: str):
+    """``--device`` as a torch device that exists here, or a UsageError naming the option."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r}: not a device name ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is false)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _bank(train, levels, holdout, reader, progress: bool, device):
     from .bank import ReferenceBank
     from .items import ItemError
 
     try:
-        bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress)
+        bank = ReferenceBank.build(train, levels, holdout=holdout, progress=progress, device=device)
     except ItemError as err:  # not skipped like a bad synthetic image: the reference would change
         raise ItemError(f"{err}\n(training and holdout images make the reference every synthetic image is scored "
                         "against, so a bad one stops the audit: fix or remove it)") from None
@@ -219,9 +236,10 @@ def _build_bank(args) -> int:
     _check_out(args.out, _inputs(args))
     if args.out.exists():  # only a bank (of any version) is ever replaced
         ReferenceBank.read_manifest(args.out, any_version=True)
+    device = _device(args.device)
     reader, levels, train, holdout = _training_folders(args)
     start = time.perf_counter()
-    bank = _bank(train, levels, holdout, reader, not args.no_progress)
+    bank = _bank(train, levels, holdout, reader, not args.no_progress, device)
     bank.save(args.out)
     print(f"relict: bank of {len(bank)} training images ({', '.join(lv.name for lv in levels)}; null: "
           f"{bank.null_source}) written to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -278,6 +296,7 @@ def _audit(args) -> int:
     from .scoring import ReplicaScorer
 
     start = time.perf_counter()
+    device = _device(args.device)
     thresholds = _thresholds(args.threshold)
     if (args.bank is None) == (args.train is None):
         raise UsageError("give either --train (build the bank now) or --bank (one from `relict bank build`)")
@@ -306,9 +325,9 @@ def _audit(args) -> int:
         raise UsageError("the segmentation level needs --synthetic-labels for the synthetic images")
     synthetic = ImageFolder(args.synthetic, reader, labels=args.synthetic_labels if segmentation else None)
     if args.bank is None:
-        bank = _bank(train, levels, holdout, reader, not args.no_progress)
+        bank = _bank(train, levels, holdout, reader, not args.no_progress, device)
     scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None,
-                           confidence=args.confidence)
+                           confidence=args.confidence, device=device)
     bad = []
     samples = iter(tqdm(_screened(synthetic, bank, args.strict, bad), total=len(synthetic), desc="relict score",
                         unit="img", disable=args.no_progress))
@@ -327,7 +346,7 @@ def _audit(args) -> int:
              "training_images": len(bank), "levels": [level.name for level in bank.levels],
              "null": bank.null_source, "alpha": args.alpha, "rule": args.rule, "thresholds_given": thresholds,
              "fail_above": args.fail_above, "reader": reader.config(),
-             "training_images_shown": train is not None, "seconds": round(time.perf_counter() - start, 2)}
+             "training_images_shown": train is not None, "device": str(device), "seconds": round(time.perf_counter() - start, 2)}
     with atomic_dir(args.out) as folder:
         write_report(folder, report, result, facts, gallery, bad)
     print(report.summary())

@@ -14,6 +14,7 @@ from .atomic import atomic_write
 from .bank import ReferenceBank
 from .calibration import RULES, Calibration, combine, p_values
 from .intervals import rate_bounds
+from .search import device_budget as device_budget_bytes
 from .items import ItemError, iter_batches, iter_raw
 from .validation import check_number, check_probability
 
@@ -169,6 +170,8 @@ class ReplicaScorer:
             metrics ``relict/replica_rate_low``/``_high``).
         batch_size, device: how samples are streamed and embedded, and where they are embedded and searched.
         query_block: samples searched together in one pass over the bank (memory: block x row size).
+        device_budget: on an accelerator, the bytes of bank rows kept resident on it (default: a quarter of a CUDA
+            device's memory); rows beyond it are streamed from pinned host memory at every search.
 
     >>> import relict_callbacks as rc
     >>> train = rc.data.make_phantoms(10, ndim=2, size=32)
@@ -181,7 +184,7 @@ class ReplicaScorer:
 
     def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
                  search: str = "exact", confidence: float = 0.95, batch_size: int = 16, query_block: int = 256,
-                 device="cpu") -> None:
+                 device="cpu", device_budget: int | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         check_probability("alpha", alpha)
@@ -198,6 +201,7 @@ class ReplicaScorer:
         self.thresholds = self.calibration.thresholds
         if self.calibration.under_resolved:
             warnings.warn(self.calibration.shortfall(), stacklevel=2)
+        self.device_budget = None if device_budget is None else device_budget_bytes(device, device_budget)
         self.indexes = {}
         if search != "exact":
             self.indexes = {level.name: level.build_index(bank.arrays[level.name], search) for level in bank.levels}
@@ -228,7 +232,8 @@ class ReplicaScorer:
         for start in range(0, len(ids), self.query_block):  # one pass over the bank per block of queries
             block = {name: {key: array[start : start + self.query_block] for key, array in query.items()}
                      for name, query in queries.items()}
-            for name, nearest in self.bank.nearest_levels(block, self.device, indexes=self.indexes).items():
+            for name, nearest in self.bank.nearest_levels(block, self.device, indexes=self.indexes,
+                                                             budget=self.device_budget).items():
                 found[name].append(nearest)
         sims = {name: np.concatenate([f.similarity for f in parts]) for name, parts in found.items()}
         indices = {name: np.concatenate([f.index for f in parts]) for name, parts in found.items()}

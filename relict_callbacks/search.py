@@ -1,19 +1,33 @@
 """Top-k search of query rows against a bank, exact (chunked torch matmul) or approximate (faiss).
 
 The exact search walks the bank in chunks of ``chunk_size`` rows, so memory stays at
-``queries + one chunk + one [Q, chunk] score block`` whatever the bank size; float16 bank rows are converted
-chunk by chunk into one reused float32 buffer. Levels whose similarity is not a plain dot product (Dice) pass
-their own ``score_chunk`` function to :func:`chunked_topk`.
+``queries + one chunk + one [Q, chunk] score block`` whatever the bank size. Levels whose similarity is not a
+plain dot product (Dice) pass their own ``score_chunk`` function to :func:`chunked_topk`.
+
+Where the rows are, per device (:func:`place_rows` puts them there once per bank and device):
+
+- CPU: as stored, memory-mapped; float16 rows are converted chunk by chunk into one reused float32 buffer and
+  multiplied in float32.
+- CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
+  resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
+  device's memory); rows beyond it stay in pinned host memory and are streamed to the device chunk by chunk.
+  float16 rows are multiplied in half precision with float32 accumulation and output
+  (``torch.mm(..., out_dtype=torch.float32)``) where the device has it, the queries scaled to unit range first.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-DEFAULT_CHUNK = 256
+from .validation import check_number
+
+DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
+DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (few, large matmuls)
+DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory that bank rows may occupy
 
 
 def chunked_topk(
@@ -57,12 +71,45 @@ def chunked_topk(
 
 
 def rows_to_tensor(refs, start: int, stop: int, device, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of a numpy array/memmap or tensor as float32 on ``device`` (reusing ``buffer``)."""
+    """Rows ``start:stop`` of a numpy array/memmap or tensor on ``device``, in ``buffer``'s dtype (float32 without
+    one): rows already there in that dtype are used in place, others are copied into ``buffer`` (asynchronously
+    from pinned memory)."""
     chunk = refs[start:stop]
     chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
     if buffer is None:
         return chunk.to(device=device, dtype=torch.float32)
-    return buffer[: stop - start].copy_(chunk)
+    if chunk.device == buffer.device and chunk.dtype == buffer.dtype:
+        return chunk
+    return buffer[: stop - start].copy_(chunk, non_blocking=True)
+
+
+def _is_half(rows) -> bool:
+    return rows.dtype in (np.float16, torch.float16) if isinstance(rows, np.ndarray) else rows.dtype == torch.float16
+
+
+@functools.lru_cache(maxsize=None)
+def half_products(device: torch.device) -> bool:
+    """Whether ``device`` multiplies float16 matrices with float32 accumulation and output (CUDA; the ``meta``
+    device too, shape-only). The CPU multiplies in float32.
+
+    >>> half_products(torch.device("cpu"))
+    False
+    """
+    if device.type == "cpu":
+        return False
+    one = torch.ones(1, 1, device=device, dtype=torch.float16)
+    try:
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def chunk_rows(row_bytes: int, device) -> int:
+    """Rows per chunk of the exact search: :data:`DEFAULT_CHUNK` on the CPU, :data:`DEVICE_CHUNK_BYTES` worth on
+    an accelerator."""
+    if torch.device(device).type == "cpu":
+        return DEFAULT_CHUNK
+    return max(DEFAULT_CHUNK, DEVICE_CHUNK_BYTES // max(row_bytes, 1))
 
 
 def inner_product_topk(
@@ -70,22 +117,76 @@ def inner_product_topk(
     refs,
     k: int,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` of ``queries @ refs.T`` with ``refs`` a [N, D] array, memmap or tensor (any float dtype).
+    """Exact top-``k`` of ``queries @ refs.T`` with ``refs`` a [N, D] array, memmap or tensor (any float dtype, on
+    any device), computed on the queries' device; float32 scores. ``chunk_size`` rows are scored at a time
+    (default: :func:`chunk_rows`).
 
     >>> refs = np.eye(3, dtype=np.float16)
     >>> inner_product_topk(torch.tensor([[0.0, 2.0, 1.0]]), refs, 2)[1].tolist()
     [[1, 2]]
     """
-    queries = queries.float()
-    buffer = torch.empty(min(chunk_size, len(refs)), refs.shape[1], device=queries.device)
+    device = queries.device
+    half = _is_half(refs) and half_products(device)
+    queries, scale = queries.float(), None
+    if half:  # unit range, so that float16 keeps the queries' precision (NCC rows are tiny: z / voxel count)
+        scale = queries.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        queries = (queries / scale).half()
+    chunk_size = chunk_size or chunk_rows(refs.shape[1] * (2 if half else 4), device)
+    buffer = torch.empty(min(chunk_size, len(refs)), refs.shape[1], device=device, dtype=queries.dtype)
 
     def score_chunk(start: int, stop: int) -> torch.Tensor:
-        return queries @ rows_to_tensor(refs, start, stop, queries.device, buffer).T
+        rows = rows_to_tensor(refs, start, stop, device, buffer)
+        return torch.mm(queries, rows.T, out_dtype=torch.float32) * scale if half else queries @ rows.T
 
     return chunked_topk(score_chunk, len(refs), k, chunk_size=chunk_size, exclude=exclude)
+
+
+def device_budget(device, budget: int | None = None) -> int:
+    """Bytes of bank rows that may stay resident on ``device``: ``budget`` when given; else
+    :data:`DEVICE_BUDGET_FRACTION` of a CUDA device's total memory, and 0 on other devices.
+
+    >>> device_budget("cpu"), device_budget("meta", 2**20)
+    (0, 1048576)
+    """
+    if budget is not None:
+        return check_number("device_budget", budget, low=0, integer=True)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return int(DEVICE_BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+
+
+def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | None = None) -> dict:
+    """Bank arrays (``{level: {key: [N, ...] array}}``) ready for search on ``device``.
+
+    On the CPU, the arrays as they are (memory-mapped). Elsewhere, torch tensors in their stored dtype: on the
+    device while they fit in ``device_budget(device, budget)`` bytes (in order, level by level), the rest in host
+    memory (pinned when CUDA is available), from which the search streams them chunk by chunk.
+
+    >>> rows = {"voxel": {"rows": np.ones((4, 3), dtype=np.float16)}}
+    >>> place_rows(rows, "meta", budget=24)["voxel"]["rows"].device.type
+    'meta'
+    >>> place_rows(rows, "meta", budget=0)["voxel"]["rows"].device.type
+    'cpu'
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return arrays
+    left, placed = device_budget(device, budget), {}
+    for name, level_arrays in arrays.items():
+        placed[name] = {}
+        for key, array in level_arrays.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            if tensor.nbytes <= left:
+                left -= tensor.nbytes
+                tensor = tensor.to(device)
+            elif torch.cuda.is_available():
+                tensor = tensor.pin_memory()
+            placed[name][key] = tensor
+    return placed
 
 
 class FaissIndex:

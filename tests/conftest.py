@@ -2,6 +2,18 @@ import numpy as np
 import pytest
 import torch
 
+# device parametrization: the CPU always, CUDA under the `cuda` marker (skipped without a CUDA device)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
 
 def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1) -> torch.Tensor:
     """``n`` smooth random images ``[n, C, *shape]`` (distinct, but correlated like real anatomy is not)."""

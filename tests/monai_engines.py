@@ -27,11 +27,11 @@ def loader(items, batch_size: int = 4) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(items, batch_size=batch_size)
 
 
-def ddpm_trainer(items, max_epochs: int, handlers) -> SupervisedTrainer:
+def ddpm_trainer(items, max_epochs: int, handlers, device: str = "cpu") -> SupervisedTrainer:
     """A real MONAI DDPM (``DiffusionModelUNet``, ``DiffusionInferer``, ``DiffusionPrepareBatch``) on 16x16 images."""
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8),
-                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
-    return SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader(items, len(items)),
+                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8).to(device)
+    return SupervisedTrainer(device=torch.device(device), max_epochs=max_epochs, train_data_loader=loader(items, len(items)),
                              network=unet,
                              optimizer=torch.optim.Adam(unet.parameters(), lr=1e-3), loss_function=F.mse_loss,
                              inferer=DiffusionInferer(DDPMScheduler(num_train_timesteps=STEPS)),

@@ -11,6 +11,7 @@ from relict_callbacks.integrations.samplers import DiffusionSampler, GANSampler,
 from relict_callbacks.monitor import SamplerError
 from relict_callbacks.monitor.sampling import draw_samples
 
+from conftest import DEVICES
 from lightning_models import SIZE, TinyDDPM, loader, phantoms, trainer
 
 COMMON = dict(spatial_dims=2, attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
@@ -136,14 +137,26 @@ def test_diffusion_sampler_runs_under_autocast():
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, precision):
+@pytest.mark.parametrize("device", DEVICES)
+def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, device, precision):
     from relict_callbacks.integrations.lightning import ReplicaMonitor
 
     sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, SIZE, SIZE), num_inference_steps=3,
                                network="unet")
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
     model = TinyDDPM()
-    trainer(tmp_path, 1, [monitor], precision=precision).fit(model, loader(phantoms(6)))
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer(tmp_path, 1, [monitor], precision=precision, accelerator=accelerator).fit(model, loader(phantoms(6)))
     assert next(model.unet.parameters()).dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
     assert [entry["error"] for entry in monitor.history] == [None]
     assert 0 <= monitor.history[0]["relict/replica_rate"] <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", [DDPMScheduler, DDIMScheduler])
+def test_diffusion_sampler_returns_samples_on_the_networks_device(device, kind):
+    options, unet_class, _, _, _ = nets("monai")
+    unet = unet_class(in_channels=1, out_channels=1, **options).to(device)
+    sampler = DiffusionSampler(kind(num_train_timesteps=20), (1, 16, 16), num_inference_steps=3)
+    images = sampler(unet, 2, torch.Generator(device=device).manual_seed(0))
+    assert images.device.type == torch.device(device).type and torch.isfinite(images).all()

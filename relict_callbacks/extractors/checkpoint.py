@@ -123,6 +123,9 @@ class CheckpointEncoder(nn.Module):
             raise _Stop
 
         handle = self.network.get_submodule(self.layer).register_forward_hook(keep)
+        parameter = next((p for p in self.network.parameters() if p.is_floating_point()), None)
+        if parameter is not None:
+            images = images.to(parameter.device, parameter.dtype)
         try:
             self.network(images)
         except _Stop:

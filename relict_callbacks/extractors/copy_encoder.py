@@ -44,7 +44,8 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     b, c, *grid = x.shape
     weight = (x - x.flatten(1).amin(1).view(b, *[1] * (len(grid) + 1))).sum(1)  # [B, *grid]
     weight = weight / weight.flatten(1).sum(1).clamp_min(1e-6).view(b, *[1] * len(grid))
-    coords = F.affine_grid(torch.eye(len(grid), len(grid) + 1).expand(b, -1, -1), [b, c, *grid], align_corners=False)
+    identity = torch.eye(len(grid), len(grid) + 1, device=x.device, dtype=x.dtype).expand(b, -1, -1)
+    coords = F.affine_grid(identity, [b, c, *grid], align_corners=False)
     centroid = (coords * weight[..., None]).flatten(1, -2).sum(1)  # [B, nd] in grid_sample's coordinate order
     return F.grid_sample(x, coords + centroid.view(b, *[1] * len(grid), len(grid)), mode="bilinear",
                          padding_mode="border", align_corners=False)
@@ -244,8 +245,8 @@ class CopyEncoder(nn.Module):
         if images.ndim - 2 != self.spatial_dims or images.shape[1] != self.channels:
             raise ValueError(f"CopyEncoder was fitted on {self.spatial_dims}D images with {self.channels} "
                              f"channel(s); got a batch of shape {tuple(images.shape)}")
-        device = next(self.network.parameters()).device
-        return self.network.backbone(self._prepare(list(images)).to(device))
+        parameter = next(self.network.parameters())
+        return self.network.backbone(self._prepare(list(images)).to(parameter.device, parameter.dtype))
 
     # -- persistence ---------------------------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:

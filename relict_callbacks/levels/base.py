@@ -97,25 +97,61 @@ def resample(image: torch.Tensor, grid: tuple[int, ...], *, nearest: bool = Fals
     nearest-neighbour for label maps."""
     if tuple(image.shape[1:]) == grid:
         return image
-    batch = image[None].float()
+    return _resample_batch(image[None].float(), grid, nearest)[0]
+
+
+def _resample_batch(batch: torch.Tensor, grid: tuple[int, ...], nearest: bool) -> torch.Tensor:
+    if tuple(batch.shape[2:]) == grid:
+        return batch
     if nearest:
-        return F.interpolate(batch, size=grid, mode="nearest-exact")[0]
-    if all(g <= s for g, s in zip(grid, image.shape[1:])):
-        return F.adaptive_avg_pool3d(batch, grid)[0] if len(grid) == 3 else F.adaptive_avg_pool2d(batch, grid)[0]
+        return F.interpolate(batch, size=grid, mode="nearest-exact")
+    if all(g <= s for g, s in zip(grid, batch.shape[2:])):
+        return F.adaptive_avg_pool3d(batch, grid) if len(grid) == 3 else F.adaptive_avg_pool2d(batch, grid)
     mode = "trilinear" if len(grid) == 3 else "bilinear"
-    return F.interpolate(batch, size=grid, mode=mode, align_corners=False)[0]
+    return F.interpolate(batch, size=grid, mode=mode, align_corners=False)
+
+
+def same_shape_runs(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Positions of ``tensors`` in runs of consecutive equal shapes (each run can be stacked into one batch).
+
+    >>> same_shape_runs([torch.zeros(2), torch.zeros(2), torch.zeros(3), torch.zeros(2)])
+    [[0, 1], [2], [3]]
+    """
+    runs: list[list[int]] = []
+    for position, tensor in enumerate(tensors):
+        if runs and tensor.shape == tensors[runs[-1][0]].shape:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    return runs
+
+
+def resample_all(images: list[torch.Tensor], grid: tuple[int, ...], device, *, nearest: bool = False) -> torch.Tensor:
+    """Images ``[C, *spatial]`` of any sizes as one float32 batch ``[B, C, *grid]`` on ``device``, resampled as
+    :func:`resample` does, one batched call per run of equal-sized images.
+
+    >>> resample_all([torch.ones(1, 8, 8), torch.ones(1, 8, 8), torch.ones(1, 4, 4)], (4, 4), "cpu").shape
+    torch.Size([3, 1, 4, 4])
+    """
+    return torch.cat([_resample_batch(torch.stack([images[i] for i in run]).to(device, torch.float32), grid, nearest)
+                      for run in same_shape_runs(images)])
 
 
 @torch.no_grad()
 def call_model(model, images: torch.Tensor, device) -> torch.Tensor:
-    """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients."""
+    """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients, on
+    the device and in the floating dtype of its parameters (``device`` and float32 without any)."""
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module is not None and module.training
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None) if module else None
+    if parameter is not None:
+        device, dtype = parameter.device, parameter.dtype
+    else:
+        dtype = torch.float32
     if module is not None:
         module.eval()
-        device = next(module.parameters(), torch.empty(0, device=device)).device
     try:
-        out = model(images.to(device))
+        out = model(images.to(device=device, dtype=dtype))
     finally:
         if was_training:
             module.train()

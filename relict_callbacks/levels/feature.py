@@ -8,7 +8,7 @@ import torch
 from ..items import Item, ItemError
 from ..search import inner_product_topk
 from ..validation import check_grid
-from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, plain_grid, resample_all, resolve_grid, same_shape_runs
 
 
 class FeatureLevel(Level):
@@ -18,7 +18,7 @@ class FeatureLevel(Level):
         extractor: an ``nn.Module`` or callable mapping ``[B, C, *spatial]`` to ``[B, D]`` (extra trailing
             dims are flattened). Modules are run in eval mode under ``torch.no_grad``.
         grid: resample every image to this grid before the extractor (default: keep the input size; items of
-            different sizes are then embedded one at a time).
+            different sizes are then embedded in runs of equal sizes).
         name: the level's key in reports and metrics (change it to use two extractors side by side).
 
     >>> import torch
@@ -41,15 +41,12 @@ class FeatureLevel(Level):
         return {"type": "FeatureLevel", "name": self.name, **model_digest(self.extractor), "grid": grid}
 
     def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
+        images = [item.image for item in items]
         if self.grid is not None:
-            grid = resolve_grid(self.grid, items[0].image.ndim - 1)
-            groups = [[resample(item.image, grid) for item in items]]
-        elif len({tuple(item.image.shape) for item in items}) == 1:
-            groups = [[item.image for item in items]]
+            batches = [resample_all(images, resolve_grid(self.grid, images[0].ndim - 1), device)]
         else:
-            groups = [[item.image] for item in items]
-        features = torch.cat([call_model(self.extractor, torch.stack(group), device).flatten(1).float().cpu()
-                              for group in groups])
+            batches = [torch.stack([images[i] for i in run]).to(device) for run in same_shape_runs(images)]
+        features = torch.cat([call_model(self.extractor, batch, device).flatten(1).float().cpu() for batch in batches])
         norms = features.norm(dim=1)
         for item, norm, finite in zip(items, norms.tolist(), torch.isfinite(features).all(dim=1).tolist()):
             if not finite or norm == 0:

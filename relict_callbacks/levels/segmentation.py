@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
-from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid
+from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
 from .voxel import _describe, undo_match
 
 REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
+
+
+def _row(rows, j: int) -> torch.Tensor:
+    """Row ``j`` of bank masks held as a (memory-mapped) array or a torch tensor on any device."""
+    return torch.from_numpy(np.asarray(rows[j])) if isinstance(rows, np.ndarray) else rows[j]
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -127,19 +132,25 @@ class SegmentationLevel(Level):
                              "masks (its null does not fit this version): build it again")
         return cls(labels=config["labels"], grid=config["grid"], flips=config["flips"], max_shift=config["max_shift"])
 
-    def _label(self, item: Item, device) -> torch.Tensor:
-        if item.label is not None:
-            return item.label.float()
-        if self.segmenter is None:
-            raise ItemError(f"item {item.id!r}: no label, and the segmentation level has no segmenter to make one")
-        mask = call_model(self.segmenter, item.image[None], device)[0].float().cpu()
-        return mask if mask.ndim == item.image.ndim else mask[None]
+    def _labels(self, items: list[Item], device) -> list[torch.Tensor]:
+        """Each item's label map on ``device``; items without one are segmented, one ``segmenter`` call per run of
+        equal sizes."""
+        labels = [None if item.label is None else item.label.to(device, torch.float32) for item in items]
+        missing = [i for i, label in enumerate(labels) if label is None]
+        if missing and self.segmenter is None:
+            raise ItemError(f"item {items[missing[0]].id!r}: no label, and the segmentation level has no segmenter "
+                            "to make one")
+        for run in same_shape_runs([items[i].image for i in missing]):
+            chosen = [missing[i] for i in run]
+            made = call_model(self.segmenter, torch.stack([items[i].image for i in chosen]).to(device), device)
+            for i, mask in zip(chosen, made.to(device, torch.float32)):
+                labels[i] = mask if mask.ndim == items[i].image.ndim else mask[None]
+        return labels
 
     def embed(self, items: list[Item], device="cpu") -> dict[str, np.ndarray]:
         grid = resolve_grid(self.grid, items[0].image.ndim - 1)
         masks = []
-        for item in items:
-            label = self._label(item, device)
+        for item, label in zip(items, self._labels(items, device)):
             if tuple(label.shape[1:]) != tuple(item.image.shape[1:]):
                 raise ItemError(f"item {item.id!r}: segmenter output {tuple(label.shape)} does not match the image "
                                 f"{tuple(item.image.shape)}")
@@ -148,7 +159,7 @@ class SegmentationLevel(Level):
                 raise ItemError(f"item {item.id!r}: {mask.shape[0]} label channel(s), the first item has "
                                 f"{masks[0].shape[0]}")
             masks.append(mask)
-        masks = torch.stack(masks)
+        masks = torch.stack(masks).cpu()
         return {"masks": masks.to(torch.uint8).numpy(), "sizes": masks.flatten(2).sum(dim=2).numpy()}
 
     # -- search -------------------------------------------------------------------------------------------
@@ -194,7 +205,7 @@ class SegmentationLevel(Level):
             q = pool(q, window, stride=1, padding=[w // 2 for w in window])
         q = q.flatten(2)
         refs = bank["masks"]
-        ref_sizes = torch.from_numpy(np.asarray(bank["sizes"])).float().to(q.device)
+        ref_sizes = torch.as_tensor(bank["sizes"]).to(q.device, torch.float32)
 
         def score_chunk(start: int, stop: int) -> torch.Tensor:
             r = rows_to_tensor(refs, start, stop, q.device).flatten(2)
@@ -214,7 +225,7 @@ class SegmentationLevel(Level):
         if reach == 0:
             return []
         oriented = query.flip([1 + a for a in flip])
-        ref = torch.from_numpy(np.asarray(ref)).bool()
+        ref = torch.as_tensor(ref).bool().cpu()
         centre = (_centroid(oriented.bool()) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
         steps = [tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(centre))
                  for axis in range(len(centre)) for step in (-1, 1)]
@@ -229,7 +240,7 @@ class SegmentationLevel(Level):
         for query, candidates in zip(q, pairs):
             scores = []
             for j, transform in candidates:
-                ref = torch.from_numpy(np.asarray(refs[j])).float()
+                ref = _row(refs, j).to(query.device, torch.float32)
                 if transform != "identity":
                     moved = undo_match(resample(ref, transform_grid, nearest=True), transform) > 0.5
                     ref = resample(moved.float(), grid, nearest=True)

