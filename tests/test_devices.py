@@ -166,7 +166,7 @@ def test_monai_handler_checks_a_network_on_the_device(device):
     trainer = ddpm_trainer(phantoms(4), 1, [relict], device=device)
     trainer.run()
     assert [entry["error"] for entry in relict.history] == [None]
-    assert torch.device(relict.monitor.device).type == torch.device(device).type
+    assert torch.device(relict.monitor.scorer.device).type == torch.device(device).type
 
 
 # -- extractors ------------------------------------------------------------------------------------------------------
