@@ -22,10 +22,13 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
 
     The first check runs after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
-    Metrics (``relict/replica_rate``, ``relict/<level>/...``) go to the loggers on check epochs; on every epoch
-    the latest values are put in ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="relict/replica_rate",
-    mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate", mode="min", divergence_threshold=0.05)``
-    find them on every epoch (Lightning runs those monitoring callbacks after this one).
+    Metrics (``relict/replica_rate`` with its bounds ``_low``/``_high``, ``relict/<level>/...``) go to the loggers
+    on check epochs; on every epoch ``Monitor.published()`` is put in ``trainer.callback_metrics`` (the latest good
+    check, never NaN; before the first, rate 1.0 with bounds 0-1 and ``relict/checked`` = 0; after a failed check
+    the last good values with ``relict/check_failed`` = 1), so ``ModelCheckpoint(monitor="relict/replica_rate",
+    mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=0.05)``
+    find them on every epoch (Lightning runs those monitoring callbacks after this one). Every
+    ``ModelCheckpoint``'s folder is known to :meth:`safe_checkpoint`, which reads each file's ``global_step``.
 
     Args:
         bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and ``levels`` to build one at the
@@ -38,7 +41,8 @@ class ReplicaMonitor(MonitorAdapter, Callback):
             (or ``generate(n)``).
         num_samples: samples per check (split across processes under DDP, gathered and scored once).
         every_n_epochs: how often to check.
-        alpha, rule, thresholds, search: scoring (see :class:`~relict_callbacks.ReplicaScorer`).
+        alpha, rule, thresholds, search, confidence: scoring (see :class:`~relict_callbacks.ReplicaScorer`);
+            ``confidence`` is that of each exact one-sided bound on the replica rate.
         max_replica_rate, patience, min_delta, stop_on: stopping (see :class:`~relict_callbacks.monitor.Monitor`):
             by default training stops once the replica rate exceeds ``max_replica_rate`` for ``patience`` checks.
         seed: seed of the sampling noise (the same draws every check).
@@ -55,31 +59,30 @@ class ReplicaMonitor(MonitorAdapter, Callback):
 
         from lightning import Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         from relict_callbacks import ReplicaMonitor, VoxelLevel
 
         monitor = ReplicaMonitor(levels=[VoxelLevel()], cache_dir="relict_cache", num_samples=16,
                                  every_n_epochs=5, max_replica_rate=0.05, patience=2)
         trainer = Trainer(callbacks=[monitor, ModelCheckpoint(monitor="relict/replica_rate", every_n_epochs=5)])
         trainer.fit(model, train_loader)
-        monitor.safe_checkpoint()   # latest checkpoint whose replica rate stayed <= 0.05
+        monitor.safe_checkpoint()   # latest checkpoint certified <= 0.05 before memorization was detected
     """
 
     def __init__(self, bank=None, *, levels=None, cache_dir=None, holdout=None, train_items=None, sampler=None,
                  num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, rule: str = "any",
-                 thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
+                 thresholds=None, search: str = "exact", confidence: float = 0.95,
+                 max_replica_rate: float | None = None, patience: int = 1,
                  min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
                  gallery_size: int = 8, log_training_images: bool = True, sinks=(), progress: bool = True) -> None:
         self.monitor = Monitor(bank, levels=levels, cache_dir=cache_dir, holdout=holdout, sampler=sampler,
                                num_samples=num_samples, every=every_n_epochs, alpha=alpha, rule=rule,
-                               thresholds=thresholds, search=search, max_replica_rate=max_replica_rate,
+                               thresholds=thresholds, search=search, confidence=confidence,
+                               max_replica_rate=max_replica_rate,
                                patience=patience, min_delta=min_delta, stop_on=stop_on, seed=seed, strict=strict,
                                save_dir=save_dir, gallery_size=gallery_size,
                                log_training_images=log_training_images)
         self.train_items, self.sinks, self.progress = train_items, list(sinks), progress
         self.stopped_epoch = 0
-        self._saved_at = None
-        self._known_checkpoints: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -102,7 +105,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         if isinstance(outcome, str):
             raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
         self.monitor.image_shape = outcome
-
+        folders = [str(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
         self._add_logger_sinks(trainer)
 
     def _add_logger_sinks(self, trainer: Trainer) -> None:
@@ -118,15 +122,11 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
             if isinstance(logger, TensorBoardLogger) and not any(isinstance(s, TensorBoardSink) for s in self.sinks):
                 self.sinks.append(TensorBoardSink(logger.experiment))
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._collect_checkpoints(trainer)
-
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         check = self._check(trainer, pl_module) if self.monitor.is_due(epoch) else None
-        metrics = self.monitor.ledger.last_metrics
-        if metrics:  # the latest values, every epoch, for ModelCheckpoint/EarlyStopping; loggers only get new ones
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, sync_dist=False)
+        # every epoch, for ModelCheckpoint/EarlyStopping (never missing, never NaN); loggers only get new checks
+        pl_module.log_dict(self.monitor.published(), on_step=False, on_epoch=True, logger=False, sync_dist=False)
         if check is not None and check.ok and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({**check.metrics, "epoch": epoch}, step=trainer.global_step)
@@ -134,13 +134,11 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
             trainer.should_stop = True
             self.stopped_epoch = epoch
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        self._saved_at = (trainer.current_epoch, trainer.global_step)
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._collect_checkpoints(trainer)
-        if self.monitor.save_dir is not None and trainer.is_global_zero:
-            self.monitor.save_history()
+        if trainer.is_global_zero:
+            self.monitor.note_checkpoints()
+            if self.monitor.save_dir is not None:
+                self.monitor.save_history()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):
@@ -160,19 +158,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
-
-    def _collect_checkpoints(self, trainer: Trainer) -> None:
-        """Attribute checkpoint files that appeared since the last save to the epoch that saved them."""
-        paths = set()
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                paths |= set(callback.best_k_models) | ({callback.last_model_path} - {""})
-        new = paths - self._known_checkpoints
-        self._known_checkpoints |= paths
-        if self._saved_at is not None:
-            for path in sorted(new):
-                self.monitor.ledger.note_checkpoint(*self._saved_at, path)
-            self._saved_at = None
 
 
 class StrategyCommunicator(Communicator):

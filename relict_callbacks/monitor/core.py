@@ -12,12 +12,16 @@ import logging
 import math
 import os
 
+import torch
+
 from ..bank import ReferenceBank
 from ..gallery import GalleryRow, gallery_figure, save_figure
+from ..intervals import rate_bounds, samples_to_certify
 from ..scoring import ReplicaScorer
-from . import presentation
+from ..validation import check_number
+from . import checkpoints, presentation
 from .communicator import Communicator
-from .ledger import Check, Ledger
+from .ledger import HIGH, LOW, RATE, Check, Ledger
 from .sampling import SamplerError, default_sampler, draw_samples
 from .stop import StopPolicy, StopReason
 
@@ -37,7 +41,11 @@ class Monitor:
         num_samples: samples drawn per check (split over processes in distributed training).
         every: check every ``every`` epochs (at epochs ``every-1, 2*every-1, ...``) and after the first epoch.
         alpha, rule, thresholds, search: passed to :class:`ReplicaScorer`.
-        max_replica_rate, patience, min_delta, stop_on: when to stop (see :class:`~.stop.StopPolicy`).
+        confidence: of each exact one-sided bound on the replica rate (``relict/replica_rate_low``/``_high``).
+        max_replica_rate, patience, min_delta, stop_on: when to stop (see :class:`~.stop.StopPolicy`): by default
+            once the lower bound is above ``max_replica_rate`` for ``patience`` checks (memorization detected).
+            ``max_replica_rate`` is also the limit a checkpoint must be certified under to be safe (see
+            :meth:`safe_checkpoint`).
         seed: seed of the sampling noise; the same every check, offset by the process rank.
         strict: raise on a failing check instead of logging it and going on.
         save_dir: if set, ``history.json`` and, per check, ``report-epoch=E.json`` and ``gallery-epoch=E.png``
@@ -45,6 +53,8 @@ class Monitor:
         gallery_size: pairs in a gallery; log_training_images: ``False`` keeps training images (patient data) out
             of every gallery, leaving synthetic images, ids and scores.
         device: where the bank is built and samples are scored.
+        checkpoint_dirs: folders whose checkpoint files :meth:`safe_checkpoint` considers (the adapters add their
+            framework's checkpoint folders by themselves).
 
     >>> import torch, relict_callbacks as rc
     >>> from relict_callbacks.monitor import Monitor
@@ -55,15 +65,18 @@ class Monitor:
     >>> monitor = Monitor(levels=[rc.VoxelLevel(grid=32)], num_samples=4, alpha=0.1, max_replica_rate=0.5)
     >>> monitor.prepare(train, progress=False)
     >>> check = monitor.check(Copier(), epoch=0, step=10)
-    >>> check.metrics["relict/replica_rate"], check.stop_reason.name
-    (1.0, 'RATE_ABOVE_LIMIT')
+    >>> check.metrics["relict/replica_rate"], round(check.metrics["relict/replica_rate_low"], 2)
+    (1.0, 0.47)
+    >>> monitor.certify(Copier(), num_samples=12).metrics["relict/replica_rate_low"] > 0.5  # 12 of 12: a copier
+    True
     """
 
     def __init__(self, bank: ReferenceBank | None = None, *, levels=None, cache_dir=None, holdout=None,
                  sampler=None, num_samples: int = 16, every: int = 1, alpha: float = 0.01, rule: str = "any",
-                 thresholds=None, search: str = "exact", max_replica_rate: float | None = None, patience: int = 1,
-                 min_delta: float = 0.0, stop_on=None, seed: int = 0, strict: bool = False, save_dir=None,
-                 gallery_size: int = 8, log_training_images: bool = True, device="cpu") -> None:
+                 thresholds=None, search: str = "exact", confidence: float = 0.95,
+                 max_replica_rate: float | None = None, patience: int = 1, min_delta: float = 0.0, stop_on=None,
+                 seed: int = 0, strict: bool = False, save_dir=None, gallery_size: int = 8,
+                 log_training_images: bool = True, device="cpu", checkpoint_dirs=()) -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
         if num_samples < 1 or every < 1:
@@ -73,7 +86,10 @@ class Monitor:
         self.bank, self.levels, self.cache_dir, self.holdout = bank, levels, cache_dir, holdout
         self.sampler = sampler or default_sampler
         self.num_samples, self.every, self.seed, self.strict = num_samples, every, seed, strict
-        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, device=device)
+        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, device=device,
+                                   confidence=confidence)
+        self.confidence = confidence
+        self.checkpoint_dirs = [str(folder) for folder in checkpoint_dirs]
         self.save_dir, self.device = save_dir, device
         self.gallery_size, self.log_training_images = gallery_size, log_training_images
         self.scorer: ReplicaScorer | None = None
@@ -89,7 +105,21 @@ class Monitor:
             log.info("relict: %s", self.bank.cache_message or f"reference bank of {len(self.bank)} images built")
         if self.scorer is None:
             self.scorer = ReplicaScorer(self.bank, **self.scorer_options)
+            self._warn_if_uncertifiable()
         self.image_shape = self.bank.image_shape
+
+    def _warn_if_uncertifiable(self) -> None:
+        """Say once if no routine check can ever certify the limit: even 0 flagged leaves the upper bound above it."""
+        limit = self.stop.max_replica_rate
+        if limit is None or rate_bounds(0, self.num_samples, self.confidence)[1] <= limit:
+            return
+        needed = (f"that needs num_samples >= {samples_to_certify(limit, self.confidence)}" if limit > 0
+                  else "no number of samples can")
+        log.warning("relict: %d samples per check can never certify a replica rate <= %g at %g%% confidence (0 of "
+                    "%d flagged still allows %.2f); %s. Checks still detect memorization; certify the checkpoint "
+                    "to ship with monitor.certify(model, num_samples=..., checkpoint=...)", self.num_samples, limit,
+                    100 * self.confidence, self.num_samples, rate_bounds(0, self.num_samples, self.confidence)[1],
+                    needed)
 
     def is_due(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is checked: the first epoch, then every ``every`` epochs."""
@@ -135,7 +165,7 @@ class Monitor:
         return check
 
     def _decide(self, check: Check, comm: Communicator) -> None:
-        check.stop_reason = self.stop.update(check.metrics["relict/replica_rate"], check.epoch)
+        check.stop_reason = self.stop.update(check.metrics[RATE], check.epoch, check.metrics.get(LOW))
         if check.stop_reason is not StopReason.NOT_STOPPED:
             check.stop_message = self.stop.message
             if comm.rank == 0:
@@ -181,14 +211,77 @@ class Monitor:
     def max_replica_rate(self) -> float | None:
         return self.stop.max_replica_rate
 
+    def published(self) -> dict[str, float]:
+        """What the adapters publish on every epoch for ``EarlyStopping``/``ModelCheckpoint``/``CheckpointSaver``:
+        the latest good check's metrics, never NaN; before the first, replica rate 1.0 (not certified) with bounds
+        0-1; ``relict/checked`` (0/1) and ``relict/check_failed`` (1 when the latest check failed)."""
+        return self.ledger.published()
+
+    def checkpoints(self) -> dict[str, int | None]:
+        """Every checkpoint file in :attr:`checkpoint_dirs`, with the step its content holds (read now)."""
+        return checkpoints.scan(self.checkpoint_dirs)
+
+    def note_checkpoints(self) -> None:
+        """Show, in the history, which file now holds each check's weights."""
+        self.ledger.note_files(self.checkpoints())
+
     def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
                         mode: str = "min") -> str | None:
-        """The latest (or best by ``metric``, ``mode`` ``"min"``/``"max"``) recorded checkpoint whose check had a
-        replica rate <= ``max_replica_rate`` (default: the monitor's); ``None`` when there is none."""
+        """The checkpoint to ship, verified now from the files' content: among files holding the weights of a
+        check (or certification) from before memorization was detected (a lower bound above the limit) whose upper
+        bound is <= ``max_replica_rate`` (default: the monitor's), the latest, or the best by ``metric`` in
+        ``mode`` (``"min"``/``"max"``). ``None`` when none qualifies; :attr:`safe_checkpoint_reason` says why."""
+        files = self.checkpoints()
+        self.ledger.note_files(files)
+        return self.ledger.safe_checkpoint(files, self._limit(max_replica_rate), metric, mode)
+
+    @property
+    def safe_checkpoint_reason(self) -> str | None:
+        """Why the last :meth:`safe_checkpoint` returned ``None`` (``None`` when it named a file)."""
+        return self.ledger.reason
+
+    def checkpoint_to_certify(self, max_replica_rate: float | None = None) -> str | None:
+        """The latest checkpoint file holding a check from before detection whose replica rate was <= the limit:
+        the one to :meth:`certify` when the routine checks are too small to certify it."""
+        files, limit = self.checkpoints(), self._limit(max_replica_rate)
+        fitting = [e for e in self.ledger.candidates(files, limit) if e[RATE] <= limit]
+        return self.ledger.holder(files, fitting[-1]["step"]) if fitting else None
+
+    def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
+        """Score ``num_samples`` fresh samples (drawn ``self.num_samples`` at a time, with noise unlike the routine
+        checks') of ``model``, or of ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights are
+        in the file; default ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI)).
+
+        A checkpoint's certification is recorded in the history (``kind="certify"``) for the step the file holds,
+        and outweighs that step's routine check in :meth:`safe_checkpoint`. Single process: call it on rank 0."""
+        check_number("num_samples", num_samples, low=1, integer=True)
+        step = None
+        if checkpoint is not None:
+            step = checkpoints.saved_step(checkpoint)
+            model.load_state_dict(_weights(torch.load(checkpoint, map_location="cpu", weights_only=True), model, key))
+        images, labels = [], []
+        for first in range(0, num_samples, self.num_samples):
+            count = min(self.num_samples, num_samples - first)
+            drawn, drawn_labels = draw_samples(self.sampler, model, count, self.seed + 100_003 + first,
+                                               self.image_shape)
+            images.append(drawn)
+            labels.append(drawn_labels)
+        report = self.scorer.score(torch.cat(images), None if labels[0] is None else torch.cat(labels))
+        epoch = max((e["epoch"] for e in self.history if step is not None and e["step"] <= step), default=-1)
+        check = Check(epoch, -1 if step is None else step, report.metrics(), report, num_samples=num_samples,
+                      kind="certify")
+        log.info("relict: certified %s: %d of %d samples flagged, replica rate <= %.3f (%g%% upper bound)",
+                 checkpoint or "the model", round(check.metrics[RATE] * num_samples), num_samples,
+                 check.metrics[HIGH], 100 * self.confidence)
+        if step is not None:
+            self._record(check)
+        return check
+
+    def _limit(self, max_replica_rate: float | None) -> float:
         limit = self.stop.max_replica_rate if max_replica_rate is None else max_replica_rate
         if limit is None:
             raise ValueError("pass max_replica_rate=... (the monitor has none)")
-        return self.ledger.safe_checkpoint(limit, metric, mode)
+        return limit
 
     def gallery(self, check: Check) -> list[GalleryRow]:
         """The check's most similar sample/training pairs, as the monitor's gallery options say."""
@@ -211,3 +304,18 @@ class Monitor:
         self.ledger.entries = [dict(e) for e in state.get("history", [])]
         self.stop.load_state_dict(state)
         self.seed = state.get("seed", self.seed)
+
+
+def _weights(content, model, key: str | None) -> dict:
+    """The model weights inside a loaded checkpoint (Lightning: ``state_dict``; MONAI: the entry with the model's
+    keys)."""
+    if key is not None:
+        return content[key]
+    if "state_dict" in content:
+        return content["state_dict"]
+    wanted = set(model.state_dict())
+    found = [value for value in content.values() if isinstance(value, dict) and set(value) == wanted]
+    if not found:
+        raise ValueError(f"no entry of the checkpoint ({sorted(content)}) holds {type(model).__name__}'s weights; "
+                         "pass key=...")
+    return found[0]

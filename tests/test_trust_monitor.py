@@ -1,0 +1,94 @@
+"""Trust: the monitor never kills a fit it only observes, calls a checkpoint safe only if the file holds weights
+certified (upper bound <= limit) before memorization was detected (lower bound > limit), and certifies on demand."""
+
+import logging
+
+import pytest
+import torch
+from faults import fails_first
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning_models import TurnsCopier, loader, phantoms, trainer
+
+import relict_callbacks as rc
+from relict_callbacks.integrations.lightning import ReplicaMonitor
+from relict_callbacks.monitor import Monitor
+from relict_callbacks.monitor.checkpoints import saved_step
+
+# 16 samples: 0 of 16 bounds the rate at 0.17 <= 0.3 (certified); 16 of 16 at >= 0.83 > 0.3 (detected)
+LIMIT, SAMPLES = 0.3, 16
+
+
+def test_monitor_is_public():
+    assert rc.Monitor is Monitor
+
+
+def test_lightning_fit_survives_a_failed_first_check_and_last_ckpt_is_judged_by_content(tmp_path):
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=fails_first(), num_samples=SAMPLES, alpha=0.1,
+                             max_replica_rate=LIMIT, progress=False)
+    seen = []
+
+    class Spy(EarlyStopping):  # EarlyStopping at its defaults (strict=True, check_finite=True), recording values
+        def _run_early_stopping_check(self, trainer):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("relict/")})
+            super()._run_early_stopping_check(trainer)
+
+    readme = EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=LIMIT, patience=10**6)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="relict/replica_rate", save_top_k=-1, save_last=True,
+                            filename="{epoch}")
+    fit = trainer(tmp_path, 8, [Spy(monitor="relict/replica_rate"), readme, monitor, every])
+    fit.fit(TurnsCopier(train, copy_from=3), loader(train))
+
+    assert "CUDA out of memory" in monitor.history[0]["error"]
+    assert [e["relict/replica_rate"] for e in monitor.history[1:]] == [0.0, 0.0, 1.0]
+    assert seen[0]["relict/replica_rate"] == 1.0 and seen[0]["relict/checked"] == 0  # not certified, never NaN
+    assert seen[0]["relict/check_failed"] == 1 and seen[1]["relict/check_failed"] == 0
+    assert fit.current_epoch == 4 and monitor.stopping_reason.name == "RATE_ABOVE_LIMIT"  # detected at epoch 3
+    assert readme.stopped_epoch == 3  # the README recipe (lower bound above the limit) agrees
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert saved_step(last) == monitor.history[-1]["step"]  # last.ckpt holds the epoch that copied
+    assert monitor.safe_checkpoint() == str(tmp_path / "ckpt" / "epoch=2.ckpt")
+    torch.save(torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True), last)  # rewritten with epoch 2
+    (tmp_path / "ckpt" / "epoch=2.ckpt").unlink()
+    (tmp_path / "ckpt" / "epoch=1.ckpt").unlink()
+    assert monitor.safe_checkpoint() == str(last)  # the same name, now certified content
+    (tmp_path / "ckpt" / "epoch=0.ckpt").unlink()
+    last.unlink()
+    assert monitor.safe_checkpoint() is None
+    assert "no checkpoint file holds the weights of a check before memorization was detected at epoch 3" in \
+        monitor.monitor.safe_checkpoint_reason
+
+
+def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path, caplog):
+    """ModelCheckpoint without a monitor (every epoch) and Lightning's default one; 4 samples per check can never
+    certify 0.3, which is said at the start; certify() with many samples makes the checkpoint safe."""
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=LIMIT,
+                             progress=False)
+    keep = ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    fit = trainer(tmp_path, 3, [monitor, keep])
+    with caplog.at_level(logging.WARNING):
+        fit.fit(TurnsCopier(train, copy_from=100), loader(train))
+    assert caplog.text.count("4 samples per check can never certify a replica rate <= 0.3") == 1
+    assert "num_samples >= 9" in caplog.text
+
+    files = monitor.monitor.checkpoints()
+    assert {p.rsplit("/", 1)[-1] for p in files} == {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"}
+    assert [e["checkpoint"] is not None for e in monitor.history] == [True, True, True]
+    assert monitor.safe_checkpoint() is None  # 0 of 4 only bounds the rate at 0.53
+    reason = monitor.monitor.safe_checkpoint_reason
+    assert "epoch=2.ckpt" in reason and "0.53 > 0.30" in reason and "monitor.certify" in reason
+
+    candidate = monitor.monitor.checkpoint_to_certify()
+    assert candidate.endswith("epoch=2.ckpt")
+    check = monitor.monitor.certify(TurnsCopier(train, copy_from=100), num_samples=SAMPLES, checkpoint=candidate)
+    assert check.kind == "certify" and check.metrics["relict/replica_rate_high"] < LIMIT
+    assert monitor.history[-1]["kind"] == "certify" and monitor.history[-1]["step"] == saved_step(candidate)
+    assert monitor.safe_checkpoint() == candidate
+    assert "(certification)" in monitor.monitor.history_table()
+
+    default = trainer(tmp_path / "default", 2, [monitor := ReplicaMonitor(
+        levels=[rc.VoxelLevel()], num_samples=SAMPLES, alpha=0.1, max_replica_rate=LIMIT, progress=False)])
+    default.fit(TurnsCopier(train, copy_from=100), loader(train))  # Lightning's own ModelCheckpoint: last epoch only
+    assert monitor.safe_checkpoint().endswith("epoch=1-step=4.ckpt")
