@@ -92,3 +92,42 @@ def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path,
         levels=[rc.VoxelLevel()], num_samples=SAMPLES, alpha=0.1, max_replica_rate=LIMIT, progress=False)])
     default.fit(TurnsCopier(train, copy_from=100), loader(train))  # Lightning's own ModelCheckpoint: last epoch only
     assert monitor.safe_checkpoint().endswith("epoch=1-step=4.ckpt")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: a second thread only adds synchronisation on shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_monai_trainer_survives_a_failed_first_check_and_best_pt_is_judged_by_content(tmp_path, one_thread):
+    from monai.handlers import CheckpointSaver, EarlyStopHandler
+    from monai_engines import copier_trainer
+
+    from relict_callbacks.integrations.monai import ReplicaMonitorHandler
+
+    relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], sampler=fails_first(), num_samples=SAMPLES,
+                                   alpha=0.1, max_replica_rate=LIMIT, patience=2, progress=False)
+    trainer = copier_trainer(phantoms(8), 6, [], copy_from=3)
+    saver = CheckpointSaver(tmp_path / "ckpt", {"net": trainer.network, "relict": relict}, save_key_metric=True,
+                            key_metric_name="relict/replica_rate", key_metric_negative_sign=True,
+                            key_metric_filename="best.pt", key_metric_greater_or_equal=True, save_final=True,
+                            final_filename="final.pt")
+    stop = EarlyStopHandler(patience=10, score_function=lambda engine: -engine.state.metrics["relict/replica_rate"],
+                            trainer=trainer)
+    for handler in (relict, saver, stop):
+        handler.attach(trainer)
+    trainer.run()
+
+    assert "CUDA out of memory" in relict.history[0]["error"]
+    assert [e["relict/replica_rate"] for e in relict.history[1:]] == [0.0, 0.0, 1.0, 1.0]
+    assert trainer.state.epoch == 5 and relict.stopping_reason.name == "RATE_ABOVE_LIMIT"
+    assert trainer.state.metrics["relict/checked"] == 1 and trainer.state.metrics["relict/check_failed"] == 0
+    # best.pt was written at epochs 0 (rate 1.0 = not checked), 1 and 2 (ties replace it): it holds epoch 2 now
+    assert saved_step(tmp_path / "ckpt" / "best.pt") == relict.history[2]["step"]
+    assert saved_step(tmp_path / "ckpt" / "final.pt") == relict.history[-1]["step"]
+    assert relict.safe_checkpoint() == str(tmp_path / "ckpt" / "best.pt")
+    assert [e["checkpoint"] for e in relict.history] == [None, None, str(tmp_path / "ckpt" / "best.pt"), None,
+                                                         str(tmp_path / "ckpt" / "final.pt")]
