@@ -105,7 +105,8 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if isinstance(outcome, str):
             raise RuntimeError(f"ReplicaMonitor could not build its reference bank on rank 0: {outcome}")
         self.monitor.image_shape = outcome
-        folders = [str(c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        folders = [str(c.dirpath) for c in trainer.checkpoint_callbacks
+                   if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
         self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
         self._add_logger_sinks(trainer)
 
@@ -135,10 +136,10 @@ class ReplicaMonitor(MonitorAdapter, Callback):
             self.stopped_epoch = epoch
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.monitor.note_checkpoints()
-            if self.monitor.save_dir is not None:
-                self.monitor.save_history()
+        files = self.monitor.checkpoints() if trainer.is_global_zero else None
+        self.monitor.ledger.note_files(trainer.strategy.broadcast(files, src=0))  # the same history on every rank
+        if self.monitor.save_dir is not None and trainer.is_global_zero:
+            self.monitor.save_history()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):
