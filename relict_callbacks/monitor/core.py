@@ -12,16 +12,13 @@ import logging
 import math
 import os
 
-import torch
-
 from ..bank import ReferenceBank
 from ..gallery import GalleryRow, gallery_figure, save_figure
 from ..intervals import rate_bounds, samples_to_certify
 from ..scoring import ReplicaScorer
-from ..validation import check_number
-from . import checkpoints, presentation
+from . import certification, checkpoints, presentation
 from .communicator import Communicator
-from .ledger import HIGH, LOW, RATE, Check, Ledger
+from .ledger import LOW, RATE, Check, Ledger
 from .sampling import SamplerError, default_sampler, draw_samples
 from .stop import StopPolicy, StopReason
 
@@ -248,34 +245,9 @@ class Monitor:
         return self.ledger.holder(files, fitting[-1]["step"]) if fitting else None
 
     def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
-        """Score ``num_samples`` fresh samples (drawn ``self.num_samples`` at a time, with noise unlike the routine
-        checks') of ``model``, or of ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights are
-        in the file; default ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI)).
-
-        A checkpoint's certification is recorded in the history (``kind="certify"``) for the step the file holds,
-        and outweighs that step's routine check in :meth:`safe_checkpoint`. Single process: call it on rank 0."""
-        check_number("num_samples", num_samples, low=1, integer=True)
-        step = None
-        if checkpoint is not None:
-            step = checkpoints.saved_step(checkpoint)
-            model.load_state_dict(_weights(torch.load(checkpoint, map_location="cpu", weights_only=True), model, key))
-        images, labels = [], []
-        for first in range(0, num_samples, self.num_samples):
-            count = min(self.num_samples, num_samples - first)
-            drawn, drawn_labels = draw_samples(self.sampler, model, count, self.seed + 100_003 + first,
-                                               self.image_shape)
-            images.append(drawn)
-            labels.append(drawn_labels)
-        report = self.scorer.score(torch.cat(images), None if labels[0] is None else torch.cat(labels))
-        epoch = max((e["epoch"] for e in self.history if step is not None and e["step"] <= step), default=-1)
-        check = Check(epoch, -1 if step is None else step, report.metrics(), report, num_samples=num_samples,
-                      kind="certify")
-        log.info("relict: certified %s: %d of %d samples flagged, replica rate <= %.3f (%g%% upper bound)",
-                 checkpoint or "the model", round(check.metrics[RATE] * num_samples), num_samples,
-                 check.metrics[HIGH], 100 * self.confidence)
-        if step is not None:
-            self._record(check)
-        return check
+        """Score ``num_samples`` fresh samples of ``model`` or of ``checkpoint``'s weights loaded into it; see
+        :func:`.certification.certify`."""
+        return certification.certify(self, model, num_samples, checkpoint, key)
 
     def _limit(self, max_replica_rate: float | None) -> float:
         limit = self.stop.max_replica_rate if max_replica_rate is None else max_replica_rate
@@ -305,17 +277,3 @@ class Monitor:
         self.stop.load_state_dict(state)
         self.seed = state.get("seed", self.seed)
 
-
-def _weights(content, model, key: str | None) -> dict:
-    """The model weights inside a loaded checkpoint (Lightning: ``state_dict``; MONAI: the entry with the model's
-    keys)."""
-    if key is not None:
-        return content[key]
-    if "state_dict" in content:
-        return content["state_dict"]
-    wanted = set(model.state_dict())
-    found = [value for value in content.values() if isinstance(value, dict) and set(value) == wanted]
-    if not found:
-        raise ValueError(f"no entry of the checkpoint ({sorted(content)}) holds {type(model).__name__}'s weights; "
-                         "pass key=...")
-    return found[0]
