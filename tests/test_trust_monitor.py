@@ -19,7 +19,9 @@ LIMIT, SAMPLES = 0.3, 16
 
 
 def test_monitor_is_public():
-    assert rc.Monitor is Monitor
+    from relict_callbacks.monitor import SamplerError, StopReason
+
+    assert (rc.Monitor, rc.StopReason, rc.SamplerError) == (Monitor, StopReason, SamplerError)
 
 
 def test_lightning_fit_survives_a_failed_first_check_and_last_ckpt_is_judged_by_content(tmp_path):
