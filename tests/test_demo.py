@@ -43,7 +43,8 @@ def test_relict_demo_training_runs_end_to_end(tmp_path):
                                                                              "last.ckpt"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] in ("NOT_STOPPED", "RATE_ABOVE_LIMIT")
-    assert set(summary["stage_seconds"]) == {"bank build", "training", "sampling + scoring", "certification"}
+    assert set(summary["stage_seconds"]) == {"bank build", "training", "checks (sampling, scoring, galleries)",
+                                             "certification"}
     assert f"wall time {summary['seconds']:.0f} s: bank build" in result.stdout
     if summary["certified"] is not None:  # the latest clean checkpoint, scored with 48 fresh samples
         assert history[-1]["kind"] == "certify" and history[-1]["samples"] == 48
