@@ -133,3 +133,37 @@ def test_monai_trainer_survives_a_failed_first_check_and_best_pt_is_judged_by_co
     assert relict.safe_checkpoint() == str(tmp_path / "ckpt" / "best.pt")
     assert [e["checkpoint"] for e in relict.history] == [None, None, str(tmp_path / "ckpt" / "best.pt"), None,
                                                          str(tmp_path / "ckpt" / "final.pt")]
+
+
+def measured(epoch, flagged, samples, kind="check"):
+    from relict_callbacks.intervals import rate_bounds
+    from relict_callbacks.monitor.ledger import Check
+
+    low, high = rate_bounds(flagged, samples)
+    return Check(epoch, 10 * (epoch + 1), {"relict/replica_rate": flagged / samples, "relict/replica_rate_low": low,
+                                           "relict/replica_rate_high": high}, num_samples=samples, kind=kind)
+
+
+@pytest.mark.parametrize("checks, files, expected, reason", [
+    # 0 of 8 only bounds the rate at 0.31: never certified under 0.1, however clean
+    ([(0, 0, 8), (1, 0, 8)], {"a": 10, "b": 20}, None, "bounds the replica rate only at 0.31 > 0.10"),
+    # 0 of 40 certifies 0.1 (upper bound 0.072); the later, detected check (3 of 8: lower bound 0.11) is not safe
+    ([(0, 0, 40), (1, 3, 8)], {"a": 10, "b": 20}, "a", None),
+    # a check after detection is never safe, even when it certifies (memorization may hide in 0 of 40)
+    ([(0, 4, 8), (1, 0, 40)], {"a": 10, "b": 20}, None, "before memorization was detected at epoch 0"),
+    # the certification of a step (48 samples) outweighs its routine check (8 samples)
+    ([(0, 0, 8), (0, 0, 48, "certify")], {"a": 10}, "a", None),
+    # a file that now holds another step (last.ckpt rewritten) or no step at all does not stand for a check
+    ([(0, 0, 40)], {"last.ckpt": 30, "x.pt": None}, None, "none of the 2 checkpoint file(s) holds the weights"),
+    ([(0, 0, 40)], {}, None, "no checkpoint files found"),
+    # between two files holding one step, the one whose name is not reused
+    ([(0, 0, 40)], {"last.ckpt": 10, "epoch=0.ckpt": 10}, "epoch=0.ckpt", None),
+])
+def test_safe_checkpoint_verdicts(checks, files, expected, reason):
+    from relict_callbacks.monitor.ledger import Ledger
+
+    ledger = Ledger()
+    for check in checks:
+        ledger.record(measured(*check))
+    assert ledger.safe_checkpoint(files, max_replica_rate=0.1) == expected
+    assert (ledger.reason is None) if reason is None else (reason in ledger.reason)
