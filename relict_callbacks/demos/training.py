@@ -1,7 +1,7 @@
 """Catch a diffusion model memorizing its training patients, while it trains, and certify the checkpoint to ship.
 
-A small MONAI ``DiffusionModelUNet`` (DDPM) is trained with Lightning on three 2D phantom head CTs, long enough to
-start copying them. ``ReplicaMonitor`` samples it every few epochs with the same DDIM noise, scores the samples
+A small MONAI ``DiffusionModelUNet`` (DDPM) is trained with Lightning on three 16x16 phantom head CTs, long enough
+to start copying them. ``ReplicaMonitor`` samples it every few epochs with the same DDIM noise, scores the samples
 against a reference bank of the training set (calibrated on unseen phantom patients) and logs the replica rate
 with its exact 95% bounds. Memorization is *detected* when the lower bound is above the limit (0.1); training stops
 after two such checks. A routine check of 8 samples can never certify a rate <= 0.1 (that takes 29), so at the end
@@ -84,11 +84,11 @@ class Stopwatch:
 
 
 def main(out="relict_demo", n_train: int = 3, size: int = 16, max_epochs: int = 150, every_n_epochs: int = 10,
-         steps_per_epoch: int = 4, batch_size: int = 24, num_samples: int = 8, certify_samples: int = 48, progress: bool = True,
-         started: float = LOADED) -> ReplicaMonitor:
+         steps_per_epoch: int = 4, batch_size: int = 24, num_samples: int = 8, certify_samples: int = 48,
+         progress: bool = True, started: float = LOADED) -> ReplicaMonitor:
     """Train, monitor, certify, print a summary; outputs (history, per-check reports, checkpoints, CSV logs) go to
     ``out``. ``started``: when the run began (``time.perf_counter()``), for the wall time; default: when this
-    module was loaded."""
+    module was loaded. Sets torch to one intra-op thread (fastest for this tiny network)."""
     watch, out = Stopwatch(), Path(out)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a network this small only loses time to a second thread's synchronisation
