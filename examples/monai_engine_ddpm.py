@@ -6,7 +6,9 @@ as its inferer, ``DiffusionPrepareBatch`` drawing the noise and timesteps) on a 
 reference bank of the training set (calibrated on unseen phantom patients), writes the replica metrics into
 ``engine.state.metrics`` and terminates the engine once most samples are copies. A ``CheckpointSaver`` keyed on
 ``relict/replica_rate`` keeps the checkpoint with the lowest replica rate, and the handler's ``state_dict`` goes
-into it, so ``CheckpointLoader`` resumes the monitor too.
+into it, so ``CheckpointLoader`` resumes the monitor too, and the file says which engine step it holds: the handler
+finds the saver's folder by itself and names a file safe only if it holds a step certified (upper bound of the
+replica rate <= the limit) before memorization was detected (lower bound above the limit).
 
 Run it with ``python examples/monai_engine_ddpm.py --out relict_monai`` (about 10 s on 2 CPU cores).
 """
@@ -52,7 +54,7 @@ def main(out="relict_monai", n_train: int = 8, size: int = 16, max_epochs: int =
         levels=[VoxelLevel()], holdout=holdout, cache_dir=out / "cache", alpha=0.05, num_samples=8,
         sampler=DiffusionSampler(DDIMScheduler(num_train_timesteps=TIMESTEPS), (1, size, size),
                                  num_inference_steps=10),
-        interval=interval, max_replica_rate=0.5, patience=1, save_dir=out, checkpoint_dir=out / "checkpoints",
+        interval=interval, max_replica_rate=0.5, patience=1, save_dir=out,
         progress=progress)  # the bank is built from the trainer's data_loader.dataset: the 8 training patients
     trainer = SupervisedTrainer(
         device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=unet,
@@ -73,7 +75,8 @@ def main(out="relict_monai", n_train: int = 8, size: int = 16, max_epochs: int =
     verdict = relict.stopping_reason_message or f"not stopped (ran {trainer.state.epoch} epochs)"
     safe = relict.safe_checkpoint()
     print(f"stopped: {verdict}")
-    print(f"checkpoint to ship (replica rate <= 0.5): {safe}")
+    print(f"checkpoint to ship (certified <= 0.5 before detection): "
+          f"{safe or f'none: {relict.monitor.safe_checkpoint_reason}'}")
     summary = {"stopped": relict.stopping_reason.name, "message": relict.stopping_reason_message,
                "safe_checkpoint": safe, "seconds": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -19,10 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ReferenceBank", "BankError", "ItemError", "Level", "VoxelLevel", "FeatureLevel", "SegmentationLevel",
     "ReplicaScorer", "ReplicaReport", "SampleRecord", "LevelMatch", "RankTest", "FaissIndex", "data", "Monitor",
-    "ReplicaMonitor", "ReplicaMonitorHandler",
+    "StopReason", "SamplerError", "ReplicaMonitor", "ReplicaMonitorHandler",
 ]
 
-_LAZY = {"Monitor": "relict_callbacks.monitor",
+_LAZY = {"Monitor": "relict_callbacks.monitor", "StopReason": "relict_callbacks.monitor",
+         "SamplerError": "relict_callbacks.monitor",
          "ReplicaMonitor": "relict_callbacks.integrations.lightning",
          "ReplicaMonitorHandler": "relict_callbacks.integrations.monai"}
 

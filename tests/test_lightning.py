@@ -70,13 +70,13 @@ def test_same_noise_every_check_and_training_rng_untouched(tmp_path):
 
 def test_gan_stops_when_samples_count_as_replicas(tmp_path):
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], thresholds={"voxel": -1.0}, num_samples=4,
-                             every_n_epochs=2, max_replica_rate=0.5, patience=2, progress=False)
+                             every_n_epochs=2, max_replica_rate=0.4, patience=2, progress=False)
     fit = trainer(tmp_path, 10, [monitor])
     fit.fit(TinyGAN(), loader(phantoms(8)))
     assert [entry["epoch"] for entry in monitor.history] == [0, 1]
     assert fit.current_epoch == 2 and monitor.stopped_epoch == 1
     assert monitor.stopping_reason is StopReason.RATE_ABOVE_LIMIT
-    assert monitor.stopping_reason_message == "replica rate 1.00 > 0.50 for 2 checks at epoch 1"
+    assert monitor.stopping_reason_message == "replica rate 1.00 (lower bound 0.47) > 0.40 for 2 checks at epoch 1"
 
 
 def test_rising_rate_stops_and_checkpoints_follow_the_replica_rate(tmp_path):
@@ -93,7 +93,7 @@ def test_rising_rate_stops_and_checkpoints_follow_the_replica_rate(tmp_path):
                                                                                    (5, 1.0)]
     assert monitor.stopping_reason is StopReason.RATE_RISING and fit.current_epoch == 6
     assert best.best_model_path.endswith("epoch=1.ckpt")  # the first with the lowest rate; later ties do not win
-    assert monitor.safe_checkpoint(max_replica_rate=0.0) == best.best_model_path
+    assert monitor.safe_checkpoint(max_replica_rate=0.6) == best.best_model_path  # 0 of 4: rate <= 0.53
     assert [e["checkpoint"] is not None for e in monitor.history] == [False, True, False, False]  # top-1 only
 
 
@@ -109,15 +109,15 @@ def test_early_stopping_and_checkpoint_recipe_with_every_n_epochs(tmp_path):
     fit.fit(TurnsCopier(train, copy_from=4), loader(train))
     assert stop.stopped_epoch == 5 and fit.current_epoch == 6
     assert [e["epoch"] for e in monitor.history] == [0, 2, 5]
-    assert monitor.safe_checkpoint(max_replica_rate=0.0).endswith("epoch=2.ckpt")
-    assert monitor.safe_checkpoint(max_replica_rate=0.0, metric="train_loss") is not None
+    assert monitor.safe_checkpoint(max_replica_rate=0.6).endswith("epoch=2.ckpt")  # 0 of 4: rate <= 0.53
+    assert monitor.safe_checkpoint(max_replica_rate=0.6, metric="train_loss") is not None
 
 
 def test_resume_keeps_history_and_patience(tmp_path):
     train = phantoms(8)
 
     def monitor():
-        return ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.5,
+        return ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.4,
                               patience=3, cache_dir=tmp_path / "cache", seed=3, progress=False)
 
     first = monitor()
@@ -132,7 +132,7 @@ def test_resume_keeps_history_and_patience(tmp_path):
     assert "reused cached bank" in resumed.monitor.bank.cache_message
     assert [e["epoch"] for e in resumed.history] == [0, 1, 2, 3]  # one more check was enough: patience carried over
     assert resumed.stopping_reason is StopReason.RATE_ABOVE_LIMIT and resumed.monitor.seed == 3
-    assert resumed.stopping_reason_message == "replica rate 1.00 > 0.50 for 3 checks at epoch 3"
+    assert resumed.stopping_reason_message == "replica rate 1.00 (lower bound 0.47) > 0.40 for 3 checks at epoch 3"
 
 
 @pytest.mark.parametrize("kind, message", [("raises", "raised RuntimeError: CUDA out of memory"),

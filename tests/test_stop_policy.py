@@ -5,7 +5,8 @@ import math
 import pytest
 
 from relict_callbacks.monitor import Check, StopReason
-from relict_callbacks.monitor.ledger import Ledger
+from relict_callbacks.intervals import rate_bounds
+from relict_callbacks.monitor.ledger import HIGH, LOW, RATE, Ledger
 from relict_callbacks.monitor.stop import StopPolicy
 
 LIMIT, RISING, NOT = StopReason.RATE_ABOVE_LIMIT, StopReason.RATE_RISING, StopReason.NOT_STOPPED
@@ -83,54 +84,55 @@ def test_bad_options_are_named(options, message):
         StopPolicy(**options)
 
 
-def ledger_of(tmp_path, rates, metrics=None, errors=(), files=None) -> Ledger:
-    """A ledger with one check per rate (epoch i, step 10*i) and a checkpoint file ``epoch=i.ckpt`` for each."""
+N = 59  # samples per check: 0 of 59 flagged certifies 0.1 (upper bound 0.049); 35 of 59 detects (lower bound > 0.1)
+
+
+def ledger_of(flagged, metrics=None, errors=(), files=None) -> tuple[Ledger, dict[str, int]]:
+    """A ledger with one check per count of flagged samples (epoch i, step 10*i, exact bounds), and the checkpoint
+    files (path -> the step their content holds) ``epoch=i.ckpt`` for the epochs in ``files`` (default: all)."""
     ledger = Ledger()
-    for epoch, rate in enumerate(rates):
+    for epoch, k in enumerate(flagged):
+        low, high = rate_bounds(k, N)
         extra = {} if metrics is None else {"val": metrics[epoch]}
-        error = "sampler failed" if epoch in errors else None
-        ledger.record(Check(epoch, 10 * epoch, {} if error else {"relict/replica_rate": rate}, error=error), extra)
-        path = tmp_path / f"epoch={epoch}.ckpt"
-        if files is None or epoch in files:
-            path.write_bytes(b"weights")
-        ledger.note_checkpoint(epoch, 10 * epoch, str(path))
-    return ledger
+        measured = {} if epoch in errors else {RATE: k / N, LOW: low, HIGH: high}
+        ledger.record(Check(epoch, 10 * epoch, measured, num_samples=N,
+                            error="sampler failed" if epoch in errors else None), extra)
+    held = {f"/ckpt/epoch={epoch}.ckpt": 10 * epoch for epoch in range(len(flagged)) if files is None or epoch in files}
+    return ledger, held
 
 
-@pytest.mark.parametrize("rates, choose, expected", [
-    ([0.0, 0.0, 0.6], dict(), 1),  # the latest whose rate stayed under the limit
-    ([0.0, 0.1, 0.2], dict(), 1),  # at the limit is safe
-    ([0.6, 0.7], dict(), None),  # none is safe
-    ([0.0, 0.0, 0.0], dict(metric="val", mode="min"), 1),  # val: 0.5, 0.3, 0.4
-    ([0.0, 0.0, 0.0], dict(metric="val", mode="max"), 0),
-    ([0.0, 0.6, 0.0], dict(metric="val", mode="min"), 2),  # the best (epoch 1) copied
-    ([0.0, 0.0, 0.0], dict(files={0, 2}), 2),
-    ([0.0, 0.0, 0.0], dict(files={0, 1}), 1),  # a deleted file is not offered
-    ([0.0, 0.0, 0.0], dict(errors={2}), 1),  # a failed check vouches for nothing
+@pytest.mark.parametrize("flagged, choose, expected", [
+    ([0, 0, 35], dict(), 1),  # the latest certified before memorization was detected (epoch 2)
+    ([0, 3, 6], dict(), 0),  # 3 of 59 is under 0.1 but its upper bound (0.13) is not: not certified
+    ([35, 40], dict(), None),  # none is safe
+    ([0, 0, 0], dict(metric="val", mode="min"), 1),  # val: 0.5, 0.3, 0.4
+    ([0, 0, 0], dict(metric="val", mode="max"), 0),
+    ([0, 35, 0], dict(metric="val", mode="min"), 0),  # detected at epoch 1: epoch 2 comes after, never safe
+    ([0, 0, 0], dict(files={0, 2}), 2),
+    ([0, 0, 0], dict(files={0, 1}), 1),  # a file that is gone is not offered
+    ([0, 0, 0], dict(errors={2}), 1),  # a failed check vouches for nothing
 ])
-def test_safe_checkpoint_choice(tmp_path, rates, choose, expected):
+def test_safe_checkpoint_choice(flagged, choose, expected):
     files, errors = choose.pop("files", None), choose.pop("errors", ())
-    ledger = ledger_of(tmp_path, rates, metrics=[0.5, 0.3, 0.4], errors=errors, files=files)
-    chosen = ledger.safe_checkpoint(0.1, **choose)
-    assert chosen == (None if expected is None else str(tmp_path / f"epoch={expected}.ckpt"))
+    ledger, held = ledger_of(flagged, metrics=[0.5, 0.3, 0.4], errors=errors, files=files)
+    chosen = ledger.safe_checkpoint(held, 0.1, **choose)
+    assert chosen == (None if expected is None else f"/ckpt/epoch={expected}.ckpt")
+    assert (ledger.reason is None) == (expected is not None)
 
 
-def test_non_finite_metric_is_not_best(tmp_path):
-    ledger = ledger_of(tmp_path, [0.0, 0.0], metrics=[0.5, float("nan")])
-    assert ledger.safe_checkpoint(0.1, metric="val", mode="min") == str(tmp_path / "epoch=0.ckpt")
+def test_non_finite_metric_is_not_best():
+    ledger, held = ledger_of([0, 0], metrics=[0.5, float("nan")])
+    assert ledger.safe_checkpoint(held, 0.1, metric="val", mode="min") == "/ckpt/epoch=0.ckpt"
 
 
-def test_rewritten_file_belongs_to_the_latest_check(tmp_path):
-    ledger = ledger_of(tmp_path, [0.0, 0.6], files=set())
-    last = tmp_path / "last.ckpt"
-    last.write_bytes(b"weights")
-    ledger.note_checkpoint(0, 0, str(last))
-    assert ledger.safe_checkpoint(0.1) == str(last)
-    ledger.note_checkpoint(1, 10, str(last))  # last.ckpt now holds epoch 1's weights, which copied
-    assert ledger.safe_checkpoint(0.1) is None
-    assert [e["checkpoint"] for e in ledger.entries] == [None, str(last)]
+def test_a_rewritten_file_is_judged_by_the_step_it_holds_now():
+    ledger, _ = ledger_of([0, 35])
+    assert ledger.safe_checkpoint({"/ckpt/last.ckpt": 0}, 0.1) == "/ckpt/last.ckpt"
+    assert ledger.safe_checkpoint({"/ckpt/last.ckpt": 10}, 0.1) is None  # now epoch 1's weights, which copied
+    assert "no checkpoint file holds the weights of a check before memorization was detected" in ledger.reason
 
 
-def test_bad_mode_is_named(tmp_path):
+def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'best'"):
-        ledger_of(tmp_path, [0.0]).safe_checkpoint(0.1, metric="val", mode="best")
+        ledger, held = ledger_of([0])
+        ledger.safe_checkpoint(held, 0.1, metric="val", mode="best")

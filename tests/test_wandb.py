@@ -27,7 +27,7 @@ def wandb_dir(tmp_path, monkeypatch):
 
 def fit_with_wandb(tmp_path):
     train = phantoms(8)
-    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.5, patience=2,
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.4, patience=2,
                              gallery_size=3, progress=False)
     logger = WandbLogger(offline=True, save_dir=tmp_path, project="relict-test")
     trainer(tmp_path, 6, [monitor], logger=logger).fit(TurnsCopier(train, copy_from=1), loader(train))
@@ -66,9 +66,12 @@ def test_metrics_histograms_gallery_and_alerts_reach_wandb(wandb_dir):
     assert len(images) >= 3 * 3  # sample, nearest and difference for each row (identical PNGs are stored once)
 
     alerts = [(a.title, a.text, a.level) for a in of_type(records, "alert")]
-    assert alerts == [("Replica rate above limit", "replica rate 1.00 > 0.50 at epoch 1: samples copy training "
-                       "patients", "WARN"),
-                      ("Training stopped: memorization", "replica rate 1.00 > 0.50 for 2 checks at epoch 2", "ERROR")]
+    assert alerts == [("Replica rate above limit", "replica rate 1.00 (lower bound 0.47) > 0.40 at epoch 1: samples "
+                       "copy training patients", "WARN"),
+                      ("Training stopped: memorization", "replica rate 1.00 (lower bound 0.47) > 0.40 for 2 checks at "
+                       "epoch 2", "ERROR")]
+    assert [h["relict/replica_rate_high"] for h in logs] == pytest.approx([e["relict/replica_rate_high"]
+                                                                           for e in monitor.history])
 
 
 class Capture:

@@ -23,11 +23,14 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
 
     The first check runs after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
-    Metrics (``relict/replica_rate``, ``relict/<level>/...``) go to the loggers on check epochs; on every epoch
-    the latest values are put in ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="relict/replica_rate",
-    mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate", mode="min", divergence_threshold=0.05)``
-    find them on every epoch (Lightning runs those monitoring callbacks after this one). Nothing is checked
-    under ``fast_dev_run`` or during the sanity check.
+    Metrics (``relict/replica_rate`` with its bounds ``_low``/``_high``, ``relict/<level>/...``) go to the loggers
+    on check epochs; on every epoch ``Monitor.published()`` is put in ``trainer.callback_metrics`` (the latest good
+    check, never NaN; before the first, rate 1.0 with bounds 0-1 and ``relict/checked`` = 0; after a failed check
+    the last good values with ``relict/check_failed`` = 1), so ``ModelCheckpoint(monitor="relict/replica_rate",
+    mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=0.05)``
+    find them on every epoch (Lightning runs those monitoring callbacks after this one). Every
+    ``ModelCheckpoint``'s folder is known to :meth:`safe_checkpoint`, which reads each file's ``global_step``.
+    Nothing is checked under ``fast_dev_run`` or during the sanity check.
 
     The bank is built at the start of training on rank 0 from the ``train_items`` option or else the train
     dataloader's whole dataset. The sampler gets the ``LightningModule`` as its model.
@@ -50,7 +53,7 @@ class ReplicaMonitor(MonitorAdapter, Callback):
                                  every_n_epochs=5, max_replica_rate=0.05, patience=2)
         trainer = Trainer(callbacks=[monitor, ModelCheckpoint(monitor="relict/replica_rate", every_n_epochs=5)])
         trainer.fit(model, train_loader)
-        monitor.safe_checkpoint()   # latest checkpoint whose replica rate stayed <= 0.05
+        monitor.safe_checkpoint()   # latest checkpoint certified <= 0.05 before memorization was detected
 
     In a LightningCLI config::
 
@@ -69,8 +72,6 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         self.monitor = Monitor(bank, **options)
         self.sinks = checked_sinks(sinks)
         self.stopped_epoch = 0
-        self._saved_at = None
-        self._known_checkpoints: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -84,6 +85,9 @@ class ReplicaMonitor(MonitorAdapter, Callback):
             return
         self.monitor.prepare(self._train_items(trainer), device=pl_module.device,
                              comm=StrategyCommunicator(trainer, pl_module.device))
+        folders = [str(c.dirpath) for c in trainer.checkpoint_callbacks
+                   if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
+        self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
         self._add_logger_sinks(trainer)
 
     def _add_logger_sinks(self, trainer: Trainer) -> None:
@@ -99,18 +103,13 @@ class ReplicaMonitor(MonitorAdapter, Callback):
             if isinstance(logger, TensorBoardLogger) and not any(isinstance(s, TensorBoardSink) for s in self.sinks):
                 self.sinks.append(TensorBoardSink(logger.experiment))
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not _skipped(trainer):
-            self._collect_checkpoints(trainer)
-
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _skipped(trainer):
             return
         epoch = trainer.current_epoch
         check = self._check(trainer, pl_module) if self.monitor.is_due(epoch) else None
-        metrics = self.monitor.ledger.last_metrics
-        if metrics:  # the latest values, every epoch, for ModelCheckpoint/EarlyStopping; loggers only get new ones
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, sync_dist=False)
+        # every epoch, for ModelCheckpoint/EarlyStopping (never missing, never NaN); loggers only get new checks
+        pl_module.log_dict(self.monitor.published(), on_step=False, on_epoch=True, logger=False, sync_dist=False)
         if check is not None and check.ok and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({**check.metrics, "epoch": epoch}, step=trainer.global_step)
@@ -118,13 +117,11 @@ class ReplicaMonitor(MonitorAdapter, Callback):
             trainer.should_stop = True
             self.stopped_epoch = epoch
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        self._saved_at = (trainer.current_epoch, trainer.global_step)
-
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _skipped(trainer):
             return
-        self._collect_checkpoints(trainer)
+        files = self.monitor.checkpoints() if trainer.is_global_zero else None
+        self.monitor.ledger.note_files(trainer.strategy.broadcast(files, src=0))  # the same history on every rank
         if self.monitor.save_dir is not None and trainer.is_global_zero:
             self.monitor.save_history()
 
@@ -146,19 +143,6 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
-
-    def _collect_checkpoints(self, trainer: Trainer) -> None:
-        """Attribute checkpoint files that appeared since the last save to the epoch that saved them."""
-        paths = set()
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                paths |= set(callback.best_k_models) | ({callback.last_model_path} - {""})
-        new = paths - self._known_checkpoints
-        self._known_checkpoints |= paths
-        if self._saved_at is not None:
-            for path in sorted(new):
-                self.monitor.ledger.note_checkpoint(*self._saved_at, path)
-            self._saved_at = None
 
 
 def _skipped(trainer: Trainer) -> bool:

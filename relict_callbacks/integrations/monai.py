@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -23,10 +24,12 @@ class ReplicaMonitorHandler(MonitorAdapter):
     the replica metrics in ``engine.state.metrics`` and terminate the engine if the network copies.
 
     The first check runs after the first epoch, then every ``interval`` epochs (engine epochs ``1, interval,
-    2*interval, ...``). Once a check has run, the latest metrics (``relict/replica_rate``, ``relict/<level>/...``)
-    are written into ``engine.state.metrics`` at the end of *every* epoch, so MONAI's ``CheckpointSaver(
-    save_key_metric=True, key_metric_name="relict/replica_rate", key_metric_negative_sign=True)`` and
-    ``EarlyStopHandler`` find them. Ignite runs the handlers of one event in the order they were attached: attach
+    2*interval, ...``). At the end of *every* epoch ``Monitor.published()`` is written into ``engine.state.metrics``
+    (the latest good check's ``relict/replica_rate``, its bounds ``_low``/``_high``, ``relict/<level>/...``; before
+    the first, rate 1.0 with bounds 0-1 and ``relict/checked`` = 0; after a failed check the last good values with
+    ``relict/check_failed`` = 1), so MONAI's ``CheckpointSaver(save_key_metric=True,
+    key_metric_name="relict/replica_rate", key_metric_negative_sign=True)`` and ``EarlyStopHandler`` always find
+    them. Ignite runs the handlers of one event in the order they were attached: attach
     this handler **before** any handler that reads its metrics (first in ``train_handlers``), or those find no
     ``relict/replica_rate`` after the first epoch.
 
@@ -36,6 +39,9 @@ class ReplicaMonitorHandler(MonitorAdapter):
     (sampler error, NaN, wrong shape) is logged and training goes on, unless ``strict``. ``state_dict`` /
     ``load_state_dict`` hold plain Python values only, so ``CheckpointSaver(save_dict={..., "relict": handler})``
     and ``CheckpointLoader`` (``torch.load(weights_only=True)``) resume the history and patience counters.
+    The saved state also holds the engine step it was saved at (``saved_at``), which is how :meth:`safe_checkpoint`
+    knows what a file holds (so does the trainer's own state, ``save_dict={"trainer": trainer, ...}``): every
+    attached ``CheckpointSaver``'s folder and ``checkpoint_dir`` are scanned, and each file judged by its content.
     Epochs in :attr:`history` and in the messages are 0-based (``engine.state.epoch - 1``), as in the Lightning
     callback. Under ``torch.distributed`` (``torchrun``, ignite ``idist``), each process samples its share of
     ``num_samples`` from its network (unwrapped from ``DistributedDataParallel``); rank 0 alone builds the bank,
@@ -54,8 +60,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
             ``engine.state.epoch`` (MONAI's epoch-level convention), plus a
             :class:`~relict_callbacks.integrations.tensorboard.TensorBoardSink` for the gallery and histograms
             (at the iteration of the check).
-        checkpoint_dir: the ``save_dir`` of your ``CheckpointSaver``: files written (or rewritten) there at the end
-            of a checked epoch are recorded with that check, so :meth:`safe_checkpoint` can name one.
+        checkpoint_dir: a folder of checkpoints to consider besides the attached ``CheckpointSaver``\ s' folders
+            (found by themselves).
         check_on_completed: also check when the run completes, if its last epoch was not checked.
         name: name of the ``logging.Logger``; default: the engine's logger (MONAI's handler convention).
         **options: every other option of :class:`~relict_callbacks.monitor.Monitor` (``levels``, ``num_samples``,
@@ -102,9 +108,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
         self.name = name
         self.logger = logging.getLogger(name)
         self.stopped_epoch = 0
-        self._files: dict[str, tuple[int, int, int]] = {}
-        self._completed: tuple[int, int] | None = None  # (epoch, iteration) of the last completed epoch
         self._comm: Communicator = SINGLE_PROCESS
+        self._engine: Engine | None = None
 
     # -- ignite --------------------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -112,24 +117,24 @@ class ReplicaMonitorHandler(MonitorAdapter):
         checkpoints, write the history and, with ``check_on_completed``, check once more."""
         if self.name is None:
             self.logger = engine.logger
+        self._engine = engine
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-        if self.checkpoint_dir is not None:
-            engine.add_event_handler(Events.EPOCH_STARTED, self.collect_checkpoints)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
         """Build or load the reference bank (unless given) on the engine's device (rank 0 of a distributed run)."""
         self._comm = current_communicator()
         self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None), comm=self._comm)
-        self._files = self._comm.from_rank_zero(self._scan)
+        folders = [self.checkpoint_dir] if self.checkpoint_dir is not None else []
+        folders += [saver.save_dir for saver in _handlers(engine) if type(saver).__name__ == "CheckpointSaver"]
+        self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + list(map(str, folders))))
 
     def __call__(self, engine: Engine) -> None:
         """At the end of an epoch: check if due, publish the latest metrics, terminate if the monitor says stop."""
         epoch = engine.state.epoch - 1
-        self._completed = (epoch, engine.state.iteration)
         check = self._check(engine, epoch) if self.monitor.is_due(epoch) else None
-        engine.state.metrics.update(self.monitor.ledger.last_metrics)
+        engine.state.metrics.update(self.monitor.published())
         if check is not None and check.stop_reason is not StopReason.NOT_STOPPED:  # decided on rank 0 for all
             if self._comm.rank == 0:
                 self.logger.warning(f"ReplicaMonitorHandler: terminating training after engine epoch "
@@ -142,20 +147,19 @@ class ReplicaMonitorHandler(MonitorAdapter):
         epoch = engine.state.epoch - 1
         if self.check_on_completed and epoch >= 0 and not any(e["epoch"] == epoch for e in self.history):
             self._check(engine, epoch)
-            engine.state.metrics.update(self.monitor.ledger.last_metrics)
-        if self.checkpoint_dir is not None:
-            self.collect_checkpoints(engine)
+            engine.state.metrics.update(self.monitor.published())
+        # as rank 0, which writes the checkpoints, sees them: the same history on every rank
+        self.monitor.ledger.note_files(self._comm.from_rank_zero(self.monitor.checkpoints))
         if self.monitor.save_dir is not None and self._comm.rank == 0:
             self.monitor.save_history()
 
-    def collect_checkpoints(self, engine: Engine) -> None:
-        """Record files written or rewritten in ``checkpoint_dir`` since the last look with the last finished epoch
-        (as rank 0, which writes them, sees them)."""
-        files = self._comm.from_rank_zero(self._scan)
-        if self._completed is not None:
-            for path in sorted(path for path, stamp in files.items() if self._files.get(path) != stamp):
-                self.monitor.ledger.note_checkpoint(*self._completed, path)
-        self._files = files
+    def state_dict(self) -> dict:
+        """The monitor's state (plain Python values) and ``saved_at``: the engine epoch (0-based) and step now, i.e.
+        what a ``CheckpointSaver`` writing this state next to the network holds."""
+        state = self.monitor.state_dict()
+        if self._engine is not None:
+            state["saved_at"] = {"epoch": self._engine.state.epoch - 1, "step": self._engine.state.iteration}
+        return state
 
     # -- internals -----------------------------------------------------------------------------------------------
     def _train_items(self, engine: Engine):
@@ -190,13 +194,13 @@ class ReplicaMonitorHandler(MonitorAdapter):
                          f"engine epoch {engine.state.epoch}", self.logger)
         return check
 
-    def _scan(self) -> dict[str, tuple[int, int, int]]:
-        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
-            return {}
-        with os.scandir(self.checkpoint_dir) as entries:
-            return {entry.path: _stamp(entry.stat()) for entry in entries if entry.is_file()}
 
-
-def _stamp(stat: os.stat_result) -> tuple[int, int, int]:
-    """What changes when a file is written again: inode (atomic replace), modification time and size."""
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+def _handlers(engine: Engine) -> list:
+    """The objects whose methods are attached to ``engine`` (ignite keeps no public list of them)."""
+    found = []
+    for handlers in engine._event_handlers.values():
+        for handler, _, _ in handlers:
+            owner = getattr(inspect.unwrap(handler), "__self__", None)
+            if owner is not None and owner not in found:
+                found.append(owner)
+    return found

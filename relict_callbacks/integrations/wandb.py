@@ -115,12 +115,13 @@ class WandbSink:
     def _alert(self, run, check: Check, monitor: Monitor) -> None:
         import wandb
 
-        rate, limit = check.metrics["relict/replica_rate"], monitor.max_replica_rate
-        above = limit is not None and rate > limit
+        rate, low, limit = check.metrics["relict/replica_rate"], check.metrics["relict/replica_rate_low"], \
+            monitor.max_replica_rate
+        above = limit is not None and low > limit  # memorization detected, not a noisy estimate
         if above and not self._above_limit:
             run.alert(title="Replica rate above limit",
-                      text=f"replica rate {rate:.2f} > {limit:.2f} at epoch {check.epoch}: samples copy training "
-                           "patients", level=wandb.AlertLevel.WARN)
+                      text=f"replica rate {rate:.2f} (lower bound {low:.2f}) > {limit:.2f} at epoch {check.epoch}: "
+                           "samples copy training patients", level=wandb.AlertLevel.WARN)
         self._above_limit = above
         if check.stop_reason is not StopReason.NOT_STOPPED:
             run.alert(title="Training stopped: memorization", text=check.stop_message, level=wandb.AlertLevel.ERROR)

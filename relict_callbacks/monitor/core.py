@@ -17,12 +17,13 @@ import torch
 
 from ..bank import ReferenceBank
 from ..gallery import GalleryRow, gallery_figure, save_figure
+from ..intervals import rate_bounds, samples_to_certify
 from ..levels import Level
 from ..scoring import RULES, ReplicaScorer
 from ..validation import check_number, check_probability
-from . import presentation
+from . import certification, checkpoints, presentation
 from .communicator import SINGLE_PROCESS, Communicator
-from .ledger import Check, Ledger
+from .ledger import LOW, RATE, Check, Ledger
 from .sampling import SamplerError, default_sampler, draw_samples
 from .stop import StopPolicy, StopReason
 
@@ -52,11 +53,14 @@ class Monitor:
         rule: how many levels must flag a sample for it to count as a replica: ``"any"``, ``"all"``, ``"majority"``.
         thresholds: explicit per-level thresholds, e.g. ``{"voxel": 0.9}``, instead of calibrated ones.
         search: ``"exact"`` or a faiss index kind for large banks.
-        max_replica_rate: the replica rate above which a check counts against the model.
+        max_replica_rate: the limit on the replica rate. Memorization is detected when a check's lower bound is
+            above it; a checkpoint is safe only when certified under it (upper bound <= limit, see
+            :meth:`safe_checkpoint`).
         patience: consecutive bad checks before stopping.
         min_delta: for ``"rising"``, how far above its lowest value the rate must be to count as rising.
-        stop_on: criteria that stop training: ``"limit"`` (rate > ``max_replica_rate``) and/or ``"rising"``
-            (rate > lowest rate so far + ``min_delta``); default ``("limit",)`` when ``max_replica_rate`` is set.
+        stop_on: criteria that stop training: ``"limit"`` (lower bound > ``max_replica_rate``: memorization
+            detected) and/or ``"rising"`` (rate > lowest rate so far + ``min_delta``); default ``("limit",)`` when
+            ``max_replica_rate`` is set (see :class:`~.stop.StopPolicy`).
         seed: seed of the sampling noise; the same every check, offset by the process rank.
         strict: raise on a failing check (sampler error, NaN, wrong shape) instead of logging it and going on.
         save_dir: folder for ``history.json`` and, per check, ``report-epoch=E.json`` and ``gallery-epoch=E.png``.
@@ -65,6 +69,8 @@ class Monitor:
             leaving synthetic images, ids and scores.
         device: where the bank is built and samples are scored; default: the model's device (``"cpu"`` alone).
         progress: show a progress bar while building the bank.
+        checkpoint_dirs: folders whose checkpoint files :meth:`safe_checkpoint` considers (the adapters add their
+            framework's checkpoint folders by themselves).
 
     >>> import torch, relict_callbacks as rc
     >>> train = rc.data.make_phantoms(12, ndim=2, size=32)
@@ -75,8 +81,10 @@ class Monitor:
     ...                      max_replica_rate=0.5, progress=False)
     >>> monitor.prepare()
     >>> check = monitor.check(Copier(), epoch=0, step=10)
-    >>> check.metrics["relict/replica_rate"], check.stop_reason.name
-    (1.0, 'RATE_ABOVE_LIMIT')
+    >>> check.metrics["relict/replica_rate"], round(check.metrics["relict/replica_rate_low"], 2)
+    (1.0, 0.47)
+    >>> monitor.certify(Copier(), num_samples=12).metrics["relict/replica_rate_low"] > 0.5  # 12 of 12: a copier
+    True
     """
 
     def __init__(self, bank: ReferenceBank | None = None, *, levels: list[Level] | None = None,
@@ -87,7 +95,8 @@ class Monitor:
                  max_replica_rate: float | None = None, patience: int = 1, min_delta: float = 0.0,
                  stop_on: str | list[str] | None = None, seed: int = 0, strict: bool = False,
                  save_dir: str | os.PathLike | None = None, gallery_size: int = 8, log_training_images: bool = True,
-                 device: str | torch.device | None = None, progress: bool = True) -> None:
+                 device: str | torch.device | None = None, progress: bool = True,
+                 checkpoint_dirs: list[str | os.PathLike] = ()) -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
         if rule not in RULES:
@@ -107,6 +116,8 @@ class Monitor:
         self.save_dir, self.device, self.progress = save_dir, device, progress
         self.gallery_size = check_number("gallery_size", gallery_size, low=1, integer=True)
         self.log_training_images = log_training_images
+        self.confidence = self.scorer_options["confidence"]
+        self.checkpoint_dirs = [str(folder) for folder in checkpoint_dirs]
         self.scorer: ReplicaScorer | None = None
         self.image_shape = None if bank is None else bank.image_shape  # (channels, spatial dims) samples must have
 
@@ -129,7 +140,21 @@ class Monitor:
             log.info("relict: %s", self.bank.cache_message or f"reference bank of {len(self.bank)} images built")
         if self.scorer is None:
             self.scorer = ReplicaScorer(self.bank, **self.scorer_options, device=device)
+            self._warn_if_uncertifiable()
         return self.bank.image_shape
+
+    def _warn_if_uncertifiable(self) -> None:
+        """Say once if no routine check can ever certify the limit: even 0 flagged leaves the upper bound above it."""
+        limit = self.stop.max_replica_rate
+        if limit is None or rate_bounds(0, self.num_samples, self.confidence)[1] <= limit:
+            return
+        needed = (f"that needs num_samples >= {samples_to_certify(limit, self.confidence)}" if limit > 0
+                  else "no number of samples can")
+        log.warning("relict: %d samples per check can never certify a replica rate <= %g at %g%% confidence (0 of "
+                    "%d flagged still allows %.2f); %s. Checks still detect memorization; certify the checkpoint "
+                    "to ship with monitor.certify(model, num_samples=..., checkpoint=...)", self.num_samples, limit,
+                    100 * self.confidence, self.num_samples, rate_bounds(0, self.num_samples, self.confidence)[1],
+                    needed)
 
     def is_due(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is checked: the first epoch, then every ``every_n_epochs`` epochs."""
@@ -205,7 +230,7 @@ class Monitor:
         report = self.scorer.score(images, labels)
         check = Check(epoch, step, report.metrics(), report, images, num_samples=len(report.records))
         self._write_files(check)
-        check.stop_reason = self.stop.update(check.metrics["relict/replica_rate"], check.epoch)
+        check.stop_reason = self.stop.update(check.metrics[RATE], check.epoch, check.metrics.get(LOW))
         if check.stop_reason is not StopReason.NOT_STOPPED:
             check.stop_message = self.stop.message
             log.warning("relict: stopping training: %s", check.stop_message)
@@ -241,14 +266,52 @@ class Monitor:
     def max_replica_rate(self) -> float | None:
         return self.stop.max_replica_rate
 
+    def published(self) -> dict[str, float]:
+        """What the adapters publish on every epoch for ``EarlyStopping``/``ModelCheckpoint``/``CheckpointSaver``:
+        the latest good check's metrics, never NaN; before the first, replica rate 1.0 (not certified) with bounds
+        0-1; ``relict/checked`` (0/1) and ``relict/check_failed`` (1 when the latest check failed)."""
+        return self.ledger.published()
+
+    def checkpoints(self) -> dict[str, int | None]:
+        """Every checkpoint file in :attr:`checkpoint_dirs`, with the step its content holds (read now)."""
+        return checkpoints.scan(self.checkpoint_dirs)
+
+    def note_checkpoints(self) -> None:
+        """Show, in the history, which file now holds each check's weights."""
+        self.ledger.note_files(self.checkpoints())
+
     def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
                         mode: str = "min") -> str | None:
-        """The latest (or best by ``metric``, ``mode`` ``"min"``/``"max"``) recorded checkpoint whose check had a
-        replica rate <= ``max_replica_rate`` (default: the monitor's); ``None`` when there is none."""
+        """The checkpoint to ship, verified now from the files' content: among files holding the weights of a
+        check (or certification) from before memorization was detected (a lower bound above the limit) whose upper
+        bound is <= ``max_replica_rate`` (default: the monitor's), the latest, or the best by ``metric`` in
+        ``mode`` (``"min"``/``"max"``). ``None`` when none qualifies; :attr:`safe_checkpoint_reason` says why."""
+        files = self.checkpoints()
+        self.ledger.note_files(files)
+        return self.ledger.safe_checkpoint(files, self._limit(max_replica_rate), metric, mode)
+
+    @property
+    def safe_checkpoint_reason(self) -> str | None:
+        """Why the last :meth:`safe_checkpoint` returned ``None`` (``None`` when it named a file)."""
+        return self.ledger.reason
+
+    def checkpoint_to_certify(self, max_replica_rate: float | None = None) -> str | None:
+        """The latest checkpoint file holding a check from before detection whose replica rate was <= the limit:
+        the one to :meth:`certify` when the routine checks are too small to certify it."""
+        files, limit = self.checkpoints(), self._limit(max_replica_rate)
+        fitting = [e for e in self.ledger.candidates(files, limit) if e[RATE] <= limit]
+        return self.ledger.holder(files, fitting[-1]["step"]) if fitting else None
+
+    def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
+        """Score ``num_samples`` fresh samples of ``model`` or of ``checkpoint``'s weights loaded into it; see
+        :func:`.certification.certify`."""
+        return certification.certify(self, model, num_samples, checkpoint, key)
+
+    def _limit(self, max_replica_rate: float | None) -> float:
         limit = self.stop.max_replica_rate if max_replica_rate is None else max_replica_rate
         if limit is None:
             raise ValueError("pass max_replica_rate=... (the monitor has none)")
-        return self.ledger.safe_checkpoint(limit, metric, mode)
+        return limit
 
     def gallery(self, check: Check) -> list[GalleryRow]:
         """The check's most similar sample/training pairs, as the monitor's gallery options say."""

@@ -2,10 +2,11 @@
 table. Nothing here takes part in a decision; the stop policy, ledger and sampling never import it.
 
 >>> print(history_table([{"epoch": 0, "train_loss": 0.5, "relict/replica_rate": 0.25, "error": None,
+...                       "relict/replica_rate_low": 0.05, "relict/replica_rate_high": 0.61, "samples": 8,
 ...                       "relict/voxel/nn_similarity_mean": 0.4, "relict/voxel/nn_similarity_max": 0.9,
 ...                       "checkpoint": "/ckpt/epoch=0.ckpt"}], level="voxel"))
-epoch  train_loss  replica rate  mean sim  max sim  checkpoint
-    0      0.5000          0.25     0.400    0.900  epoch=0.ckpt
+epoch  train_loss  samples  replica rate  bounds (low-high)  mean sim  max sim  checkpoint
+    0      0.5000        8          0.25          0.05-0.61     0.400    0.900  epoch=0.ckpt
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def gallery(bank: ReferenceBank, check: Check, size: int, log_training_images: b
 
 
 def gallery_title(check: Check) -> str:
-    rate = check.metrics["relict/replica_rate"]
-    return f"epoch {check.epoch}: replica rate {rate:.2f} ({check.num_samples} samples)"
+    metrics = check.metrics
+    return (f"epoch {check.epoch}: replica rate {metrics['relict/replica_rate']:.2f}, bounds "
+            f"{metrics['relict/replica_rate_low']:.2f}-{metrics['relict/replica_rate_high']:.2f} "
+            f"({check.num_samples} samples)")
 
 
 def training_image(bank: ReferenceBank, index: int) -> torch.Tensor | None:
@@ -41,18 +44,22 @@ def training_image(bank: ReferenceBank, index: int) -> torch.Tensor | None:
 
 def history_table(history: list[dict], level: str, loss: str = "train_loss", epoch_offset: int = 0,
                   epoch_label: str = "epoch") -> str:
-    """The history as a readable table: epoch, ``loss``, replica rate, mean/max similarity at ``level``,
-    checkpoint file name (``epoch_offset=1`` numbers epochs from 1, as MONAI engines do)."""
+    """The history as a readable table: epoch, ``loss``, samples, replica rate and its exact one-sided bounds,
+    mean/max similarity at ``level``, checkpoint file name, and "certification" on the rows of
+    ``Monitor.certify`` (``epoch_offset=1`` numbers epochs from 1, as MONAI engines do)."""
     width = max(len(epoch_label), 5)
-    lines = [f"{epoch_label:>{width}}  {loss:>10}  {'replica rate':>12}  {'mean sim':>8}  {'max sim':>7}  "
-             "checkpoint"]
+    lines = [f"{epoch_label:>{width}}  {loss:>10}  samples  {'replica rate':>12}  bounds (low-high)  {'mean sim':>8}"
+             "  max sim  checkpoint"]
     for entry in history:
         epoch = entry["epoch"] + epoch_offset
         if entry["error"] is not None:
             lines.append(f"{epoch:>{width}}  check failed: {entry['error']}")
             continue
         checkpoint = os.path.basename(entry["checkpoint"] or "-")
-        lines.append(f"{epoch:>{width}}  {entry.get(loss, float('nan')):>10.4f}  "
-                     f"{entry['relict/replica_rate']:>12.2f}  {entry[f'relict/{level}/nn_similarity_mean']:>8.3f}  "
-                     f"{entry[f'relict/{level}/nn_similarity_max']:>7.3f}  {checkpoint}")
+        bounds = f"{entry.get('relict/replica_rate_low', 0.0):.2f}-{entry.get('relict/replica_rate_high', 1.0):.2f}"
+        certified = "  (certification)" if entry.get("kind") == "certify" else ""
+        lines.append(f"{epoch:>{width}}  {entry.get(loss, float('nan')):>10.4f}  {entry.get('samples', 0):>7}  "
+                     f"{entry['relict/replica_rate']:>12.2f}  {bounds:>17}  "
+                     f"{entry[f'relict/{level}/nn_similarity_mean']:>8.3f}  "
+                     f"{entry[f'relict/{level}/nn_similarity_max']:>7.3f}  {checkpoint}{certified}")
     return "\n".join(lines)

@@ -3,11 +3,16 @@
 Like Lightning's ``EarlyStopping`` logic, without a trainer: counters of consecutive bad checks per criterion, the
 lowest rate so far, and why (if at all) it decided to stop; ``state_dict`` / ``load_state_dict`` round-trip them.
 
+The ``"limit"`` criterion counts a check as bad when memorization is *detected*: the lower bound of its replica
+rate (``low``, e.g. ``relict/replica_rate_low``) is above ``max_replica_rate``; a rate given without a bound is
+taken as exact. ``"rising"`` follows the point estimates (a trend, not a verdict).
+
 >>> policy = StopPolicy(max_replica_rate=0.1, patience=2)
->>> [policy.update(rate, epoch).name for epoch, rate in enumerate([0.0, 0.5, 0.5])]
+>>> checks = [(0.25, 0.05), (0.5, 0.2), (0.5, 0.2)]  # (replica rate, its lower bound) per check
+>>> [policy.update(rate, epoch, low).name for epoch, (rate, low) in enumerate(checks)]
 ['NOT_STOPPED', 'NOT_STOPPED', 'RATE_ABOVE_LIMIT']
 >>> policy.message
-'replica rate 0.50 > 0.10 for 2 checks at epoch 2'
+'replica rate 0.50 (lower bound 0.20) > 0.10 for 2 checks at epoch 2'
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class StopPolicy:
     """Decide, one replica rate at a time, whether training should stop.
 
     Args:
-        max_replica_rate: the rate above which a check counts against the model (criterion ``"limit"``).
+        max_replica_rate: the rate whose lower bound, when above it, counts a check against the model (criterion
+            ``"limit"``).
         patience: consecutive bad checks (of one criterion) before stopping.
         min_delta: for ``"rising"``, how far above its lowest value the rate must be to count as rising.
         stop_on: criteria that stop training, among ``"limit"`` and ``"rising"``; default ``("limit",)`` when
@@ -58,16 +64,19 @@ class StopPolicy:
         self.lowest_rate = math.inf
         self.reason, self.message = StopReason.NOT_STOPPED, None
 
-    def update(self, rate: float, epoch: int) -> StopReason:
-        """Count the check with replica rate ``rate`` at ``epoch``; the reason to stop now (or ``NOT_STOPPED``)."""
-        bad = {"limit": self.max_replica_rate is not None and rate > self.max_replica_rate,
+    def update(self, rate: float, epoch: int, low: float | None = None) -> StopReason:
+        """Count the check with replica rate ``rate`` (lower bound ``low``, default: ``rate``) at ``epoch``; the
+        reason to stop now (or ``NOT_STOPPED``)."""
+        bound = "" if low is None else f" (lower bound {low:.2f})"
+        low = rate if low is None else low
+        bad = {"limit": self.max_replica_rate is not None and low > self.max_replica_rate,
                "rising": rate > self.lowest_rate + self.min_delta}
         for criterion in STOP_CRITERIA:
             self.wait[criterion] = self.wait[criterion] + 1 if bad[criterion] else 0
         self.lowest_rate = min(self.lowest_rate, rate)
         if "limit" in self.stop_on and self.wait["limit"] >= self.patience:
             self.reason = StopReason.RATE_ABOVE_LIMIT
-            self.message = (f"replica rate {rate:.2f} > {self.max_replica_rate:.2f} for "
+            self.message = (f"replica rate {rate:.2f}{bound} > {self.max_replica_rate:.2f} for "
                             f"{_checks(self.wait['limit'])} at epoch {epoch}")
             return self.reason
         if "rising" in self.stop_on and self.wait["rising"] >= self.patience:

@@ -1,0 +1,57 @@
+"""Which training step a checkpoint file holds, read from its content: a file is matched to a check by the weights
+it holds now, never by its name, inode or time, so a rewritten ``last.ckpt`` or ``best.pt`` is judged afresh.
+
+A Lightning checkpoint carries ``global_step``; a MONAI ``CheckpointSaver`` file carries the ignite trainer's
+``iteration`` (``save_dict={"trainer": trainer, ...}``) or the replica handler's ``saved_at`` step
+(``save_dict={"relict": handler, ...}``). Files are memory-mapped, so the weights are not read.
+
+>>> import tempfile, os, torch
+>>> folder = tempfile.mkdtemp()
+>>> torch.save({"epoch": 2, "global_step": 24, "state_dict": {}}, os.path.join(folder, "last.ckpt"))
+>>> torch.save({"net": {}}, os.path.join(folder, "other.pt"))
+>>> sorted((os.path.basename(path), step) for path, step in scan([folder]).items())
+[('last.ckpt', 24), ('other.pt', None)]
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+def saved_step(path) -> int | None:
+    """The training step whose weights the checkpoint at ``path`` holds, or ``None`` when the file does not say
+    (or cannot be read with ``torch.load(weights_only=True)``)."""
+    try:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # an old, non-zip file cannot be memory-mapped
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(content, dict):
+        return None
+    if "global_step" in content:  # Lightning
+        return int(content["global_step"])
+    for value in content.values():  # MONAI CheckpointSaver: one state dict per saved object
+        if isinstance(value, dict) and "saved_at" in value:  # ReplicaMonitorHandler.state_dict()
+            return int(value["saved_at"]["step"])
+        if isinstance(value, dict) and {"iteration", "epoch_length"} <= value.keys():  # an ignite engine
+            return int(value["iteration"])
+    return None
+
+
+def scan(folders) -> dict[str, int | None]:
+    """Every checkpoint file (``.ckpt``, ``.pt``, ``.pth``) directly in ``folders``, with the step it holds."""
+    found = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file() and entry.name.endswith(SUFFIXES) and not entry.name.startswith("."):
+                    found[entry.path] = saved_step(entry.path)
+    return found

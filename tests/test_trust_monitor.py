@@ -1,0 +1,169 @@
+"""Trust: the monitor never kills a fit it only observes, calls a checkpoint safe only if the file holds weights
+certified (upper bound <= limit) before memorization was detected (lower bound > limit), and certifies on demand."""
+
+import logging
+
+import pytest
+import torch
+from faults import fails_first
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning_models import TurnsCopier, loader, phantoms, trainer
+
+import relict_callbacks as rc
+from relict_callbacks.integrations.lightning import ReplicaMonitor
+from relict_callbacks.monitor import Monitor
+from relict_callbacks.monitor.checkpoints import saved_step
+
+# 16 samples: 0 of 16 bounds the rate at 0.17 <= 0.3 (certified); 16 of 16 at >= 0.83 > 0.3 (detected)
+LIMIT, SAMPLES = 0.3, 16
+
+
+def test_monitor_is_public():
+    from relict_callbacks.monitor import SamplerError, StopReason
+
+    assert (rc.Monitor, rc.StopReason, rc.SamplerError) == (Monitor, StopReason, SamplerError)
+
+
+def test_lightning_fit_survives_a_failed_first_check_and_last_ckpt_is_judged_by_content(tmp_path):
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=fails_first(), num_samples=SAMPLES, alpha=0.1,
+                             max_replica_rate=LIMIT, progress=False)
+    seen = []
+
+    class Spy(EarlyStopping):  # EarlyStopping at its defaults (strict=True, check_finite=True), recording values
+        def _run_early_stopping_check(self, trainer):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("relict/")})
+            super()._run_early_stopping_check(trainer)
+
+    readme = EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=LIMIT, patience=10**6)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="relict/replica_rate", save_top_k=-1, save_last=True,
+                            filename="{epoch}")
+    fit = trainer(tmp_path, 8, [Spy(monitor="relict/replica_rate"), readme, monitor, every])
+    fit.fit(TurnsCopier(train, copy_from=3), loader(train))
+
+    assert "CUDA out of memory" in monitor.history[0]["error"]
+    assert [e["relict/replica_rate"] for e in monitor.history[1:]] == [0.0, 0.0, 1.0]
+    assert seen[0]["relict/replica_rate"] == 1.0 and seen[0]["relict/checked"] == 0  # not certified, never NaN
+    assert seen[0]["relict/check_failed"] == 1 and seen[1]["relict/check_failed"] == 0
+    assert fit.current_epoch == 4 and monitor.stopping_reason.name == "RATE_ABOVE_LIMIT"  # detected at epoch 3
+    assert readme.stopped_epoch == 3  # the README recipe (lower bound above the limit) agrees
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert saved_step(last) == monitor.history[-1]["step"]  # last.ckpt holds the epoch that copied
+    assert monitor.safe_checkpoint() == str(tmp_path / "ckpt" / "epoch=2.ckpt")
+    torch.save(torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=True), last)  # rewritten with epoch 2
+    (tmp_path / "ckpt" / "epoch=2.ckpt").unlink()
+    (tmp_path / "ckpt" / "epoch=1.ckpt").unlink()
+    assert monitor.safe_checkpoint() == str(last)  # the same name, now certified content
+    (tmp_path / "ckpt" / "epoch=0.ckpt").unlink()
+    last.unlink()
+    assert monitor.safe_checkpoint() is None
+    assert "no checkpoint file holds the weights of a check before memorization was detected at epoch 3" in \
+        monitor.monitor.safe_checkpoint_reason
+
+
+def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path, caplog):
+    """ModelCheckpoint without a monitor (every epoch) and Lightning's default one; 4 samples per check can never
+    certify 0.3, which is said at the start; certify() with many samples makes the checkpoint safe."""
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=LIMIT,
+                             progress=False)
+    keep = ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    fit = trainer(tmp_path, 3, [monitor, keep])
+    with caplog.at_level(logging.WARNING):
+        fit.fit(TurnsCopier(train, copy_from=100), loader(train))
+    assert caplog.text.count("4 samples per check can never certify a replica rate <= 0.3") == 1
+    assert "num_samples >= 9" in caplog.text
+
+    files = monitor.monitor.checkpoints()
+    assert {p.rsplit("/", 1)[-1] for p in files} == {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt"}
+    assert [e["checkpoint"] is not None for e in monitor.history] == [True, True, True]
+    assert monitor.safe_checkpoint() is None  # 0 of 4 only bounds the rate at 0.53
+    reason = monitor.monitor.safe_checkpoint_reason
+    assert "epoch=2.ckpt" in reason and "0.53 > 0.30" in reason and "monitor.certify" in reason
+
+    candidate = monitor.monitor.checkpoint_to_certify()
+    assert candidate.endswith("epoch=2.ckpt")
+    check = monitor.monitor.certify(TurnsCopier(train, copy_from=100), num_samples=SAMPLES, checkpoint=candidate)
+    assert check.kind == "certify" and check.metrics["relict/replica_rate_high"] < LIMIT
+    assert monitor.history[-1]["kind"] == "certify" and monitor.history[-1]["step"] == saved_step(candidate)
+    assert monitor.safe_checkpoint() == candidate
+    assert "(certification)" in monitor.monitor.history_table()
+
+    default = trainer(tmp_path / "default", 2, [monitor := ReplicaMonitor(
+        levels=[rc.VoxelLevel()], num_samples=SAMPLES, alpha=0.1, max_replica_rate=LIMIT, progress=False)])
+    default.fit(TurnsCopier(train, copy_from=100), loader(train))  # Lightning's own ModelCheckpoint: last epoch only
+    assert monitor.safe_checkpoint().endswith("epoch=1-step=4.ckpt")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: a second thread only adds synchronisation on shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_monai_trainer_survives_a_failed_first_check_and_best_pt_is_judged_by_content(tmp_path, one_thread):
+    from monai.handlers import CheckpointSaver, EarlyStopHandler
+    from monai_engines import copier_trainer
+
+    from relict_callbacks.integrations.monai import ReplicaMonitorHandler
+
+    relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], sampler=fails_first(), num_samples=SAMPLES,
+                                   alpha=0.1, max_replica_rate=LIMIT, patience=2, progress=False)
+    trainer = copier_trainer(phantoms(8), 6, [], copy_from=3)
+    saver = CheckpointSaver(tmp_path / "ckpt", {"net": trainer.network, "relict": relict}, save_key_metric=True,
+                            key_metric_name="relict/replica_rate", key_metric_negative_sign=True,
+                            key_metric_filename="best.pt", key_metric_greater_or_equal=True, save_final=True,
+                            final_filename="final.pt")
+    stop = EarlyStopHandler(patience=10, score_function=lambda engine: -engine.state.metrics["relict/replica_rate"],
+                            trainer=trainer)
+    for handler in (relict, saver, stop):
+        handler.attach(trainer)
+    trainer.run()
+
+    assert "CUDA out of memory" in relict.history[0]["error"]
+    assert [e["relict/replica_rate"] for e in relict.history[1:]] == [0.0, 0.0, 1.0, 1.0]
+    assert trainer.state.epoch == 5 and relict.stopping_reason.name == "RATE_ABOVE_LIMIT"
+    assert trainer.state.metrics["relict/checked"] == 1 and trainer.state.metrics["relict/check_failed"] == 0
+    # best.pt was written at epochs 0 (rate 1.0 = not checked), 1 and 2 (ties replace it): it holds epoch 2 now
+    assert saved_step(tmp_path / "ckpt" / "best.pt") == relict.history[2]["step"]
+    assert saved_step(tmp_path / "ckpt" / "final.pt") == relict.history[-1]["step"]
+    assert relict.safe_checkpoint() == str(tmp_path / "ckpt" / "best.pt")
+    assert [e["checkpoint"] for e in relict.history] == [None, None, str(tmp_path / "ckpt" / "best.pt"), None,
+                                                         str(tmp_path / "ckpt" / "final.pt")]
+
+
+def measured(epoch, flagged, samples, kind="check"):
+    from relict_callbacks.intervals import rate_bounds
+    from relict_callbacks.monitor.ledger import Check
+
+    low, high = rate_bounds(flagged, samples)
+    return Check(epoch, 10 * (epoch + 1), {"relict/replica_rate": flagged / samples, "relict/replica_rate_low": low,
+                                           "relict/replica_rate_high": high}, num_samples=samples, kind=kind)
+
+
+@pytest.mark.parametrize("checks, files, expected, reason", [
+    # 0 of 8 only bounds the rate at 0.31: never certified under 0.1, however clean
+    ([(0, 0, 8), (1, 0, 8)], {"a": 10, "b": 20}, None, "bounds the replica rate only at 0.31 > 0.10"),
+    # 0 of 40 certifies 0.1 (upper bound 0.072); the later, detected check (3 of 8: lower bound 0.11) is not safe
+    ([(0, 0, 40), (1, 3, 8)], {"a": 10, "b": 20}, "a", None),
+    # a check after detection is never safe, even when it certifies (memorization may hide in 0 of 40)
+    ([(0, 4, 8), (1, 0, 40)], {"a": 10, "b": 20}, None, "before memorization was detected at epoch 0"),
+    # the certification of a step (48 samples) outweighs its routine check (8 samples)
+    ([(0, 0, 8), (0, 0, 48, "certify")], {"a": 10}, "a", None),
+    # a file that now holds another step (last.ckpt rewritten) or no step at all does not stand for a check
+    ([(0, 0, 40)], {"last.ckpt": 30, "x.pt": None}, None, "none of the 2 checkpoint file(s) holds the weights"),
+    ([(0, 0, 40)], {}, None, "no checkpoint files found"),
+    # between two files holding one step, the one whose name is not reused
+    ([(0, 0, 40)], {"last.ckpt": 10, "epoch=0.ckpt": 10}, "epoch=0.ckpt", None),
+])
+def test_safe_checkpoint_verdicts(checks, files, expected, reason):
+    from relict_callbacks.monitor.ledger import Ledger
+
+    ledger = Ledger()
+    for check in checks:
+        ledger.record(measured(*check))
+    assert ledger.safe_checkpoint(files, max_replica_rate=0.1) == expected
+    assert (ledger.reason is None) if reason is None else (reason in ledger.reason)
