@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import relict_callbacks as rc
 from relict_callbacks.items import Item
@@ -16,13 +17,18 @@ def _bank(images, level, labels=None):
                                   progress=False)
 
 
-@pytest.mark.parametrize("shape,channels", [((24, 20), 1), ((12, 10, 8), 1), ((16, 16), 3)])
-def test_voxel_similarity_is_pearson_correlation(shape, channels):
+@pytest.mark.parametrize("shape,channels,sigma", [((24, 20), 1, 0), ((12, 10, 8), 1, 0), ((16, 16), 3, 0),
+                                                   ((24, 20), 1, 1.0), ((12, 10, 8), 1, 1.5)])
+def test_voxel_similarity_is_pearson_correlation_of_the_smoothed_images(shape, channels, sigma):
     refs = smooth_field(12, shape, seed=1, channels=channels)
     queries = smooth_field(5, shape, seed=2, channels=channels)
-    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=())
+    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=(), smoothing=sigma)
     bank = _bank(list(refs), level)
     found = bank.nearest(level, level.embed([Item(q, None, str(i)) for i, q in enumerate(queries)]))
+    if sigma:  # the textbook Gaussian filter, edges replicated
+        blur = lambda x: torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, *[sigma] * len(shape)),
+                                                                  mode="nearest", truncate=3))
+        refs, queries = torch.stack([blur(r) for r in refs]), torch.stack([blur(q) for q in queries])
 
     def ncc(a, b):  # per-channel z-scoring, then the mean product: Pearson r for one channel
         a, b = a.flatten(1).double(), b.flatten(1).double()
@@ -42,7 +48,7 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
     refs = smooth_field(6, (16, 16), seed=3)
     mask = np.zeros((16, 16), bool)
     mask[4:12, 2:14] = True
-    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=())
+    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=(), smoothing=0)
     bank = _bank(list(refs), level)
     query = smooth_field(1, (16, 16), seed=4)[0]
     found = bank.nearest(level, level.embed([Item(query, None, "q")]))

@@ -26,12 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
+from ..validation import check_number
 from ..search import inner_product_topk
 from .base import Level, Nearest, resample, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
 REFINE_CANDIDATES = 3
+REFINE_BYTES = 64 * 2**20
+SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -49,32 +52,81 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
 
-def _centroid(image: torch.Tensor) -> torch.Tensor:
-    """Intensity centroid (in voxels, per spatial axis) of ``[C, *spatial]``, weighting voxels by their
-    intensity above the image minimum."""
-    weight = image.sum(0)
-    weight = weight - weight.min()
-    total = weight.sum().clamp_min(1e-12)
-    axes = range(weight.ndim)
+def as_tensor(rows, device) -> torch.Tensor:
+    """Bank rows (a numpy array or memmap, or a tensor on any device, any float dtype) as float32 on ``device``."""
+    rows = torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def _take(rows, indices: torch.Tensor, device) -> torch.Tensor:
+    """``rows[indices]`` as float32 on ``device``, for numpy/memmap or tensor ``rows``."""
+    if isinstance(rows, np.ndarray):
+        return as_tensor(rows[indices.cpu().numpy()], device)
+    return as_tensor(rows[indices.to(rows.device)], device)
+
+
+def _centroids(x: torch.Tensor) -> torch.Tensor:
+    """Centroid ``[B, ndim]`` (voxels) of the above-average intensity of z-scored ``[B, C, *spatial]`` images.
+
+    Only voxels brighter than the image mean weigh in (by how much brighter), so zero-mean sampling noise, which
+    lifts the dark background once intensities are clipped, barely moves it.
+    """
+    weight = x.sum(1).clamp_min(0)
+    total = weight.flatten(1).sum(1).clamp_min(1e-12)
+    axes = list(range(1, weight.ndim))
     return torch.stack([
-        (weight.sum(dim=[b for b in axes if b != a]) * torch.arange(weight.shape[a], device=image.device)).sum()
+        (weight.sum(dim=[b for b in axes if b != a]) * torch.arange(weight.shape[a], device=x.device)).sum(1)
         for a in axes
-    ]) / total
+    ], dim=1) / total[:, None]
 
 
-def _displace(image: torch.Tensor, shift) -> torch.Tensor:
-    """``out[x] = image[x + shift]`` for ``[C, *spatial]``, edge-replicated where that falls outside."""
-    pad = max(abs(s) for s in shift)
+def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``out[b, s][x] = x[b][x + shifts[b, s]]``: each ``[C, *spatial]`` image of ``x`` displaced by each of its
+    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside; ``[B, S, C, *spatial]``."""
+    pad = int(shifts.abs().max()) if shifts.numel() else 0
     if pad == 0:
-        return image
-    padded = F.pad(image[None], (pad,) * (2 * len(shift)), mode="replicate")[0]
-    return padded[(slice(None),) + tuple(slice(pad + s, pad + s + n) for s, n in zip(shift, image.shape[1:]))]
+        return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
+    grid = x.shape[2:]
+    windows = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate")
+    for axis, n in enumerate(grid):
+        windows = windows.unfold(2 + axis, n, 1)  # [B, C, *(2 pad + 1 offsets), *grid], a view
+    batch = torch.arange(len(x), device=x.device)[:, None]
+    return windows[(batch, slice(None), *(shifts.long() + pad).unbind(2))]
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
     """Translate each ``[C, *spatial]`` image of a batch by whole voxels so that its centroid is mid-grid."""
     middle = torch.tensor([(n - 1) / 2 for n in x.shape[2:]], device=x.device)
-    return torch.stack([_displace(image, (_centroid(image) - middle).round().int().tolist()) for image in x])
+    return _displace(x, (_centroids(x) - middle).round().long()[:, None])[:, 0]
+
+
+def _orient(x: torch.Tensor, flips: torch.Tensor, orientations: list[tuple[int, ...]]) -> torch.Tensor:
+    """Each image ``x[b]`` mirrored along ``orientations[flips[b]]`` (a tuple of spatial axes)."""
+    out = x.clone()
+    for o, axes in enumerate(orientations):
+        chosen = torch.nonzero(flips == o).flatten()
+        if axes and len(chosen):
+            out[chosen] = x[chosen].flip([2 + a for a in axes])
+    return out
+
+
+def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated)."""
+    if sigma == 0:
+        return x
+    radius = max(1, int(3 * sigma + 0.5))  # as scipy.ndimage.gaussian_filter(truncate=3)
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    b, c, *grid = x.shape
+    out = x.reshape(b * c, 1, *grid)
+    conv = F.conv2d if len(grid) == 2 else F.conv3d
+    for axis in range(len(grid)):
+        padding = [0, 0] * len(grid)
+        padding[2 * (len(grid) - 1 - axis):2 * (len(grid) - axis)] = [radius, radius]
+        shape = [1, 1] + [1] * len(grid)
+        shape[2 + axis] = len(kernel)
+        out = conv(F.pad(out, padding, mode="replicate"), kernel.view(shape))
+    return out.reshape(x.shape)
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -108,16 +160,16 @@ class VoxelLevel(Level):
     name = "voxel"
     dot_product = True
 
-    def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="lr", top_k: int = 5) -> None:
+    def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="all", top_k: int = 5,
+                 smoothing: float = SMOOTHING) -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
-        if (max_shift is not None and max_shift < 0) or top_k < 1:
-            raise ValueError("max_shift must be >= 0 and top_k >= 1")
         self.grid = grid
         self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
-        self.max_shift = max_shift if max_shift is None else int(max_shift)
+        self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
         self.flips = flips if isinstance(flips, str) else tuple(int(a) for a in flips)
-        self.top_k = int(top_k)
+        self.top_k = check_number("top_k", top_k, low=1, integer=True)
+        self.smoothing = float(check_number("smoothing", smoothing, low=0))
 
     def config(self) -> dict:
         mask_digest = None
@@ -125,13 +177,15 @@ class VoxelLevel(Level):
             mask_digest = hashlib.blake2b(self.mask.numpy().tobytes(), digest_size=8).hexdigest()
         grid = list(self.grid) if isinstance(self.grid, (tuple, list)) else self.grid
         return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
-                "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k}
+                "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k,
+                "smoothing": self.smoothing}
 
     @classmethod
     def from_config(cls, config: dict) -> VoxelLevel:
         if config.get("mask"):
             raise ValueError("this bank's voxel level uses a mask: pass levels=[VoxelLevel(mask=...), ...] to load it")
-        return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"])
+        return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"],
+                   smoothing=config.get("smoothing", 0.0))  # banks from before smoothing existed
 
     # -- geometry -----------------------------------------------------------------------------------------
     def _mask(self, grid: tuple[int, ...], factor: int = 1, device="cpu") -> torch.Tensor | None:
@@ -159,7 +213,7 @@ class VoxelLevel(Level):
         ndim = items[0].image.ndim - 1
         grid = resolve_grid(self.grid, ndim)
         mask = self._mask(grid, device=device)
-        batch = torch.stack([resample(item.image.to(device), grid) for item in items])
+        batch = _smooth(torch.stack([resample(item.image.to(device), grid) for item in items]), self.smoothing)
         _, std = _moments(batch, mask)
         scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
@@ -186,67 +240,83 @@ class VoxelLevel(Level):
         n, ndim = len(rows), q.ndim - 2
         grid, device = tuple(q.shape[2:]), q.device
         mask = self._mask(grid, device=device)
-        flat_rows, flat_thumbs = rows.reshape(n, -1), thumbs.reshape(n, -1)
-        k = min(self.top_k, n - (exclude is not None))
         plain = self._query_form(q, mask)
         if index is not None:
             values, indices = index.search(plain, 1)
         else:
-            values, indices = inner_product_topk(plain, flat_rows, 1, exclude=exclude)
+            values, indices = inner_product_topk(plain, rows.reshape(n, -1), 1, exclude=exclude)
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         transforms = ["identity"] * len(q)
         reach, orientations = self.shift_reach(grid), self._orientations(ndim)
         if reach == 0 and len(orientations) == 1:
             return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
-        factor = grid[0] // thumbs.shape[2]
-        thumb_mask = self._mask(grid, factor, device)
-        proposals = [[] for _ in range(len(q))]  # (thumbnail similarity, bank index, flip) per query
-        for flip in orientations:
-            tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
-            thumb_values, thumb_indices = inner_product_topk(tq, flat_thumbs, k, exclude=exclude)
-            for found, v, j in zip(proposals, thumb_values.tolist(), thumb_indices.tolist()):
-                found += [(score, m, flip) for score, m in zip(v, j)]
-        for i, found in enumerate(proposals):
-            found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
-            chosen = sorted({m for _, m, _ in found})
-            refs = torch.from_numpy(np.ascontiguousarray(rows[chosen])).to(device).float()
-            sim, m, flip, shift = self._refine(q[i], [(m, refs[chosen.index(m)], flip) for _, m, flip in found],
-                                               reach, mask)
-            if sim > best[i]:
-                best[i], best_index[i], transforms[i] = sim, m, _describe(flip, shift)
+        candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
+        found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask)
+                 for chunk in torch.arange(len(q), device=device).split(self._chunk(q))]
+        sim, m, flip, shift = (torch.cat(parts) for parts in zip(*found))
+        better = sim > best
+        best, best_index = torch.where(better, sim, best), torch.where(better, m, best_index)
+        for i in torch.nonzero(better).flatten().tolist():
+            transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()))
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
-
-    def _refine(self, query: torch.Tensor, pairs: list, reach: int, mask) -> tuple[float, int, tuple, tuple]:
-        """Best full-resolution NCC of ``query`` [C, *grid] over (bank index, bank image, flip) ``pairs``: each
-        pair is scored at the shift its centroids predict (within ``reach``), then the best pair also at that
-        shift's neighbours along each axis. Returns (NCC, bank index, flip, shift)."""
-        scored = []
-        for m, ref, flip in pairs:
-            oriented = query.flip([1 + a for a in flip])
-            shift = tuple((_centroid(oriented) - _centroid(ref)).round().clamp(-reach, reach).int().tolist())
-            scored.append((float(self._ncc_at(oriented, ref, [shift], mask)[0]), m, flip, shift, oriented, ref))
-        sim, m, flip, shift, oriented, ref = max(scored, key=lambda entry: entry[0])
-        neighbours = sorted({tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(shift))
-                             for axis in range(len(shift)) for step in (-1, 1)} - {shift})
-        if neighbours:
-            scores = self._ncc_at(oriented, ref, neighbours, mask)
-            j = int(scores.argmax())
-            if float(scores[j]) > sim:
-                sim, shift = float(scores[j]), neighbours[j]
-        return sim, m, flip, shift
+    def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
+        the query's mirror images, searched in one matmul over all orientations."""
+        nq, device = len(query_thumbs), query_thumbs.device
+        thumb_mask = self._mask(grid, grid[0] // thumbs.shape[2], device)
+        oriented = torch.cat([query_thumbs.flip([2 + a for a in axes]) for axes in orientations])
+        k = min(self.top_k, len(thumbs) - (exclude is not None))
+        values, indices = inner_product_topk(self._query_form(oriented, thumb_mask), thumbs.reshape(len(thumbs), -1),
+                                             k, exclude=None if exclude is None else exclude.repeat(len(orientations)))
+        values = values.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)  # [Q, orientations * k]
+        indices = indices.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)
+        top = values.topk(min(REFINE_CANDIDATES, values.shape[1]), dim=1).indices
+        return indices.gather(1, top), torch.div(top, values.shape[1] // len(orientations), rounding_mode="floor")
 
     @staticmethod
-    def _ncc_at(image: torch.Tensor, ref: torch.Tensor, shifts: list[tuple[int, ...]], mask) -> torch.Tensor:
-        """NCC of ``image`` displaced by each shift against the standardized ``ref`` (both ``[C, *grid]``)."""
-        crops = torch.stack([_displace(image, shift) for shift in shifts]).flatten(2)  # [S, C, D]
+    def _chunk(q: torch.Tensor) -> int:
+        """Queries refined at once, so that about ``REFINE_BYTES`` of shifted copies are held."""
+        return max(1, REFINE_BYTES // (q[0].numel() * 4 * (2 * (q.ndim - 2) + 1)))
+
+    def _refine(self, q, rows, candidates, flips, orientations, reach, mask):
+        """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
+        ``candidates``/``flips`` [Q, P]: every pair is scored at the shift its centroids predict (within
+        ``reach``), then each query's best pair one voxel around it along each axis and at the combination of the
+        better steps. Returns (NCC, bank index, orientation, shift) per query."""
+        nq, npairs = candidates.shape
+        ndim = q.ndim - 2
+        oriented = _standardize(_orient(q.repeat_interleave(npairs, 0), flips.flatten(), orientations), mask)
+        refs = _take(rows, candidates.flatten(), q.device)
+        shift = (_centroids(oriented) - _centroids(refs)).round().clamp(-reach, reach).long()
+        scores = self._ncc(oriented, refs, shift[:, None], mask)[:, 0].view(nq, npairs)
+        centre, pick = scores.max(1)
+        chosen = torch.arange(nq, device=q.device) * npairs + pick
+        oriented, refs, shift = oriented[chosen], refs[chosen], shift[chosen]
+        steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
+        around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
+        near = self._ncc(oriented, refs, around, mask)
+        up, down = near[:, :ndim], near[:, ndim:]
+        step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
+        around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
+        near = torch.cat([centre[:, None], near, self._ncc(oriented, refs, around[:, -1:], mask)], 1)
+        sim, j = near.max(1)
+        arange = torch.arange(nq, device=q.device)
+        return sim, candidates[arange, pick], flips[arange, pick], around[arange, j]
+
+    @staticmethod
+    def _ncc(oriented: torch.Tensor, refs: torch.Tensor, shifts: torch.Tensor, mask) -> torch.Tensor:
+        """NCC ``[B, S]`` of the standardized ``oriented`` queries [B, C, *grid] against their ``refs`` displaced by
+        minus each of ``shifts`` [B, S, ndim] (the reference moved onto the sample)."""
+        windows = _displace(refs, -shifts).flatten(3)  # [B, S, C, D]
+        form = oriented.flatten(2) if mask is None else (oriented * mask).flatten(2)
         if mask is not None:
-            crops = crops * mask.flatten()
-        count = crops.shape[2] if mask is None else mask.sum()
-        dots = torch.einsum("scd,cd->sc", crops, ref.flatten(1))  # ref has zero mean inside the mask
-        mean = crops.sum(dim=2) / count
-        std = (torch.linalg.vector_norm(crops, dim=2).square() / count - mean.square()).clamp_min(1e-12).sqrt()
-        return (dots / std).sum(dim=1) / (count * crops.shape[1])
+            windows = windows * mask.flatten()
+        count = windows.shape[3] if mask is None else mask.sum()
+        dots = torch.einsum("bscd,bcd->bsc", windows, form)
+        mean = windows.sum(dim=3) / count
+        std = (torch.linalg.vector_norm(windows, dim=3).square() / count - mean.square()).clamp_min(1e-12).sqrt()
+        return (dots / std).mean(dim=2) / count
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
@@ -266,5 +336,8 @@ def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
     """
     flip = re.search(r"flip(\d+)", transform)
     shift = re.search(r"shift\(([-\d,]+)\)", transform)
-    moved = reference if shift is None else _displace(reference, [-int(s) for s in shift.group(1).split(",")])
+    if shift is not None:
+        offsets = torch.tensor([[[-int(s) for s in shift.group(1).split(",")]]], device=reference.device)
+        reference = _displace(reference[None], offsets)[0, 0]
+    moved = reference
     return moved if flip is None else moved.flip(1 + int(flip.group(1)))
