@@ -12,6 +12,7 @@ the columns; a slice for CT, a projection of the vessel tree for MRA), and ``[1,
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -215,9 +216,11 @@ def _warp(image, label, kind: str, strength: float, rng):
         field *= 2 * strength * rng.uniform(0.8, 1.2) / np.sqrt((field**2).sum(0)).max()
         ddf = torch.from_numpy(field)[None]
         move = lambda x, mode: Warp(mode=mode, padding_mode="border")(x[None], ddf)[0]
-    image = move(torch.from_numpy(image), "bilinear").numpy()
-    if label is not None:
-        label = move(torch.from_numpy(label.astype(np.float32)), "nearest").numpy().round().astype(label.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's note that Warp uses torch's grid_sample
+        image = move(torch.from_numpy(image), "bilinear").numpy()
+        if label is not None:
+            label = move(torch.from_numpy(label.astype(np.float32)), "nearest").numpy().round().astype(label.dtype)
     return image, label
 
 
