@@ -1,19 +1,21 @@
-"""Voxel level: normalized cross-correlation (NCC) to the nearest training image, tolerant to the mirrored and
-slightly shifted copies that generators trained with flip/shift augmentation emit.
+"""Voxel level: normalized cross-correlation (NCC) to the nearest training image, tolerant to the grainy, mirrored
+and slightly shifted copies that generators trained with flip/shift augmentation emit.
 
-Images are resampled to a common grid and z-scored per channel, so NCC is a dot product divided by the voxel
-count. Search runs in three steps:
+Images are resampled to a common grid, blurred by a Gaussian of ``smoothing`` voxels (sampling noise averages
+out) and z-scored per channel, so NCC is a dot product divided by the voxel count. Search runs in three steps,
+each batched over all samples:
 
-1. exact NCC top-k against the whole bank (one chunked matmul: the cost of plain NCC);
-2. a thumbnail search of the query and its mirror images, whose top-k adds candidates that plain NCC ranks low
-   because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the image's intensity
-   centroid, so a translated copy has the same thumbnail as its source;
-3. the best few (thumbnail candidate, flip) pairs are re-scored at full resolution at the shift their centroids
-   predict (within ``max_shift``), and the best of them also one voxel around it along each axis.
+1. exact NCC top-1 against the whole bank (one chunked matmul: the cost of plain NCC);
+2. a thumbnail search of the query and its mirror images (one matmul), whose top-k adds candidates that plain
+   NCC ranks low because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the
+   centroid of the image's above-average intensity, so a translated copy has the same thumbnail as its source;
+3. the best few (candidate, flip) pairs are re-scored at full resolution at the shift their centroids predict
+   (within ``max_shift``), the best of them also one voxel around it along each axis and at the combination of
+   the better steps.
 
 The similarity reported is the full-resolution NCC of the best (candidate, flip, shift), and the record says
-which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image mirrored along spatial
-axis 0 and displaced by that many grid voxels).
+which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image displaced by that many
+grid voxels, then mirrored along spatial axis 0; :func:`undo_match` applies it to a training image or mask).
 """
 
 from __future__ import annotations
@@ -144,9 +146,13 @@ class VoxelLevel(Level):
         max_shift: largest translation, in grid voxels per axis, under which candidates are re-scored
             (0 disables the shift search; default: 5% of the grid's smallest side, i.e. 6 voxels of the 128²
             grid and 3 of the 64³ grid).
-        flips: spatial axes to mirror along: ``"lr"`` (default: left-right, i.e. axis 1 of a 2D ``[C, H, W]``
-            slice and axis 0 of a 3D RAS ``[C, X, Y, Z]`` volume), ``"all"``, a tuple of axes, or ``()``.
+        flips: spatial axes to mirror along: ``"all"`` (default: each spatial axis on its own, whatever the
+            array layout), ``"lr"`` (left-right: axis 1 of a 2D ``[C, H, W]`` slice and axis 0 of a 3D RAS
+            ``[C, X, Y, Z]`` volume; a ``(z, y, x)`` NumPy/SimpleITK/pydicom array has it last), a tuple of
+            axes, or ``()``.
         top_k: candidates taken from each thumbnail search (the best 3 of them, over all flips, are re-scored).
+        smoothing: Gaussian sigma, in grid voxels, applied to every image before NCC (0: none), so that grainy
+            copies of a patient score as clean ones do.
 
     >>> import torch
     >>> from relict_callbacks.items import Item
@@ -327,8 +333,10 @@ def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
 
 
 def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
-    """``reference`` [C, *grid] moved into its sample's frame, undoing the ``transform`` a match reports (the
-    sample is the reference mirrored, then displaced), e.g. to show the two side by side.
+    """``reference`` [C, *grid] moved into its sample's frame, undoing the ``transform`` a match reports:
+    ``"identity"``, ``"flipA"``, ``"shift(dx,dy[,dz])"`` or ``"flipA+shift(...)"``, meaning the sample is the
+    reference displaced by that many grid voxels (edges replicated), then mirrored along spatial axis ``A``.
+    Use it to show the two side by side, or to align a training mask with its sample.
 
     >>> ref = torch.arange(4.).reshape(1, 1, 4)
     >>> undo_match(ref, "flip1+shift(0,1)").tolist()
@@ -338,6 +346,5 @@ def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
     shift = re.search(r"shift\(([-\d,]+)\)", transform)
     if shift is not None:
         offsets = torch.tensor([[[-int(s) for s in shift.group(1).split(",")]]], device=reference.device)
-        reference = _displace(reference[None], offsets)[0, 0]
-    moved = reference
-    return moved if flip is None else moved.flip(1 + int(flip.group(1)))
+        reference = _displace(reference[None].float(), offsets)[0, 0].to(reference.dtype)  # masks too
+    return reference if flip is None else reference.flip(1 + int(flip.group(1)))
