@@ -73,13 +73,13 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
     Only voxels brighter than the image mean weigh in (by how much brighter), so zero-mean sampling noise, which
     lifts the dark background once intensities are clipped, barely moves it.
     """
-    weight = x.sum(1).clamp_min(0)
-    total = weight.flatten(1).sum(1).clamp_min(1e-12)
-    axes = list(range(1, weight.ndim))
-    return torch.stack([
-        (weight.sum(dim=[b for b in axes if b != a]) * torch.arange(weight.shape[a], device=x.device)).sum(1)
-        for a in axes
-    ], dim=1) / total[:, None]
+    weight = x.sum(1).clamp_min(0)  # [B, *grid]
+    profile = weight.sum(-1)  # [B, *grid[:-1]]
+    dims = range(1, profile.ndim)
+    moments = [profile.sum([d for d in dims if d != axis]) if profile.ndim > 2 else profile for axis in dims]
+    moments.append(weight.flatten(1, -2).sum(1))  # along the last axis
+    return torch.stack([(m * torch.arange(m.shape[1], dtype=x.dtype, device=x.device)).sum(1) for m in moments],
+                       1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -292,9 +292,15 @@ class VoxelLevel(Level):
         better steps. Returns (NCC, bank index, orientation, shift) per query."""
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
-        oriented = _standardize(_orient(q.repeat_interleave(npairs, 0), flips.flatten(), orientations), mask)
+        oriented = _orient(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
+        if mask is not None:  # the mask does not move with the mirror image
+            oriented = _standardize(oriented, mask)
         refs = _take(rows, candidates.flatten(), q.device)
-        shift = (_centroids(oriented) - _centroids(refs)).round().clamp(-reach, reach).long()
+        mirrored = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)
+        size = torch.tensor(q.shape[2:], device=q.device)
+        centre = _centroids(q).repeat_interleave(npairs, 0)
+        centre = torch.where(mirrored[flips.flatten()], size - 1 - centre, centre)  # of the mirror images
+        shift = (centre - _centroids(refs)).round().clamp(-reach, reach).long()
         scores = self._ncc(oriented, refs, shift[:, None], mask)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
