@@ -73,11 +73,12 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
     Only voxels brighter than the image mean weigh in (by how much brighter), so zero-mean sampling noise, which
     lifts the dark background once intensities are clipped, barely moves it.
     """
-    weight = x.sum(1).clamp_min(0)  # [B, *grid]
-    profile = weight.sum(-1)  # [B, *grid[:-1]]
+    weight = (x[:, 0] if x.shape[1] == 1 else x.sum(1)).clamp_min(0)  # [B, *grid]; a sum over one channel is slow
+    rows = weight.flatten(1, -2)  # [B, voxels before the last axis, last axis]; matmuls reduce fastest
+    profile = (rows @ rows.new_ones(rows.shape[2])).view(weight.shape[:-1])  # summed over the last axis
     dims = range(1, profile.ndim)
     moments = [profile.sum([d for d in dims if d != axis]) if profile.ndim > 2 else profile for axis in dims]
-    moments.append(weight.flatten(1, -2).sum(1))  # along the last axis
+    moments.append((rows.new_ones(1, rows.shape[1]) @ rows)[:, 0])  # along the last axis
     return torch.stack([(m * torch.arange(m.shape[1], dtype=x.dtype, device=x.device)).sum(1) for m in moments],
                        1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
 
