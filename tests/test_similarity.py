@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import relict_callbacks as rc
 from relict_callbacks.items import Item
@@ -16,13 +17,18 @@ def _bank(images, level, labels=None):
                                   progress=False)
 
 
-@pytest.mark.parametrize("shape,channels", [((24, 20), 1), ((12, 10, 8), 1), ((16, 16), 3)])
-def test_voxel_similarity_is_pearson_correlation(shape, channels):
+@pytest.mark.parametrize("shape,channels,sigma", [((24, 20), 1, 0), ((12, 10, 8), 1, 0), ((16, 16), 3, 0),
+                                                   ((24, 20), 1, 1.0), ((12, 10, 8), 1, 1.5)])
+def test_voxel_similarity_is_pearson_correlation_of_the_smoothed_images(shape, channels, sigma):
     refs = smooth_field(12, shape, seed=1, channels=channels)
     queries = smooth_field(5, shape, seed=2, channels=channels)
-    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=())
+    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=(), smoothing=sigma)
     bank = _bank(list(refs), level)
     found = bank.nearest(level, level.embed([Item(q, None, str(i)) for i, q in enumerate(queries)]))
+    if sigma:  # the textbook Gaussian filter, edges replicated
+        blur = lambda x: torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, *[sigma] * len(shape)),
+                                                                  mode="nearest", truncate=3))
+        refs, queries = torch.stack([blur(r) for r in refs]), torch.stack([blur(q) for q in queries])
 
     def ncc(a, b):  # per-channel z-scoring, then the mean product: Pearson r for one channel
         a, b = a.flatten(1).double(), b.flatten(1).double()
@@ -42,7 +48,7 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
     refs = smooth_field(6, (16, 16), seed=3)
     mask = np.zeros((16, 16), bool)
     mask[4:12, 2:14] = True
-    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=())
+    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=(), smoothing=0)
     bank = _bank(list(refs), level)
     query = smooth_field(1, (16, 16), seed=4)[0]
     found = bank.nearest(level, level.embed([Item(query, None, "q")]))
@@ -106,3 +112,38 @@ def test_feature_similarity_is_cosine_of_embeddings():
     assert found.index[0] == int(cosine.argmax())
     assert found.similarity[0] == pytest.approx(float(cosine.max()), abs=1e-5)
     assert extractor.training, "the extractor's training mode is restored"
+
+
+def test_voxel_search_is_the_same_batched_one_by_one_and_on_tensor_rows():
+    """The flip/shift refinement runs over all queries at once: each query's match does not depend on the
+    others in its batch, and bank rows held as (float16) tensors score as numpy rows do."""
+    from relict_callbacks.data import make_phantoms, make_replica
+
+    train = make_phantoms(8, "head_ct", ndim=2, size=32, seed=70)
+    level = rc.VoxelLevel(grid=32)
+    bank = rc.ReferenceBank.build(train, [level], progress=False)
+    samples = [make_replica(train[i], kind, seed=i) for i, kind in enumerate(["flip", "shift", "grain+flip", "none"])]
+    query = level.embed([Item(torch.from_numpy(s["image"]), None, s["id"]) for s in samples])
+    together = bank.nearest(level, query)
+    alone = [bank.nearest(level, {k: v[i:i + 1] for k, v in query.items()}) for i in range(len(samples))]
+    assert together.index.tolist() == [a.index[0] for a in alone] == [0, 1, 2, 3]
+    assert together.transform == [a.transform[0] for a in alone]
+    assert together.similarity == pytest.approx([a.similarity[0] for a in alone], abs=1e-5)
+    on_tensors = level.nearest({k: torch.from_numpy(v).float() for k, v in query.items()},
+                               {k: torch.from_numpy(v) for k, v in bank.arrays["voxel"].items()})
+    assert on_tensors.transform == together.transform
+    assert on_tensors.similarity == pytest.approx(together.similarity, abs=1e-5)
+
+
+def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
+    from relict_callbacks.levels.voxel import undo_match
+
+    refs = smooth_field(6, (32, 32, 16), seed=5)
+    level = rc.VoxelLevel(grid=(32, 32, 16), max_shift=3, smoothing=0)
+    bank = _bank(list(refs), level)
+    moved = torch.roll(refs[3].flip(3), shifts=(2, -1), dims=(1, 2))  # mirrored along axis 2, then moved
+    found = bank.nearest(level, level.embed([Item(moved, None, "q")]))
+    assert found.index[0] == 3 and found.transform[0].startswith("flip2+shift(")
+    aligned = undo_match(refs[3], found.transform[0])
+    inner = (slice(None), slice(3, -3), slice(3, -3))  # away from the edges the roll wrapped around
+    assert torch.allclose(aligned[inner], moved[inner], atol=1e-5)

@@ -12,6 +12,7 @@ the columns; a slice for CT, a projection of the vessel tree for MRA), and ``[1,
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..levels.voxel import LR_AXIS
 
 PERTURBATIONS = ("noise", "shift", "intensity", "blur", "flip")
 HARD_PERTURBATIONS = ("elastic", "remap")  # copies that voxel similarity is not built for
+# grainy, turned and bent copies, alone and combined, as undertrained or augmentation-trained diffusion models emit
+DISTORTIONS = ("grain", "rotate", "bend", "grain+flip", "grain+rotate", "bend+shift")
 _KINDS = {"head_ct": 1, "mra": 2}
 
 
@@ -85,10 +88,10 @@ def _head(rng, frame, size):
     return rb, _soft(depth + size / 40), _soft(depth), _soft(depth - skull), brain_semi
 
 
-def _head_ct(rng, ndim, size):
+def _head_ct(rng, anatomy, ndim, size):
     frame = _Frame(rng, ndim, size)
     shape = (size,) * ndim
-    rb, head, outer, brain, b = _head(rng, frame, size)
+    rb, head, outer, brain, b = _head(anatomy, frame, size)
     gyri = _field(rng, shape, max(1.0, size / 28))
     hemorrhage, edema, midline = np.zeros(shape, np.float32), np.zeros(shape, bool), 0.0
     for _ in range(1 + (rng.random() < 0.25)):
@@ -172,10 +175,10 @@ def _vessel_tree(rng, b, r0):
     return segments
 
 
-def _mra(rng, ndim, size):
+def _mra(rng, anatomy, ndim, size):
     frame = _Frame(rng, ndim, size)
     shape = (size,) * ndim
-    _, head, outer, brain, b = _head(rng, frame, size)
+    _, head, outer, brain, b = _head(anatomy, frame, size)
     tissue = 0.22 + 0.03 * _field(rng, shape, 2.0)
     background = 0.02 + 0.33 * (head - outer) + 0.04 * (outer - brain) + tissue * brain  # scalp fat bright, bone dark
     segments = _vessel_tree(rng, b, max(0.6, size * 0.02 * rng.uniform(0.85, 1.15)))
@@ -196,14 +199,43 @@ def _mra(rng, ndim, size):
     return np.clip(image, 0, 1), dist <= radius_map
 
 
+def _warp(image, label, kind: str, strength: float, rng):
+    """``image`` (and ``label``) rotated in plane by 3-5 degrees, or bent by a smooth field of at most ~2 voxels."""
+    import torch
+    from monai.networks.blocks import Warp
+    from monai.transforms import Rotate
+
+    spatial = image.ndim - 1
+    if kind == "rotate":
+        angle = float(np.deg2rad(rng.choice([-1, 1]) * rng.uniform(3, 5) * strength))
+        angles = angle if spatial == 2 else (0.0, 0.0, angle)  # 3D: about the inferior-superior axis
+        move = lambda x, mode: Rotate(angles, mode=mode, padding_mode="border")(x)
+    else:
+        size = np.array(image.shape[1:])
+        field = np.stack([_field(rng, tuple(size), size.min() / 6) for _ in range(spatial)])
+        field *= 2 * strength * rng.uniform(0.8, 1.2) / np.sqrt((field**2).sum(0)).max()
+        ddf = torch.from_numpy(field)[None]
+        move = lambda x, mode: Warp(mode=mode, padding_mode="border")(x[None], ddf)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's note that Warp uses torch's grid_sample
+        image = move(torch.from_numpy(image), "bilinear").numpy()
+        if label is not None:
+            label = move(torch.from_numpy(label.astype(np.float32)), "nearest").numpy().round().astype(label.dtype)
+    return image, label
+
+
 def make_phantoms(
-    n: int, kind: str = "head_ct", ndim: int = 2, size: int = 64, seed: int = 0, id_prefix: str | None = None
+    n: int, kind: str = "head_ct", ndim: int = 2, size: int = 64, seed: int = 0, id_prefix: str | None = None,
+    siblings_of: int | None = None,
 ) -> list[dict]:
     """``n`` distinct synthetic patients as ``{"image": float32 [1, *spatial], "label": uint8 [1, *spatial], "id"}``.
 
     ``kind`` is ``"head_ct"`` (brain-window axial head CT; label = hemorrhage) or ``"mra"`` (TOF-MRA-like arterial
     tree, a maximum-intensity-projection-like axial view in 2D; label = vessels). Spatial shape is ``(size,) * ndim``.
     Patient ``i`` depends only on ``(seed, i, kind, ndim, size)``, not on ``n``; ids are ``f"{prefix}-{i:04d}"``.
+    With ``siblings_of=other_seed``, patient ``i`` is a sibling of patient ``i`` of ``other_seed``: the same head
+    (outline, size, skull) in its own position and pose, with its own brain (tissue, ventricles, lesions or
+    vessels, texture): the hard case of unseen patients who share anatomy with training patients.
 
     >>> items = make_phantoms(4, kind="mra", ndim=2, size=32)
     >>> items[0]["image"].shape, items[0]["label"].dtype, items[3]["id"]
@@ -219,7 +251,12 @@ def make_phantoms(
     prefix = kind if id_prefix is None else id_prefix
     items = []
     for i in range(n):
-        image, label = draw(np.random.default_rng([seed, i, _KINDS[kind], ndim]), ndim, size)
+        rng = np.random.default_rng([seed, i, _KINDS[kind], ndim])
+        anatomy = rng
+        if siblings_of is not None:  # the other patient's random stream, past the draws of its pose
+            anatomy = np.random.default_rng([siblings_of, i, _KINDS[kind], ndim])
+            _Frame(anatomy, ndim, size)
+        image, label = draw(rng, anatomy, ndim, size)
         items.append(
             {"image": image[None].astype(np.float32), "label": label[None].astype(np.uint8), "id": f"{prefix}-{i:04d}"}
         )
@@ -234,18 +271,27 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
     Gaussian blur (sigma 0.7-1 voxel) or a left-right mirror along ``LR_AXIS``; or one of ``HARD_PERTURBATIONS``:
     a small elastic deformation (a smooth random displacement field, up to about 4% of the image size, plus a
     shift of up to 2 voxels) or an intensity re-mapping (a random monotone curve with 5 knots that re-contrasts
-    the tissues, plus a smooth multiplicative bias field of +-20%, like an MR coil). ``strength`` scales the amount
-    (1.0 = realistic, clearly still a copy; ignored by "flip" and "none"). The label moves with the image, and
-    the image stays within the source's intensity range. Randomness depends on ``(seed, item id, perturbation)``.
+    the tissues, plus a smooth multiplicative bias field of +-20%, like an MR coil); or one of ``DISTORTIONS``
+    (these need MONAI): heavy sampling noise ``"grain"`` (sigma 10% of the intensity range), an in-plane
+    ``"rotate"`` by 3-5 degrees (the axial plane, spatial axes 0 and 1 of a RAS volume; MONAI ``Rotate``) or a
+    smooth elastic ``"bend"`` of at most about 2 voxels (MONAI ``Warp``); several joined by ``"+"`` (e.g.
+    ``"grain+flip"``) are applied in turn. ``strength`` scales the amount (1.0 = realistic, clearly still a copy;
+    ignored by "flip" and "none"). The label moves with the image, and the image stays within the source's
+    intensity range. Randomness depends on ``(seed, item id, perturbation)``.
 
     >>> item = make_phantoms(1, size=32)[0]
     >>> copy = make_replica(item, "flip")
     >>> copy["id"], bool((copy["label"] == item["label"][:, :, ::-1]).all())
     ('head_ct-0000~flip', True)
     """
-    known = (*PERTURBATIONS, *HARD_PERTURBATIONS, "none")
+    if "+" in perturbation:
+        replica = item
+        for part in perturbation.split("+"):
+            replica = make_replica(replica, part, strength, seed)
+        return {**replica, "id": f"{item['id']}~{perturbation}"}
+    known = (*PERTURBATIONS, *HARD_PERTURBATIONS, *DISTORTIONS, "none")
     if perturbation not in known:
-        raise ValueError(f"unknown perturbation {perturbation!r}; expected one of {known}")
+        raise ValueError(f"unknown perturbation {perturbation!r}; expected one of {known}, or several joined by '+'")
     rng = np.random.default_rng([seed, zlib.crc32(str(item["id"]).encode()), zlib.crc32(perturbation.encode())])
     image = np.array(item["image"], dtype=np.float32)
     label = None if item.get("label") is None else np.array(item["label"])
@@ -283,6 +329,10 @@ def make_replica(item: dict, perturbation: str, strength: float = 1.0, seed: int
         if label is not None:
             label = np.stack([ndimage.map_coordinates(c.astype(np.float32), coords, order=1, mode="constant") >= 0.5
                               for c in label]).astype(label.dtype)
+    elif perturbation == "grain":
+        image += rng.normal(0, 0.1 * strength * (hi - lo), image.shape).astype(np.float32)
+    elif perturbation in ("rotate", "bend"):
+        image, label = _warp(image, label, perturbation, strength, rng)
     elif perturbation == "remap":
         knots = np.linspace(0, 1, 6)
         curve = np.concatenate([[0], np.cumsum(np.exp(rng.normal(0, strength, 5)))])

@@ -1,19 +1,21 @@
-"""Voxel level: normalized cross-correlation (NCC) to the nearest training image, tolerant to the mirrored and
-slightly shifted copies that generators trained with flip/shift augmentation emit.
+"""Voxel level: normalized cross-correlation (NCC) to the nearest training image, tolerant to the grainy, mirrored
+and slightly shifted copies that generators trained with flip/shift augmentation emit.
 
-Images are resampled to a common grid and z-scored per channel, so NCC is a dot product divided by the voxel
-count. Search runs in three steps:
+Images are resampled to a common grid, blurred by a Gaussian of ``smoothing`` voxels (sampling noise averages
+out) and z-scored per channel, so NCC is a dot product divided by the voxel count. Search runs in three steps,
+each batched over all samples:
 
-1. exact NCC top-k against the whole bank (one chunked matmul: the cost of plain NCC);
-2. a thumbnail search of the query and its mirror images, whose top-k adds candidates that plain NCC ranks low
-   because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the image's intensity
-   centroid, so a translated copy has the same thumbnail as its source;
-3. the best few (thumbnail candidate, flip) pairs are re-scored at full resolution at the shift their centroids
-   predict (within ``max_shift``), and the best of them also one voxel around it along each axis.
+1. exact NCC top-1 against the whole bank (one chunked matmul: the cost of plain NCC);
+2. a thumbnail search of the query and its mirror images (one matmul), whose top-k adds candidates that plain
+   NCC ranks low because they are mirrored or shifted: thumbnails (grid / 4 per axis) are centred on the
+   centroid of the image's above-average intensity, so a translated copy has the same thumbnail as its source;
+3. the best few (candidate, flip) pairs are re-scored at full resolution at the shift their centroids predict
+   (within ``max_shift``), the best of them also one voxel around it along each axis and at the combination of
+   the better steps.
 
 The similarity reported is the full-resolution NCC of the best (candidate, flip, shift), and the record says
-which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image mirrored along spatial
-axis 0 and displaced by that many grid voxels).
+which transform matched (``"flip0+shift(1,0,-2)"``: the sample is the training image displaced by that many
+grid voxels, then mirrored along spatial axis 0; :func:`undo_match` applies it to a training image or mask).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from .base import Level, Nearest, plain_grid, resample, resolve_grid
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
 REFINE_CANDIDATES = 3
+REFINE_BYTES = 64 * 2**20
+SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -50,32 +54,82 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
 
-def _centroid(image: torch.Tensor) -> torch.Tensor:
-    """Intensity centroid (in voxels, per spatial axis) of ``[C, *spatial]``, weighting voxels by their
-    intensity above the image minimum."""
-    weight = image.sum(0)
-    weight = weight - weight.min()
-    total = weight.sum().clamp_min(1e-12)
-    axes = range(weight.ndim)
-    return torch.stack([
-        (weight.sum(dim=[b for b in axes if b != a]) * torch.arange(weight.shape[a], device=image.device)).sum()
-        for a in axes
-    ]) / total
+def as_tensor(rows, device) -> torch.Tensor:
+    """Bank rows (a numpy array or memmap, or a tensor on any device, any float dtype) as float32 on ``device``."""
+    rows = torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
+    return rows.to(device=device, dtype=torch.float32)
 
 
-def _displace(image: torch.Tensor, shift) -> torch.Tensor:
-    """``out[x] = image[x + shift]`` for ``[C, *spatial]``, edge-replicated where that falls outside."""
-    pad = max(abs(s) for s in shift)
+def _take(rows, indices: torch.Tensor, device) -> torch.Tensor:
+    """``rows[indices]`` as float32 on ``device``, for numpy/memmap or tensor ``rows``."""
+    if isinstance(rows, np.ndarray):
+        return as_tensor(rows[indices.cpu().numpy()], device)
+    return as_tensor(rows[indices.to(rows.device)], device)
+
+
+def _centroids(x: torch.Tensor) -> torch.Tensor:
+    """Centroid ``[B, ndim]`` (voxels) of the above-average intensity of z-scored ``[B, C, *spatial]`` images.
+
+    Only voxels brighter than the image mean weigh in (by how much brighter), so zero-mean sampling noise, which
+    lifts the dark background once intensities are clipped, barely moves it.
+    """
+    weight = (x[:, 0] if x.shape[1] == 1 else x.sum(1)).clamp_min(0)  # [B, *grid]; a sum over one channel is slow
+    rows = weight.flatten(1, -2)  # [B, voxels before the last axis, last axis]; matmuls reduce fastest
+    profile = (rows @ rows.new_ones(rows.shape[2])).view(weight.shape[:-1])  # summed over the last axis
+    dims = range(1, profile.ndim)
+    moments = [profile.sum([d for d in dims if d != axis]) if profile.ndim > 2 else profile for axis in dims]
+    moments.append((rows.new_ones(1, rows.shape[1]) @ rows)[:, 0])  # along the last axis
+    return torch.stack([(m * torch.arange(m.shape[1], dtype=x.dtype, device=x.device)).sum(1) for m in moments],
+                       1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``out[b, s][x] = x[b][x + shifts[b, s]]``: each ``[C, *spatial]`` image of ``x`` displaced by each of its
+    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside; ``[B, S, C, *spatial]``."""
+    pad = int(shifts.abs().max()) if shifts.numel() else 0
     if pad == 0:
-        return image
-    padded = F.pad(image[None], (pad,) * (2 * len(shift)), mode="replicate")[0]
-    return padded[(slice(None),) + tuple(slice(pad + s, pad + s + n) for s, n in zip(shift, image.shape[1:]))]
+        return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
+    grid = x.shape[2:]
+    windows = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate")
+    for axis, n in enumerate(grid):
+        windows = windows.unfold(2 + axis, n, 1)  # [B, C, *(2 pad + 1 offsets), *grid], a view
+    batch = torch.arange(len(x), device=x.device)[:, None]
+    return windows[(batch, slice(None), *(shifts.long() + pad).unbind(2))]
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
     """Translate each ``[C, *spatial]`` image of a batch by whole voxels so that its centroid is mid-grid."""
     middle = torch.tensor([(n - 1) / 2 for n in x.shape[2:]], device=x.device)
-    return torch.stack([_displace(image, (_centroid(image) - middle).round().int().tolist()) for image in x])
+    return _displace(x, (_centroids(x) - middle).round().long()[:, None])[:, 0]
+
+
+def _orient(x: torch.Tensor, flips: torch.Tensor, orientations: list[tuple[int, ...]]) -> torch.Tensor:
+    """Each image ``x[b]`` mirrored along ``orientations[flips[b]]`` (a tuple of spatial axes)."""
+    out = x.clone()
+    for o, axes in enumerate(orientations):
+        chosen = torch.nonzero(flips == o).flatten()
+        if axes and len(chosen):
+            out[chosen] = x[chosen].flip([2 + a for a in axes])
+    return out
+
+
+def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated)."""
+    if sigma == 0:
+        return x
+    radius = max(1, int(3 * sigma + 0.5))  # as scipy.ndimage.gaussian_filter(truncate=3)
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    b, c, *grid = x.shape
+    out = x.reshape(b * c, 1, *grid)
+    conv = F.conv2d if len(grid) == 2 else F.conv3d
+    for axis in range(len(grid)):
+        padding = [0, 0] * len(grid)
+        padding[2 * (len(grid) - 1 - axis):2 * (len(grid) - axis)] = [radius, radius]
+        shape = [1, 1] + [1] * len(grid)
+        shape[2 + axis] = len(kernel)
+        out = conv(F.pad(out, padding, mode="replicate"), kernel.view(shape))
+    return out.reshape(x.shape)
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -93,9 +147,13 @@ class VoxelLevel(Level):
         max_shift: largest translation, in grid voxels per axis, under which candidates are re-scored
             (0 disables the shift search; default: 5% of the grid's smallest side, i.e. 6 voxels of the 128²
             grid and 3 of the 64³ grid).
-        flips: spatial axes to mirror along: ``"lr"`` (default: left-right, i.e. axis 1 of a 2D ``[C, H, W]``
-            slice and axis 0 of a 3D RAS ``[C, X, Y, Z]`` volume), ``"all"``, a tuple of axes, or ``()``.
+        flips: spatial axes to mirror along: ``"all"`` (default: each spatial axis on its own, whatever the
+            array layout), ``"lr"`` (left-right: axis 1 of a 2D ``[C, H, W]`` slice and axis 0 of a 3D RAS
+            ``[C, X, Y, Z]`` volume; a ``(z, y, x)`` NumPy/SimpleITK/pydicom array has it last), a tuple of
+            axes, or ``()``.
         top_k: candidates taken from each thumbnail search (the best 3 of them, over all flips, are re-scored).
+        smoothing: Gaussian sigma, in grid voxels, applied to every image before NCC (0: none), so that grainy
+            copies of a patient score as clean ones do.
 
     >>> import torch
     >>> from relict_callbacks.items import Item
@@ -109,7 +167,8 @@ class VoxelLevel(Level):
     name = "voxel"
     dot_product = True
 
-    def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="lr", top_k: int = 5) -> None:
+    def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="all", top_k: int = 5,
+                 smoothing: float = SMOOTHING) -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
         self.grid = check_grid("grid", grid)
@@ -118,6 +177,7 @@ class VoxelLevel(Level):
         self.flips = flips if isinstance(flips, str) else tuple(check_number("flips", a, low=0, high=2, integer=True)
                                                                 for a in flips)
         self.top_k = check_number("top_k", top_k, low=1, integer=True)
+        self.smoothing = float(check_number("smoothing", smoothing, low=0))
 
     def config(self) -> dict:
         mask_digest = None
@@ -125,13 +185,15 @@ class VoxelLevel(Level):
             mask_digest = hashlib.blake2b(self.mask.numpy().tobytes(), digest_size=8).hexdigest()
         grid = plain_grid(self.grid)
         return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
-                "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k}
+                "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k,
+                "smoothing": self.smoothing}
 
     @classmethod
     def from_config(cls, config: dict) -> VoxelLevel:
         if config.get("mask"):
             raise ValueError("this bank's voxel level uses a mask: pass levels=[VoxelLevel(mask=...), ...] to load it")
-        return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"])
+        return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"],
+                   smoothing=config.get("smoothing", 0.0))  # banks from before smoothing existed
 
     # -- geometry -----------------------------------------------------------------------------------------
     def stored_image(self, bank: dict[str, np.ndarray], index: int) -> torch.Tensor:
@@ -168,7 +230,7 @@ class VoxelLevel(Level):
         ndim = items[0].image.ndim - 1
         grid = resolve_grid(self.grid, ndim)
         mask = self._mask(grid, device=device)
-        batch = torch.stack([resample(item.image.to(device), grid) for item in items])
+        batch = _smooth(torch.stack([resample(item.image.to(device), grid) for item in items]), self.smoothing)
         _, std = _moments(batch, mask)
         scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
@@ -195,67 +257,89 @@ class VoxelLevel(Level):
         n, ndim = len(rows), q.ndim - 2
         grid, device = tuple(q.shape[2:]), q.device
         mask = self._mask(grid, device=device)
-        flat_rows, flat_thumbs = rows.reshape(n, -1), thumbs.reshape(n, -1)
-        k = min(self.top_k, n - (exclude is not None))
         plain = self._query_form(q, mask)
         if index is not None:
             values, indices = index.search(plain, 1)
         else:
-            values, indices = inner_product_topk(plain, flat_rows, 1, exclude=exclude)
+            values, indices = inner_product_topk(plain, rows.reshape(n, -1), 1, exclude=exclude)
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         transforms = ["identity"] * len(q)
         reach, orientations = self.shift_reach(grid), self._orientations(ndim)
         if reach == 0 and len(orientations) == 1:
             return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
-        factor = grid[0] // thumbs.shape[2]
-        thumb_mask = self._mask(grid, factor, device)
-        proposals = [[] for _ in range(len(q))]  # (thumbnail similarity, bank index, flip) per query
-        for flip in orientations:
-            tq = self._query_form(query["thumbs"].float().flip([2 + a for a in flip]), thumb_mask)
-            thumb_values, thumb_indices = inner_product_topk(tq, flat_thumbs, k, exclude=exclude)
-            for found, v, j in zip(proposals, thumb_values.tolist(), thumb_indices.tolist()):
-                found += [(score, m, flip) for score, m in zip(v, j)]
-        for i, found in enumerate(proposals):
-            found = sorted(found, key=lambda p: -p[0])[:REFINE_CANDIDATES]
-            chosen = sorted({m for _, m, _ in found})
-            refs = torch.from_numpy(np.ascontiguousarray(rows[chosen])).to(device).float()
-            sim, m, flip, shift = self._refine(q[i], [(m, refs[chosen.index(m)], flip) for _, m, flip in found],
-                                               reach, mask)
-            if sim > best[i]:
-                best[i], best_index[i], transforms[i] = sim, m, _describe(flip, shift)
+        candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
+        found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask)
+                 for chunk in torch.arange(len(q), device=device).split(self._chunk(q))]
+        sim, m, flip, shift = (torch.cat(parts) for parts in zip(*found))
+        better = sim > best
+        best, best_index = torch.where(better, sim, best), torch.where(better, m, best_index)
+        for i in torch.nonzero(better).flatten().tolist():
+            transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()))
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
-
-    def _refine(self, query: torch.Tensor, pairs: list, reach: int, mask) -> tuple[float, int, tuple, tuple]:
-        """Best full-resolution NCC of ``query`` [C, *grid] over (bank index, bank image, flip) ``pairs``: each
-        pair is scored at the shift its centroids predict (within ``reach``), then the best pair also at that
-        shift's neighbours along each axis. Returns (NCC, bank index, flip, shift)."""
-        scored = []
-        for m, ref, flip in pairs:
-            oriented = query.flip([1 + a for a in flip])
-            shift = tuple((_centroid(oriented) - _centroid(ref)).round().clamp(-reach, reach).int().tolist())
-            scored.append((float(self._ncc_at(oriented, ref, [shift], mask)[0]), m, flip, shift, oriented, ref))
-        sim, m, flip, shift, oriented, ref = max(scored, key=lambda entry: entry[0])
-        neighbours = sorted({tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(shift))
-                             for axis in range(len(shift)) for step in (-1, 1)} - {shift})
-        if neighbours:
-            scores = self._ncc_at(oriented, ref, neighbours, mask)
-            j = int(scores.argmax())
-            if float(scores[j]) > sim:
-                sim, shift = float(scores[j]), neighbours[j]
-        return sim, m, flip, shift
+    def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
+        the query's mirror images, searched in one matmul over all orientations."""
+        nq, device = len(query_thumbs), query_thumbs.device
+        thumb_mask = self._mask(grid, grid[0] // thumbs.shape[2], device)
+        oriented = torch.cat([query_thumbs.flip([2 + a for a in axes]) for axes in orientations])
+        k = min(self.top_k, len(thumbs) - (exclude is not None))
+        values, indices = inner_product_topk(self._query_form(oriented, thumb_mask), thumbs.reshape(len(thumbs), -1),
+                                             k, exclude=None if exclude is None else exclude.repeat(len(orientations)))
+        values = values.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)  # [Q, orientations * k]
+        indices = indices.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)
+        top = values.topk(min(REFINE_CANDIDATES, values.shape[1]), dim=1).indices
+        return indices.gather(1, top), torch.div(top, values.shape[1] // len(orientations), rounding_mode="floor")
 
     @staticmethod
-    def _ncc_at(image: torch.Tensor, ref: torch.Tensor, shifts: list[tuple[int, ...]], mask) -> torch.Tensor:
-        """NCC of ``image`` displaced by each shift against the standardized ``ref`` (both ``[C, *grid]``)."""
-        crops = torch.stack([_displace(image, shift) for shift in shifts]).flatten(2)  # [S, C, D]
+    def _chunk(q: torch.Tensor) -> int:
+        """Queries refined at once, so that about ``REFINE_BYTES`` of shifted copies are held."""
+        return max(1, REFINE_BYTES // (q[0].numel() * 4 * (2 * (q.ndim - 2) + 1)))
+
+    def _refine(self, q, rows, candidates, flips, orientations, reach, mask):
+        """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
+        ``candidates``/``flips`` [Q, P]: every pair is scored at the shift its centroids predict (within
+        ``reach``), then each query's best pair one voxel around it along each axis and at the combination of the
+        better steps. Returns (NCC, bank index, orientation, shift) per query."""
+        nq, npairs = candidates.shape
+        ndim = q.ndim - 2
+        oriented = _orient(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
+        if mask is not None:  # the mask does not move with the mirror image
+            oriented = _standardize(oriented, mask)
+        refs = _take(rows, candidates.flatten(), q.device)
+        mirrored = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)
+        size = torch.tensor(q.shape[2:], device=q.device)
+        centre = _centroids(q).repeat_interleave(npairs, 0)
+        centre = torch.where(mirrored[flips.flatten()], size - 1 - centre, centre)  # of the mirror images
+        shift = (centre - _centroids(refs)).round().clamp(-reach, reach).long()
+        scores = self._ncc(oriented, refs, shift[:, None], mask)[:, 0].view(nq, npairs)
+        centre, pick = scores.max(1)
+        chosen = torch.arange(nq, device=q.device) * npairs + pick
+        oriented, refs, shift = oriented[chosen], refs[chosen], shift[chosen]
+        steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
+        around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
+        near = self._ncc(oriented, refs, around, mask)
+        up, down = near[:, :ndim], near[:, ndim:]
+        step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
+        around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
+        near = torch.cat([centre[:, None], near, self._ncc(oriented, refs, around[:, -1:], mask)], 1)
+        sim, j = near.max(1)
+        arange = torch.arange(nq, device=q.device)
+        return sim, candidates[arange, pick], flips[arange, pick], around[arange, j]
+
+    @staticmethod
+    def _ncc(oriented: torch.Tensor, refs: torch.Tensor, shifts: torch.Tensor, mask) -> torch.Tensor:
+        """NCC ``[B, S]`` of the standardized ``oriented`` queries [B, C, *grid] against their ``refs`` displaced by
+        minus each of ``shifts`` [B, S, ndim] (the reference moved onto the sample)."""
+        windows = _displace(refs, -shifts).flatten(3)  # [B, S, C, D]
+        form = oriented.flatten(2) if mask is None else (oriented * mask).flatten(2)
         if mask is not None:
-            crops = crops * mask.flatten()
-        count = crops.shape[2] if mask is None else mask.sum()
-        dots = torch.einsum("scd,cd->sc", crops, ref.flatten(1))  # ref has zero mean inside the mask
-        mean = crops.sum(dim=2) / count
-        std = (torch.linalg.vector_norm(crops, dim=2).square() / count - mean.square()).clamp_min(1e-12).sqrt()
-        return (dots / std).sum(dim=1) / (count * crops.shape[1])
+            windows = windows * mask.flatten()
+        count = windows.shape[3] if mask is None else mask.sum()
+        dots = torch.einsum("bscd,bcd->bsc", windows, form)
+        mean = windows.sum(dim=3) / count
+        std = (torch.linalg.vector_norm(windows, dim=3).square() / count - mean.square()).clamp_min(1e-12).sqrt()
+        return (dots / std).mean(dim=2) / count
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
@@ -266,8 +350,10 @@ def _describe(flip: tuple[int, ...], shift: tuple[int, ...]) -> str:
 
 
 def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
-    """``reference`` [C, *grid] moved into its sample's frame, undoing the ``transform`` a match reports (the
-    sample is the reference mirrored, then displaced), e.g. to show the two side by side.
+    """``reference`` [C, *grid] moved into its sample's frame, undoing the ``transform`` a match reports:
+    ``"identity"``, ``"flipA"``, ``"shift(dx,dy[,dz])"`` or ``"flipA+shift(...)"``, meaning the sample is the
+    reference displaced by that many grid voxels (edges replicated), then mirrored along spatial axis ``A``.
+    Use it to show the two side by side, or to align a training mask with its sample.
 
     >>> ref = torch.arange(4.).reshape(1, 1, 4)
     >>> undo_match(ref, "flip1+shift(0,1)").tolist()
@@ -275,5 +361,7 @@ def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
     """
     flip = re.search(r"flip(\d+)", transform)
     shift = re.search(r"shift\(([-\d,]+)\)", transform)
-    moved = reference if shift is None else _displace(reference, [-int(s) for s in shift.group(1).split(",")])
-    return moved if flip is None else moved.flip(1 + int(flip.group(1)))
+    if shift is not None:
+        offsets = torch.tensor([[[-int(s) for s in shift.group(1).split(",")]]], device=reference.device)
+        reference = _displace(reference[None].float(), offsets)[0, 0].to(reference.dtype)  # masks too
+    return reference if flip is None else reference.flip(1 + int(flip.group(1)))
