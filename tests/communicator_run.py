@@ -27,7 +27,8 @@ def copier(rank: int, fail_on: int | None = None):
 
 
 def check(comm, **options) -> dict:
-    monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=3, alpha=0.1, max_replica_rate=0.5, progress=False, **options)
+    monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=3, alpha=0.1, max_replica_rate=0.3, progress=False,
+                      **options)  # 3 of 3 copies: lower bound 0.37 > 0.3, memorization detected
     monitor.prepare(TRAIN, comm=comm)
     done = monitor.check(None, epoch=0, step=7, comm=comm)
     return {"history": monitor.history, "stop": done.stop_reason.name, "stop_state": monitor.stop.state_dict(),

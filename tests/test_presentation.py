@@ -30,7 +30,7 @@ def test_the_first_level_orders_and_shows_the_gallery_and_fills_the_table():
     table = monitor.history_table().splitlines()
     entry = monitor.history[0]
     assert entry["relict/segmentation/nn_similarity_mean"] == 1.0 > entry["relict/voxel/nn_similarity_mean"]
-    assert table[1].split()[3] == "1.000"  # epoch, loss, replica rate, mean similarity at the primary level
+    assert table[1].split()[5] == "1.000"  # epoch, loss, samples, replica rate, bounds, mean similarity (primary level)
 
 
 def test_voxel_first_shows_both_on_its_grid():

@@ -109,7 +109,7 @@ def main(out="relict_demo", n_train: int = 3, size: int = 16, max_epochs: int = 
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=steps_per_epoch,
                         accelerator="auto", devices=1)
     with watch("bank build"):
-        monitor.monitor.prepare(train, progress=progress)
+        monitor.monitor.prepare()
     monitor.monitor.check = watch.wrap("checks", monitor.monitor.check)
     with watch("fit"):
         trainer.fit(model, loader)
