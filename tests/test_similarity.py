@@ -22,7 +22,7 @@ def _bank(images, level, labels=None):
 def test_voxel_similarity_is_pearson_correlation_of_the_smoothed_images(shape, channels, sigma):
     refs = smooth_field(12, shape, seed=1, channels=channels)
     queries = smooth_field(5, shape, seed=2, channels=channels)
-    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=(), smoothing=sigma)
+    level = rc.VoxelLevel(grid=shape, max_shift=0, flips=(), smoothing=sigma, max_bend=0)
     bank = _bank(list(refs), level)
     found = bank.nearest(level, level.embed([Item(q, None, str(i)) for i, q in enumerate(queries)]))
     if sigma:  # the textbook Gaussian filter, edges replicated
@@ -48,7 +48,7 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
     refs = smooth_field(6, (16, 16), seed=3)
     mask = np.zeros((16, 16), bool)
     mask[4:12, 2:14] = True
-    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=(), smoothing=0)
+    level = rc.VoxelLevel(grid=16, mask=mask, max_shift=0, flips=(), smoothing=0, max_bend=0)
     bank = _bank(list(refs), level)
     query = smooth_field(1, (16, 16), seed=4)[0]
     found = bank.nearest(level, level.embed([Item(query, None, "q")]))
