@@ -19,7 +19,7 @@ from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import _describe, undo_match
+from .voxel import _describe, rigid_part, undo_match
 
 REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
 
@@ -241,7 +241,7 @@ class SegmentationLevel(Level):
             scores = []
             for j, transform in candidates:
                 ref = _row(refs, j).to(query.device, torch.float32)
-                if transform != "identity":
+                if rigid_part(transform) != "identity":  # a bend alone is not undone: no round trip of grids
                     moved = undo_match(resample(ref, transform_grid, nearest=True), transform) > 0.5
                     ref = resample(moved.float(), grid, nearest=True)
                 overlap = (query * ref).flatten(1).sum(1)

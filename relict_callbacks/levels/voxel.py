@@ -45,6 +45,7 @@ BEND = 0.03  # largest bend searched, as a share of the grid's smallest side (ab
 BEND_CONTROL = 4  # control points of the bend's displacement field per axis
 BEND_STEPS = 20  # Adam steps of the bend search
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
+BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
 
 
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -358,7 +359,7 @@ class VoxelLevel(Level):
             found = [self._bend(q[chunk], rows, best_index[chunk], flip[chunk], shift[chunk], orientations, mask)
                      for chunk in chunks]
             sim, size = (torch.cat(parts) for parts in zip(*found))
-            better = sim > best
+            better = (sim > best) & (size >= BEND_MIN)
             best = torch.where(better, sim, best)
             for i in torch.nonzero(better).flatten().tolist():
                 transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()), float(size[i]))
@@ -449,6 +450,15 @@ def _describe(flip: tuple[int, ...], shift: tuple[int, ...], bend: float = 0.0) 
 
 
 _TRANSFORM_PART = r"flip\d|shift\(-?\d+(,-?\d+)*\)|bend\(\d+(\.\d+)?\)"
+
+
+def rigid_part(transform: str) -> str:
+    """The mirror and shift of a match's ``transform``, without its bend (which :func:`undo_match` cannot apply).
+
+    >>> rigid_part("flip1+bend(1.8)"), rigid_part("bend(2.0)")
+    ('flip1', 'identity')
+    """
+    return "+".join(p for p in transform.split("+") if not p.startswith("bend(")) or "identity"
 
 
 def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
