@@ -5,11 +5,18 @@ gather the others skip; then rank 0 gathers the samples, scores them and decides
 outcome (its check, stop policy state and extra metrics), so histories and stop decisions are the same everywhere.
 A failure on any process becomes the same failed check on every process, raised when ``strict``.
 
+>>> import torch
 >>> from relict_callbacks.monitor.communicator import SINGLE_PROCESS
 >>> from relict_callbacks.monitor.stop import StopPolicy
->>> def draw():
+>>> def judge(images, labels):  # rank 0: score and decide
+...     return Check(3, 30, {"relict/replica_rate": 0.0}, num_samples=len(images))
+>>> check, extra = run_check(lambda: (torch.zeros(2, 1, 8, 8), None), judge, StopPolicy(), SINGLE_PROCESS,
+...                          epoch=3, step=30, extra={"train_loss": 0.5})
+>>> check.num_samples, extra
+(2, {'train_loss': 0.5})
+>>> def out_of_memory():
 ...     raise RuntimeError("out of memory")
->>> check, extra = run_check(draw, judge=None, stop=StopPolicy(), comm=SINGLE_PROCESS, epoch=3, step=30)
+>>> check, extra = run_check(out_of_memory, judge, StopPolicy(), SINGLE_PROCESS, epoch=3, step=30)
 >>> check.ok, check.error, extra
 (False, 'RuntimeError: out of memory', None)
 """
