@@ -55,10 +55,11 @@ class CheckpointSelection:
         return self.ledger.reason
 
     def checkpoint_to_certify(self, max_replica_rate: float | None = None) -> str | None:
-        """The latest checkpoint file holding a check from before detection whose replica rate was <= the limit:
-        the one to :meth:`certify` when the routine checks are too small to certify it."""
+        """The latest checkpoint file, not yet certified, holding a check from before detection whose replica rate
+        was <= the limit: the one to :meth:`certify` when the routine checks are too small to certify it (after a
+        certification that fell short, the one before it)."""
         files, limit = self.checkpoints(), self._limit(max_replica_rate)
-        fitting = [e for e in self.ledger.candidates(files, limit) if e[RATE] <= limit]
+        fitting = [e for e in self.ledger.candidates(files, limit) if e[RATE] <= limit and e.get("kind") != "certify"]
         return self.ledger.holder(files, fitting[-1]["step"]) if fitting else None
 
     def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
