@@ -91,12 +91,17 @@ def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     pad = int(shifts.abs().max()) if shifts.numel() else 0
     if pad == 0:
         return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
-    grid = x.shape[2:]
-    windows = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate")
-    for axis, n in enumerate(grid):
-        windows = windows.unfold(2 + axis, n, 1)  # [B, C, *(2 pad + 1 offsets), *grid], a view
-    batch = torch.arange(len(x), device=x.device)[:, None]
-    return windows[(batch, slice(None), *(shifts.long() + pad).unbind(2))]
+    (b, c, *grid), s = x.shape, shifts.shape[1]
+    padded = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate").reshape(-1)
+    sizes = [n + 2 * pad for n in grid]
+    strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(len(grid))]  # of a padded image, in voxels
+    # every row of grid[-1] output voxels is a contiguous run of the padded images, copied from where it starts
+    starts = (torch.arange(b * c, device=x.device).view(b, 1, c) * int(np.prod(sizes))
+              + ((shifts.long() + pad) * torch.tensor(strides, device=x.device)).sum(2)[:, :, None])  # [B, S, C]
+    for axis, n in enumerate(grid[:-1]):
+        starts = starts[..., None] + torch.arange(n, device=x.device) * strides[axis]
+    runs = padded.as_strided((padded.numel() - grid[-1] + 1, grid[-1]), (1, 1))
+    return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
