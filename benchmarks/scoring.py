@@ -7,8 +7,11 @@ voxel level, on ``--device cpu`` or ``cuda``:
 The bank is built once on the device (build throughput in items/s is printed) and saved; the scorer reads it
 memory-mapped from disk (as users load it), with the default VoxelLevel (flip + shift search) and with plain NCC
 (``max_shift=0, flips=()``, the same rows) to show what the search costs; the breakdown splits a score into embedding the
-samples and searching the bank. Times are the best of 3 runs. Peak memory is the process's peak resident set
-(VmHWM, reset before each measurement) above what it held before; memory-mapped bank pages count while resident.
+samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held as float32
+in RAM, placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as
+float16, converted chunk by chunk at every search). Times are the best of 3 runs. Peak memory is the process's peak
+resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
+held from the warm-up on); memory-mapped bank pages count while resident.
 Run: ``python benchmarks/scoring.py [--device cuda] [--items-3d 2000 --items-2d 20000]``.
 """
 
@@ -77,12 +80,14 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
                                   device=device)
     _sync()
     seconds = time.perf_counter() - t
-    paths = {"default (flip + shift search)": bank.save(workdir / f"{name}-default.npz")}
+    default = bank.save(workdir / f"{name}-default.npz")
     print(f"bank build on {device}: {seconds:.1f} s, {n_items / seconds:.0f} items/s (making the items included), "
-          f"file {paths['default (flip + shift search)'].stat().st_size / 2**20:.0f} MiB")
+          f"file {default.stat().st_size / 2**20:.0f} MiB")
     plain = rc.VoxelLevel(max_shift=0, flips=())  # the same rows; only the search differs
     bank.levels, bank.manifest["levels"] = [plain], [plain.config()]
-    paths["plain NCC"] = bank.save(workdir / f"{name}-plain.npz")
+    plain = bank.save(workdir / f"{name}-plain.npz")
+    runs = {"default (flip + shift search)": (default, None), "plain NCC": (plain, None),
+            "plain NCC, rows memory-mapped (device_budget=0)": (plain, 0)}
     del bank
 
     refs = smooth_batch(n_items, shape, seed=7, device=device).flatten(1)
@@ -104,21 +109,26 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         naive_seconds, _, _ = measure(lambda: [[np.corrcoef(q, r)[0, 1] for r in sub_r] for q in sub_q], repeats=1)
         naive = naive_seconds / (len(sub_q) * len(sub_r)) * n_samples * n_items
         print(f"naive NumPy corrcoef loop (extrapolated from {len(sub_q) * len(sub_r)} pairs): {naive:.1f} s")
-    for label, path in paths.items():
+    for label, (path, budget) in runs.items():
         bank = rc.ReferenceBank.load(path)
-        scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.9}, device=device)
-        scorer.score(samples[:2])  # warm the page cache and the kernels
+        scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.9}, device=device, device_budget=budget)
+        scorer.score(samples[:2])  # warm the page cache and the kernels, place the rows
         seconds, peak, report = measure(lambda: scorer.score(samples))
         level = bank.levels[0]
         embed, _, query = measure(lambda: _embed(level, samples, device))
-        search, _, _ = measure(lambda: bank.nearest(level, query, device))
+        search, _, _ = measure(lambda: bank.nearest(level, query, device, budget=budget))
         caught = sum(r.is_replica for r in report.records[:8])
         faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
         print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
-              f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB (bank float16, "
-              f"memory-mapped: {n_items * dims * 2 / 2**20:.0f} MiB) | {seconds / bare:.2f}x the bare matmul{faster} | "
-              f"mirrored copies flagged {caught}/8")
+              f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB, "
+              f"rows placed: {_placed_mib(bank.rows(level, device, budget)):.0f} MiB | {seconds / bare:.2f}x the bare "
+              f"matmul{faster} | mirrored copies flagged {caught}/8")
         bank = scorer = None  # release the memory map before the next bank
+
+
+def _placed_mib(rows: dict) -> float:
+    """MiB of the level's rows placed in memory (on the device, or as float32 in RAM), not memory-mapped."""
+    return sum(a.nbytes for a in rows.values() if isinstance(a, torch.Tensor) and not a.is_pinned()) / 2**20
 
 
 def _embed(level, samples: torch.Tensor, device) -> dict[str, np.ndarray]:

@@ -170,8 +170,10 @@ class ReplicaScorer:
             metrics ``relict/replica_rate_low``/``_high``).
         batch_size, device: how samples are streamed and embedded, and where they are embedded and searched.
         query_block: samples searched together in one pass over the bank (memory: block x row size).
-        device_budget: on an accelerator, the bytes of bank rows kept resident on it (default: a quarter of a CUDA
-            device's memory); rows beyond it are streamed from pinned host memory at every search.
+        device_budget: the bytes of bank rows kept resident on ``device`` (default: a quarter of a CUDA device's
+            memory, or of the RAM on the CPU, where float16 rows are held as float32: 2.1 GB for 2,000 x 64³);
+            rows beyond it are streamed from pinned host memory (CUDA) or read memory-mapped and converted
+            (CPU) at every search. 0 keeps nothing resident.
 
     >>> import relict_callbacks as rc
     >>> train = rc.data.make_phantoms(10, ndim=2, size=32)

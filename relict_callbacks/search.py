@@ -6,11 +6,13 @@ plain dot product (Dice) pass their own ``score_chunk`` function to :func:`chunk
 
 Where the rows are, per device (:func:`place_rows` puts them there once per bank and device):
 
-- CPU: as stored, memory-mapped; float16 rows are converted chunk by chunk into one reused float32 buffer and
-  multiplied in float32.
+- CPU: float16 rows held as float32 in RAM while they fit a host memory budget (``device_budget``: default
+  :data:`DEVICE_BUDGET_FRACTION` of the machine's RAM, counted in float32 bytes: a 2,000 x 64³ voxel bank takes
+  2.1 GB), so a search is one float32 matmul over resident rows; rows beyond it stay memory-mapped as stored and
+  are converted chunk by chunk into one reused float32 buffer. Other rows (float32, masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
   resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
-  device's memory); rows beyond it stay in pinned host memory and are streamed to the device chunk by chunk.
+  device's memory, counted in stored bytes); rows beyond it stay in pinned host memory and are streamed to the device chunk by chunk.
   float16 rows are multiplied in half precision with float32 accumulation and output
   (``torch.mm(..., out_dtype=torch.float32)``) where the device has it, the queries scaled to unit range first.
 """
@@ -18,6 +20,7 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -27,7 +30,8 @@ from .validation import check_number
 
 DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
 DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (few, large matmuls)
-DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory that bank rows may occupy
+DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
+SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
 
 
 def chunked_topk(
@@ -112,6 +116,11 @@ def chunk_rows(row_bytes: int, device) -> int:
     return max(DEFAULT_CHUNK, DEVICE_CHUNK_BYTES // max(row_bytes, 1))
 
 
+def _in_place(refs, queries: torch.Tensor) -> bool:
+    """Whether ``refs`` are a tensor on the queries' device in their dtype, searchable without any copy."""
+    return isinstance(refs, torch.Tensor) and refs.device == queries.device and refs.dtype == queries.dtype
+
+
 def inner_product_topk(
     queries: torch.Tensor,
     refs,
@@ -122,7 +131,8 @@ def inner_product_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` of ``queries @ refs.T`` with ``refs`` a [N, D] array, memmap or tensor (any float dtype, on
     any device), computed on the queries' device; float32 scores. ``chunk_size`` rows are scored at a time
-    (default: :func:`chunk_rows`).
+    (default: :func:`chunk_rows`; rows already on the device in the queries' dtype, as :func:`place_rows` leaves
+    them, in one matmul, or chunks of :data:`SCORE_BYTES` of scores).
 
     >>> refs = np.eye(3, dtype=np.float16)
     >>> inner_product_topk(torch.tensor([[0.0, 2.0, 1.0]]), refs, 2)[1].tolist()
@@ -134,51 +144,70 @@ def inner_product_topk(
     if half:  # unit range, so that float16 keeps the queries' precision (NCC rows are tiny: z / voxel count)
         scale = queries.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         queries = (queries / scale).half()
-    chunk_size = chunk_size or chunk_rows(refs.shape[1] * (2 if half else 4), device)
-    buffer = torch.empty(min(chunk_size, len(refs)), refs.shape[1], device=device, dtype=queries.dtype)
+    if _in_place(refs, queries):
+        chunk_size, buffer = chunk_size or max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries))), None
+    else:
+        chunk_size = chunk_size or chunk_rows(refs.shape[1] * (2 if half else 4), device)
+        buffer = torch.empty(min(chunk_size, len(refs)), refs.shape[1], device=device, dtype=queries.dtype)
 
     def score_chunk(start: int, stop: int) -> torch.Tensor:
-        rows = rows_to_tensor(refs, start, stop, device, buffer)
+        rows = refs[start:stop] if buffer is None else rows_to_tensor(refs, start, stop, device, buffer)
         return torch.mm(queries, rows.T, out_dtype=torch.float32) * scale if half else queries @ rows.T
 
     return chunked_topk(score_chunk, len(refs), k, chunk_size=chunk_size, exclude=exclude)
 
 
+def host_memory() -> int:
+    """Bytes of RAM on this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def device_budget(device, budget: int | None = None) -> int:
     """Bytes of bank rows that may stay resident on ``device``: ``budget`` when given; else
-    :data:`DEVICE_BUDGET_FRACTION` of a CUDA device's total memory, and 0 on other devices.
+    :data:`DEVICE_BUDGET_FRACTION` of a CUDA device's total memory or, on the CPU, of the machine's RAM; 0 on other
+    devices.
 
-    >>> device_budget("cpu"), device_budget("meta", 2**20)
-    (0, 1048576)
+    >>> device_budget("cpu") > 0, device_budget("meta"), device_budget("meta", 2**20)
+    (True, 0, 1048576)
     """
     if budget is not None:
         return check_number("device_budget", budget, low=0, integer=True)
     device = torch.device(device)
+    if device.type == "cpu":
+        return int(DEVICE_BUDGET_FRACTION * host_memory())
     if device.type != "cuda":
         return 0
     return int(DEVICE_BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory)
 
 
 def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | None = None) -> dict:
-    """Bank arrays (``{level: {key: [N, ...] array}}``) ready for search on ``device``.
+    """Bank arrays (``{level: {key: [N, ...] array}}``) ready for search on ``device``, resident there while they
+    fit in ``device_budget(device, budget)`` bytes (in order, level by level).
 
-    On the CPU, the arrays as they are (memory-mapped). Elsewhere, torch tensors in their stored dtype: on the
-    device while they fit in ``device_budget(device, budget)`` bytes (in order, level by level), the rest in host
-    memory (pinned when CUDA is available), from which the search streams them chunk by chunk.
+    On the CPU, float16 arrays become float32 tensors in RAM (counted at 4 bytes a value) while they fit; the rest
+    stay as they are (memory-mapped), converted chunk by chunk at each search. Elsewhere, torch tensors in their
+    stored dtype: on the device while they fit, the rest in host memory (pinned when CUDA is available), from
+    which the search streams them chunk by chunk.
 
     >>> rows = {"voxel": {"rows": np.ones((4, 3), dtype=np.float16)}}
     >>> place_rows(rows, "meta", budget=24)["voxel"]["rows"].device.type
     'meta'
     >>> place_rows(rows, "meta", budget=0)["voxel"]["rows"].device.type
     'cpu'
+    >>> place_rows(rows, "cpu", budget=48)["voxel"]["rows"].dtype, type(place_rows(rows, "cpu", budget=0)["voxel"]["rows"])
+    (torch.float32, <class 'numpy.ndarray'>)
     """
     device = torch.device(device)
-    if device.type == "cpu":
-        return arrays
     left, placed = device_budget(device, budget), {}
     for name, level_arrays in arrays.items():
         placed[name] = {}
         for key, array in level_arrays.items():
+            if device.type == "cpu":
+                placed[name][key], left = _to_host(array, left)
+                continue
             tensor = torch.from_numpy(np.ascontiguousarray(array))
             if tensor.nbytes <= left:
                 left -= tensor.nbytes
@@ -187,6 +216,15 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
                 tensor = tensor.pin_memory()
             placed[name][key] = tensor
     return placed
+
+
+def _to_host(array: np.ndarray, left: int) -> tuple:
+    """``array`` as a float32 tensor in RAM when it is float16 and fits in ``left`` bytes, else as it is; and the
+    bytes left."""
+    nbytes = array.size * 4
+    if array.dtype != np.float16 or nbytes > left:
+        return array, left
+    return torch.from_numpy(np.asarray(array, dtype=np.float32)), left - nbytes
 
 
 class FaissIndex:

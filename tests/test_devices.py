@@ -14,7 +14,7 @@ from monai.networks.nets import resnet10
 import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
-from relict_callbacks.search import device_budget, inner_product_topk, place_rows
+from relict_callbacks.search import device_budget, host_memory, inner_product_topk, place_rows
 
 from conftest import DEVICES, smooth_field
 
@@ -61,11 +61,37 @@ def test_rows_beyond_the_budget_stay_on_the_host_and_are_streamed():
     for rows in placed["voxel"].values():  # a CPU row mixed into a meta product would raise
         values, indices = inner_product_topk(torch.zeros(3, rows.shape[1], device="meta"), rows, 2, chunk_size=4)
         assert values.device.type == indices.device.type == "meta" and indices.shape == (3, 2)
-    assert place_rows(arrays, "cpu") is arrays  # the CPU reads the memory-mapped rows as they are
 
 
-def test_device_budget_is_checked_and_defaults_to_nothing_off_cuda():
-    assert device_budget("cpu") == device_budget("meta") == 0 and device_budget("meta", 4096) == 4096
+def test_on_the_cpu_float16_rows_within_the_budget_are_held_as_float32_and_the_rest_stay_as_stored():
+    arrays = {"voxel": {"rows": np.ones((10, 8), np.float16), "thumbs": np.ones((10, 2), np.float16)},
+              "segmentation": {"masks": np.zeros((10, 1, 8), np.uint8)}}
+    placed = place_rows(arrays, "cpu", budget=100)  # float32 bytes: rows 320 do not fit, thumbs 80 do
+    assert placed["voxel"]["rows"] is arrays["voxel"]["rows"]
+    assert placed["voxel"]["thumbs"].dtype == torch.float32 and placed["voxel"]["thumbs"].device.type == "cpu"
+    assert placed["segmentation"]["masks"] is arrays["segmentation"]["masks"]  # only float16 rows are converted
+    assert all(a is b for a, b in zip(place_rows(arrays, "cpu", 0)["voxel"].values(), arrays["voxel"].values()))
+
+
+def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_once(tmp_path):
+    train = smooth_field(12, (SIZE, SIZE), seed=6)
+    samples = torch.cat([train[[4]].flip(3), train[[7]].roll(2, 2) + 0.05, smooth_field(2, (SIZE, SIZE), seed=8)])
+    bank = rc.ReferenceBank.load(rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)],
+                                                        progress=False).save(tmp_path / "bank.npz"))
+    mapped = rc.ReplicaScorer(bank, alpha=0.2, device_budget=0).score(samples)
+    assert isinstance(bank.rows(bank.levels[0], "cpu", 0)["rows"], np.memmap)
+    resident = rc.ReplicaScorer(bank, alpha=0.2).score(samples)
+    rows = bank.rows(bank.levels[0], "cpu")
+    assert rows["rows"].dtype == torch.float32 and bank.rows(bank.levels[0], "cpu") is rows  # placed once
+    assert [r.levels["voxel"].nearest_id for r in resident.records][:2] == ["4", "7"]
+    assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
+                                                                       for r in mapped.records]
+    assert np.allclose(resident.similarities("voxel"), mapped.similarities("voxel"), atol=1e-6)
+
+
+def test_device_budget_is_checked_and_defaults_to_a_quarter_of_the_memory():
+    assert device_budget("cpu") == int(0.25 * host_memory()) > 0
+    assert device_budget("meta") == 0 and device_budget("meta", 4096) == 4096
     with pytest.raises(ValueError, match="device_budget must be in"):
         device_budget("meta", -1)
     with pytest.raises(ValueError, match="device_budget must be a whole number"):

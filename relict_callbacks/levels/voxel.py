@@ -56,8 +56,10 @@ def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
 def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of ``[B, C, *spatial]`` per image and channel over the voxels in ``mask``."""
     dims = tuple(range(2, x.ndim))
-    if mask is None:
-        return x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True, unbiased=False)
+    if mask is None:  # two passes, centred; much faster than Tensor.std on the CPU
+        mean = x.mean(dim=dims, keepdim=True)
+        norm = torch.linalg.vector_norm(x - mean, dim=dims, keepdim=True)
+        return mean, norm / float(np.prod(x.shape[2:])) ** 0.5
     count = mask.sum()
     mean = (x * mask).sum(dim=dims, keepdim=True) / count
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
@@ -98,12 +100,17 @@ def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     pad = int(shifts.abs().max()) if shifts.numel() else 0
     if pad == 0:
         return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
-    grid = x.shape[2:]
-    windows = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate")
-    for axis, n in enumerate(grid):
-        windows = windows.unfold(2 + axis, n, 1)  # [B, C, *(2 pad + 1 offsets), *grid], a view
-    batch = torch.arange(len(x), device=x.device)[:, None]
-    return windows[(batch, slice(None), *(shifts.long() + pad).unbind(2))]
+    (b, c, *grid), s = x.shape, shifts.shape[1]
+    padded = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate").reshape(-1)
+    sizes = [n + 2 * pad for n in grid]
+    strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(len(grid))]  # of a padded image, in voxels
+    # every row of grid[-1] output voxels is a contiguous run of the padded images, copied from where it starts
+    starts = (torch.arange(b * c, device=x.device).view(b, 1, c) * int(np.prod(sizes))
+              + ((shifts.long() + pad) * torch.tensor(strides, device=x.device)).sum(2)[:, :, None])  # [B, S, C]
+    for axis, n in enumerate(grid[:-1]):
+        starts = starts[..., None] + torch.arange(n, device=x.device) * strides[axis]
+    runs = padded.as_strided((padded.numel() - grid[-1] + 1, grid[-1]), (1, 1))
+    return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -112,39 +119,48 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return _displace(x, (_centroids(x) - middle).round().long()[:, None])[:, 0]
 
 
-def _orient(x: torch.Tensor, flips: torch.Tensor, orientations: list[tuple[int, ...]]) -> torch.Tensor:
-    """Each image ``x[b]`` mirrored along ``orientations[flips[b]]`` (a tuple of spatial axes)."""
-    out = x.clone()
+def _orient_(x: torch.Tensor, flips: torch.Tensor, orientations: list[tuple[int, ...]]) -> torch.Tensor:
+    """Each image ``x[b]`` mirrored along ``orientations[flips[b]]`` (a tuple of spatial axes), in place."""
     for o, axes in enumerate(orientations):
         chosen = torch.nonzero(flips == o).flatten()
         if axes and len(chosen):
-            out[chosen] = x[chosen].flip([2 + a for a in axes])
-    return out
+            x[chosen] = x[chosen].flip([2 + a for a in axes])
+    return x
+
+
+def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` matrix ``m`` with ``m @ v`` the Gaussian blur of a length-``n`` vector ``v`` by ``sigma`` voxels,
+    edges replicated, truncated at 3 sigma (as ``scipy.ndimage.gaussian_filter(mode="nearest", truncate=3)``)."""
+    radius = max(1, int(3 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, device=like.device)
+    kernel = torch.exp(-0.5 * (offsets.to(like.dtype) / sigma) ** 2)
+    source = (torch.arange(n, device=like.device)[:, None] + offsets).clamp(0, n - 1)  # [n, taps], edges replicated
+    matrix = torch.zeros(n, n, device=like.device, dtype=like.dtype)
+    return matrix.scatter_add_(1, source, (kernel / kernel.sum()).expand(n, -1))
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated)."""
+    """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated), one
+    matrix product per axis."""
     if sigma == 0:
         return x
-    radius = max(1, int(3 * sigma + 0.5))  # as scipy.ndimage.gaussian_filter(truncate=3)
-    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    b, c, *grid = x.shape
-    out = x.reshape(b * c, 1, *grid)
-    conv = F.conv2d if len(grid) == 2 else F.conv3d
-    for axis in range(len(grid)):
-        padding = [0, 0] * len(grid)
-        padding[2 * (len(grid) - 1 - axis):2 * (len(grid) - axis)] = [radius, radius]
-        shape = [1, 1] + [1] * len(grid)
-        shape[2 + axis] = len(kernel)
-        out = conv(F.pad(out, padding, mode="replicate"), kernel.view(shape))
+    grid = x.shape[2:]
+    out = x
+    for axis, n in enumerate(grid):
+        matrix = _blur_matrix(n, sigma, x)
+        after = int(np.prod(grid[axis + 1 :]))
+        if after == 1:
+            out = out.reshape(-1, n) @ matrix.T
+        else:
+            out = matrix @ out.reshape(-1, n, after)
     return out.reshape(x.shape)
 
 
-def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None)."""
-    mean, std = _moments(x, mask)
-    return (x - mean) / std.clamp_min(1e-12)
+def _standardize(x: torch.Tensor, mask: torch.Tensor | None, moments=None) -> torch.Tensor:
+    """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None), with their
+    ``moments`` when already known."""
+    mean, std = moments or _moments(x, mask)
+    return (x - mean).div_(std.clamp_min(1e-12))
 
 
 def _ncc_pairs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -310,12 +326,12 @@ class VoxelLevel(Level):
         grid = resolve_grid(self.grid, ndim)
         mask = self._mask(grid, device=device)
         batch = _smooth(torch.stack([resample(item.image.to(device), grid) for item in items]), self.smoothing)
-        _, std = _moments(batch, mask)
+        mean, std = _moments(batch, mask)
         scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
             if constant:
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
-        rows = _standardize(batch, mask)
+        rows = _standardize(batch, mask, (mean, std))
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
         thumbs = _standardize(_pool(_centre(rows), factor), self._mask(grid, factor, device))
         return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
@@ -401,7 +417,7 @@ class VoxelLevel(Level):
         better steps. Returns (NCC, bank index, orientation, shift) per query."""
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
-        oriented = _orient(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
+        oriented = _orient_(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
         if mask is not None:  # the mask does not move with the mirror image
             oriented = _standardize(oriented, mask)
         refs = _take(rows, candidates.flatten(), q.device)

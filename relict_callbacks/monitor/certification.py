@@ -21,6 +21,7 @@ import logging
 
 import torch
 
+from ..intervals import rate_bounds, samples_to_certify
 from ..validation import check_number
 from . import checkpoints
 from .ledger import HIGH, RATE, Check
@@ -59,6 +60,20 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
     if step is not None:
         monitor._record(check)
     return check
+
+
+def warn_if_uncertifiable(limit: float | None, num_samples: int, confidence: float) -> None:
+    """Say if no routine check of ``num_samples`` can ever certify ``limit``: even 0 flagged leaves the upper bound
+    above it."""
+    highest = rate_bounds(0, num_samples, confidence)[1]
+    if limit is None or highest <= limit:
+        return
+    needed = (f"that needs num_samples >= {samples_to_certify(limit, confidence)}" if limit > 0
+              else "no number of samples can")
+    log.warning("relict: %d samples per check can never certify a replica rate <= %g at %g%% confidence (0 of %d "
+                "flagged still allows %.2f); %s. Checks still detect memorization; certify the checkpoint to ship "
+                "with monitor.certify(model, num_samples=..., checkpoint=...)", num_samples, limit, 100 * confidence,
+                num_samples, highest, needed)
 
 
 def _weights(content, model, key: str | None) -> dict:

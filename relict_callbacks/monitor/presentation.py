@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..bank import ReferenceBank
-from ..gallery import GalleryRow, gallery_rows
+from ..gallery import GalleryRow, gallery_figure, gallery_rows, save_figure
 from .ledger import Check
 
 
@@ -26,6 +26,13 @@ def gallery(bank: ReferenceBank, check: Check, size: int, log_training_images: b
     return gallery_rows(check.report, lambda record: check.samples[record.index],
                         lambda match: training_image(bank, match.nearest_index) if log_training_images else None,
                         bank.levels[0], size)
+
+
+def save_check(save_dir, check: Check, rows: list[GalleryRow]) -> None:
+    """Write the check's ``report-epoch=E.json`` and its gallery of ``rows``, ``gallery-epoch=E.png``, in
+    ``save_dir``, atomically."""
+    check.report.to_json(os.path.join(save_dir, f"report-epoch={check.epoch}.json"))
+    save_figure(gallery_figure(rows, gallery_title(check)), os.path.join(save_dir, f"gallery-epoch={check.epoch}.png"))
 
 
 def gallery_title(check: Check) -> str:
