@@ -384,7 +384,7 @@ class VoxelLevel(Level):
     def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
         bent onto it (:func:`register`), and the largest displacement of that bend, in grid voxels."""
-        oriented = _orient(q, flip, orientations)
+        oriented = _orient_(q.clone(), flip, orientations)
         if mask is not None:
             oriented = _standardize(oriented, mask)
         refs = _displace(_take(rows, index, q.device), -shift[:, None])[:, 0]
