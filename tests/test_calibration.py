@@ -80,7 +80,8 @@ def test_a_null_too_small_for_alpha_is_said_and_flags_above_its_maximum(tmp_path
     assert calibration["smallest_resolvable_alpha"] == pytest.approx(2 / 21)
     assert calibration["false_positive_bound"] == pytest.approx(2 / 21)  # honest: not 0.01
     assert report.thresholds == {name: pytest.approx(null.max()) for name, null in report.nulls.items()}
-    assert [r.is_replica for r in report.records] == [True, False]  # the copy is still caught, above every null
+    assert report.records[0].is_replica  # the copy is still caught, above every null (an unseen patient may be
+    # too: with 20 holdout patients per level that happens with probability up to 2/21, the bound reported above)
     assert report.records[0].p_value == pytest.approx(2 / 21)  # the best these nulls can say, above 0.01
     assert "UNDER-RESOLVED" in report.summary()
 
