@@ -150,6 +150,17 @@ class ReplicaReport:
         return "\n".join(lines)
 
 
+def check_scoring_options(alpha, rule: str, confidence, thresholds) -> None:
+    """Refuse a bad ``alpha``, ``rule``, ``confidence`` or threshold value, naming the option (the scorer's checks,
+    also run by the monitor before its bank exists)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    check_probability("alpha", alpha)
+    check_probability("confidence", confidence)
+    for name, value in (thresholds or {}).items():
+        check_number(f"thresholds[{name!r}]", value)
+
+
 class ReplicaScorer:
     """Score synthetic samples against a :class:`ReferenceBank` at every level of the bank.
 
@@ -187,12 +198,8 @@ class ReplicaScorer:
     def __init__(self, bank: ReferenceBank, alpha: float = 0.01, rule: str = "any", thresholds=None, *,
                  search: str = "exact", confidence: float = 0.95, batch_size: int = 16, query_block: int = 256,
                  device="cpu", device_budget: int | None = None) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        check_probability("alpha", alpha)
-        self.confidence = check_probability("confidence", confidence)
-        for name, value in (thresholds or {}).items():
-            check_number(f"thresholds[{name!r}]", value)
+        check_scoring_options(alpha, rule, confidence, thresholds)
+        self.confidence = confidence
         names = [level.name for level in bank.levels]
         unknown = set(thresholds or {}) - set(names)
         if unknown:

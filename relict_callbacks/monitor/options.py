@@ -17,8 +17,8 @@ import torch
 
 from ..bank import ReferenceBank
 from ..levels import Level
-from ..scoring import RULES, ReplicaScorer
-from ..validation import check_number, check_probability
+from ..scoring import ReplicaScorer, check_scoring_options
+from ..validation import check_number
 from .ledger import Ledger
 from .sampling import default_sampler
 from .stop import StopPolicy
@@ -78,10 +78,7 @@ class MonitorOptions:
                  checkpoint_dirs: list[str | os.PathLike] = ()) -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        for name, value in (thresholds or {}).items():
-            check_number(f"thresholds[{name!r}]", value)
+        check_scoring_options(alpha, rule, confidence, thresholds)
         self.stop = StopPolicy(max_replica_rate, patience, min_delta, stop_on)
         self.ledger = Ledger()
         self.bank, self.levels, self.train_items, self.holdout = bank, levels, train_items, holdout
@@ -89,8 +86,7 @@ class MonitorOptions:
         self.sampler = sampler or default_sampler
         self.num_samples = check_number("num_samples", num_samples, low=1, integer=True)
         self.every_n_epochs = check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
-        self.scorer_options = dict(alpha=check_probability("alpha", alpha), rule=rule, thresholds=thresholds,
-                                   search=search, confidence=check_probability("confidence", confidence))
+        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, confidence=confidence)
         self.seed, self.strict = check_number("seed", seed, low=0, integer=True), strict
         self.save_dir, self.device, self.progress = save_dir, device, progress
         self.gallery_size = check_number("gallery_size", gallery_size, low=1, integer=True)
