@@ -120,10 +120,7 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _skipped(trainer):
             return
-        files = self.monitor.checkpoints() if trainer.is_global_zero else None
-        self.monitor.ledger.note_files(trainer.strategy.broadcast(files, src=0))  # the same history on every rank
-        if self.monitor.save_dir is not None and trainer.is_global_zero:
-            self.monitor.save_history()
+        self.monitor.note_checkpoints(StrategyCommunicator(trainer, pl_module.device))
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _train_items(self, trainer: Trainer):

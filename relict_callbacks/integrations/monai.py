@@ -148,10 +148,7 @@ class ReplicaMonitorHandler(MonitorAdapter):
         if self.check_on_completed and epoch >= 0 and not any(e["epoch"] == epoch for e in self.history):
             self._check(engine, epoch)
             engine.state.metrics.update(self.monitor.published())
-        # as rank 0, which writes the checkpoints, sees them: the same history on every rank
-        self.monitor.ledger.note_files(self._comm.from_rank_zero(self.monitor.checkpoints))
-        if self.monitor.save_dir is not None and self._comm.rank == 0:
-            self.monitor.save_history()
+        self.monitor.note_checkpoints(self._comm)
 
     def state_dict(self) -> dict:
         """The monitor's state (plain Python values) and ``saved_at``: the engine epoch (0-based) and step now, i.e.

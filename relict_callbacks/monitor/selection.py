@@ -14,6 +14,7 @@ against the checkpoint files as they are now (:mod:`.checkpoints`), and certify 
 from __future__ import annotations
 
 from . import certification, checkpoints
+from .communicator import SINGLE_PROCESS, Communicator
 from .ledger import RATE, Check, Ledger
 from .stop import StopPolicy
 
@@ -24,6 +25,7 @@ class CheckpointSelection:
     ledger: Ledger
     stop: StopPolicy
     checkpoint_dirs: list[str]
+    save_dir: str | None
 
     def published(self) -> dict[str, float]:
         """What the adapters publish on every epoch for ``EarlyStopping``/``ModelCheckpoint``/``CheckpointSaver``:
@@ -35,9 +37,12 @@ class CheckpointSelection:
         """Every checkpoint file in :attr:`checkpoint_dirs`, with the step its content holds (read now)."""
         return checkpoints.scan(self.checkpoint_dirs)
 
-    def note_checkpoints(self) -> None:
-        """Show, in the history, which file now holds each check's weights."""
-        self.ledger.note_files(self.checkpoints())
+    def note_checkpoints(self, comm: Communicator = SINGLE_PROCESS) -> None:
+        """At the end of a run: show, in the history, which file now holds each check's weights (as rank 0, which
+        writes the checkpoints, sees them, so every process has the same history) and save it (rank 0)."""
+        self.ledger.note_files(comm.from_rank_zero(self.checkpoints))
+        if self.save_dir is not None and comm.rank == 0:
+            self.save_history()
 
     def safe_checkpoint(self, max_replica_rate: float | None = None, metric: str | None = None,
                         mode: str = "min") -> str | None:
