@@ -78,10 +78,10 @@ class WandbSink:
             self._defined = True
         report = check.report
         payload = {"epoch": check.epoch, **check.metrics}
-        for name in report.thresholds:
-            payload[f"relict/{name}/similarity"] = wandb.Histogram(report.similarities(name))
-        histograms = histogram_figure({n: report.similarities(n) for n in report.thresholds}, report.nulls,
-                                      report.thresholds)
+        similarities = {name: report.similarities(name) for name in report.thresholds}
+        for name, values in similarities.items():
+            payload[f"relict/{name}/similarity"] = wandb.Histogram(values)
+        histograms = histogram_figure(similarities, report.nulls, report.thresholds)
         payload["relict/histograms"] = wandb.Image(_png_array(figure_to_png_bytes(histograms)),
                                                    caption="nearest-training similarity: samples vs unseen "
                                                            "patients (null), threshold in red")
