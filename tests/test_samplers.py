@@ -149,6 +149,7 @@ def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, devi
     trainer(tmp_path, 1, [monitor], precision=precision, accelerator=accelerator).fit(model, loader(phantoms(6)))
     assert next(model.unet.parameters()).dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
     assert [entry["error"] for entry in monitor.history] == [None]
+    assert monitor.history[0]["samples"] == 2  # both bf16 samples were scored
     assert 0 <= monitor.history[0]["relict/replica_rate"] <= 1
 
 

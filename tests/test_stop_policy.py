@@ -113,6 +113,7 @@ def ledger_of(flagged, metrics=None, errors=(), files=None) -> tuple[Ledger, dic
     ([0, 0, 0], dict(errors={2}), 1),  # a failed check vouches for nothing
 ])
 def test_safe_checkpoint_choice(flagged, choose, expected):
+    choose = dict(choose)  # the parameters are shared between runs of the case
     files, errors = choose.pop("files", None), choose.pop("errors", ())
     ledger, held = ledger_of(flagged, metrics=[0.5, 0.3, 0.4], errors=errors, files=files)
     chosen = ledger.safe_checkpoint(held, 0.1, **choose)
