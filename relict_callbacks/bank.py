@@ -154,29 +154,27 @@ class ReferenceBank:
         return self._placed[(device, budget)][level.name]
 
     def nearest(self, level: Level, query: dict[str, np.ndarray], device="cpu", *, exclude=None,
-                index=None, budget: int | None = None) -> Nearest:
+                index=None, budget: int | None = None, **options) -> Nearest:
         """``level.nearest`` of embedded query rows against this bank, searched on ``device`` (query rows and
-        ``exclude`` are moved there; ``budget``: see :meth:`rows`)."""
+        ``exclude`` are moved there; ``budget``: see :meth:`rows`; ``options`` go to ``level.nearest``)."""
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in query.items()}
         exclude = None if exclude is None else exclude.to(device)
-        return level.nearest(tensors, self.rows(level, device, budget), exclude=exclude, index=index)
+        return level.nearest(tensors, self.rows(level, device, budget), exclude=exclude, index=index, **options)
 
     def nearest_levels(self, queries: dict[str, dict[str, np.ndarray]], device="cpu", *, exclude=None,
                        indexes=None, budget: int | None = None) -> dict[str, Nearest]:
         """:meth:`nearest` at every level for the same queries (``queries[level name]`` are their rows). A level
         aligned to another one (``level.align_to``, e.g. segmentation to voxel) re-scores that level's matches
         under their transforms instead of searching by itself. Searched on ``device`` (``budget``: see :meth:`rows`)."""
-        exclude = None if exclude is None else exclude.to(device)
         found = {}
         names = [level.name for level in self.levels]
         for level in sorted(self.levels, key=lambda lv: lv.align_to in names):  # anchors first
-            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in queries[level.name].items()}
             options = {}
             if level.align_to in names:
                 anchor = self.level(level.align_to)
                 options = {"match": found[anchor.name], "match_grid": resolve_grid(anchor.grid, self.image_shape[1])}
-            found[level.name] = level.nearest(tensors, self.rows(level, device, budget), exclude=exclude,
-                                              index=(indexes or {}).get(level.name), **options)
+            found[level.name] = self.nearest(level, queries[level.name], device, exclude=exclude, budget=budget,
+                                             index=(indexes or {}).get(level.name), **options)
         return {name: found[name] for name in names}
 
     # -- building ------------------------------------------------------------------------------------------
