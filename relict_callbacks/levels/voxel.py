@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..items import Item, ItemError
 from ..search import inner_product_topk
 from ..validation import check_grid, check_number
-from .base import Level, Nearest, plain_grid, resample, resolve_grid
+from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
@@ -325,7 +325,7 @@ class VoxelLevel(Level):
         ndim = items[0].image.ndim - 1
         grid = resolve_grid(self.grid, ndim)
         mask = self._mask(grid, device=device)
-        batch = _smooth(torch.stack([resample(item.image.to(device), grid) for item in items]), self.smoothing)
+        batch = _smooth(resample_all([item.image for item in items], grid, device), self.smoothing)
         mean, std = _moments(batch, mask)
         scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
