@@ -19,14 +19,9 @@ from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import _describe, rigid_part, undo_match
+from .voxel import _describe, as_tensor, rigid_part, undo_match
 
 REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
-
-
-def _row(rows, j: int) -> torch.Tensor:
-    """Row ``j`` of bank masks held as a (memory-mapped) array or a torch tensor on any device."""
-    return torch.from_numpy(np.asarray(rows[j])) if isinstance(rows, np.ndarray) else rows[j]
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -240,7 +235,7 @@ class SegmentationLevel(Level):
         for query, candidates in zip(q, pairs):
             scores = []
             for j, transform in candidates:
-                ref = _row(refs, j).to(query.device, torch.float32)
+                ref = as_tensor(refs[j], query.device)
                 if rigid_part(transform) != "identity":  # a bend alone is not undone: no round trip of grids
                     moved = undo_match(resample(ref, transform_grid, nearest=True), transform) > 0.5
                     ref = resample(moved.float(), grid, nearest=True)
