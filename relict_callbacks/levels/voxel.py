@@ -171,11 +171,11 @@ def _ncc_pairs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> t
     return product.flatten(2).sum(2).mean(1) / count
 
 
-def _bend_field(params: torch.Tensor, grid: tuple[int, ...], reach: float) -> torch.Tensor:
-    """A smooth displacement field ``[B, ndim, *grid]`` (voxels of ``grid``, each component within ``reach``): the
-    control points ``params`` ``[B, ndim, *control]``, bounded by ``tanh``, interpolated onto ``grid``."""
+def bend_field(controls: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A bend's displacement field ``[B, ndim, *grid]``: its control-point displacements ``[B, ndim, *control]``
+    interpolated onto ``grid`` (so no voxel moves further than its farthest control point)."""
     mode = "bilinear" if len(grid) == 2 else "trilinear"
-    return F.interpolate(reach * torch.tanh(params), size=grid, mode=mode, align_corners=True)
+    return F.interpolate(controls, size=grid, mode=mode, align_corners=True)
 
 
 def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
@@ -190,37 +190,35 @@ def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
 
 def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None, reach: float,
              steps: int = BEND_STEPS) -> torch.Tensor:
-    """The bend that lays each ``reference`` onto its ``sample`` (``[B, C, *grid]``): a smooth displacement field
-    ``[B, ndim, *grid]`` on ``grid``'s voxels, each component within ``reach``, fitted by a few Adam steps that
-    maximize NCC (MONAI ``Warp``) less a small ``BendingEnergyLoss``, on control points of a grid pooled to about
-    ``BEND_SIDE`` per axis. ``reach`` bounds it so that another patient cannot be bent into the sample.
+    """The bend that lays each ``reference`` onto its ``sample`` (``[B, C, *grid]``): the displacements
+    ``[B, ndim, *control]``, in voxels of ``grid`` and each within ``reach``, of ``BEND_CONTROL`` control points per
+    axis (:func:`bend_field` interpolates them onto the grid), fitted by a few Adam steps that maximize NCC (MONAI
+    ``Warp``) less a small ``BendingEnergyLoss``. ``reach`` bounds it so that another patient cannot be bent into the
+    sample. Each pair is fitted on its own (the loss is a sum over pairs).
 
     >>> image = torch.zeros(1, 1, 32, 32); image[..., 10:20, 12:22] = 1
     >>> moved = torch.roll(image, 1, dims=2)
-    >>> field = register(moved, image, None, reach=2.0)
-    >>> bool(field.abs().max() <= 2.0), round(float(field[0, 0, 15, 16]))
+    >>> controls = register(moved, image, None, reach=2.0)
+    >>> field = bend_field(controls, (32, 32))
+    >>> bool(controls.abs().max() <= 2.0), round(float(field[0, 0, 15, 16]))
     (True, -1)
     """
     from monai.losses import BendingEnergyLoss
 
     grid, ndim = tuple(sample.shape[2:]), sample.ndim - 2
-    factor = max(1, min(grid) // BEND_SIDE)
-    coarse = tuple(n // factor for n in grid)
-    pooled = lambda x: x if factor == 1 else _pool(x, factor)
-    mask_small = None if mask is None else pooled(mask).gt(0.5).float()
     bending = BendingEnergyLoss()
     with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Using a non-tuple sequence")  # inside MONAI's BendingEnergyLoss
-        target, moving = pooled(sample).clone(), pooled(reference).clone()
+        target, moving = sample.clone(), reference.clone()
         params = torch.zeros(len(sample), ndim, *(BEND_CONTROL,) * ndim, device=sample.device, requires_grad=True)
         optimizer = torch.optim.Adam([params], lr=0.1)
         for _ in range(steps):
-            field = _bend_field(params, coarse, reach / factor)
-            loss = len(params) * bending(field) - _ncc_pairs(_warp(moving, field), target, mask_small).sum()
+            field = bend_field(reach * torch.tanh(params), grid)
+            loss = len(params) * bending(field) - _ncc_pairs(_warp(moving, field), target, mask).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return _bend_field(params.detach(), grid, reach)
+    return reach * torch.tanh(params.detach())
 
 
 class VoxelLevel(Level):
@@ -383,13 +381,17 @@ class VoxelLevel(Level):
 
     def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
-        bent onto it (:func:`register`), and the largest displacement of that bend, in grid voxels."""
+        bent onto it, and the largest displacement of that bend, in grid voxels. The bend is fitted
+        (:func:`register`) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored at full resolution."""
+        grid = tuple(q.shape[2:])
+        factor = max(1, min(grid) // BEND_SIDE)
+        pooled = lambda x: x if factor == 1 else _pool(x, factor)
         oriented = _orient_(q.clone(), flip, orientations)
-        if mask is not None:
-            oriented = _standardize(oriented, mask)
-        refs = _displace(_take(rows, index, q.device), -shift[:, None])[:, 0]
-        field = register(oriented, refs, mask, self.bend_reach(tuple(q.shape[2:])))
-        return _ncc_pairs(_warp(refs, field), oriented, mask), torch.linalg.vector_norm(field, dim=1).flatten(1).amax(1)
+        refs = _displace(_take(rows, index, q.device), -shift[:, None])[:, 0]  # moved into the query's frame
+        mask_small = None if mask is None else pooled(mask).gt(0.5).float()
+        controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor)
+        sim = _ncc_pairs(_warp(refs, bend_field(controls, grid)), oriented, mask)
+        return sim, torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
