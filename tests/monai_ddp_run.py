@@ -35,7 +35,7 @@ def train(local_rank: int, out: Path) -> None:
     data = torch.utils.data.DataLoader(items, batch_size=2, sampler=torch.utils.data.DistributedSampler(items))
     relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=5, alpha=0.1,
                                    max_replica_rate=0.5, save_dir=out / f"relict-rank{rank}",
-                                   checkpoint_dir=out / "ckpt", progress=False)
+                                   checkpoint_dirs=[out / "ckpt"], progress=False)
     trainer = SupervisedTrainer(device="cpu", max_epochs=6, train_data_loader=data, network=network,
                                 optimizer=torch.optim.SGD(network.parameters(), lr=0.01),
                                 loss_function=lambda pred, label: F.mse_loss(pred, label.float()),
