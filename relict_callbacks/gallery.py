@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 
 from .atomic import atomic_write
 
@@ -243,6 +244,15 @@ def figure_to_png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def png_to_array(png: bytes) -> np.ndarray:
+    """PNG bytes as an RGB ``uint8`` array ``[H, W, 3]``.
+
+    >>> png_to_array(figure_to_png_bytes(Figure(figsize=(1, 2)))).shape
+    (200, 100, 3)
+    """
+    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(np.uint8)
 
 
 def save_figure(fig: Figure, path, dpi: int = 100) -> None:

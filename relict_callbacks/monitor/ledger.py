@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class Check:
     stop_reason: StopReason = StopReason.NOT_STOPPED
     stop_message: str | None = None
     kind: str = "check"
+    pictures: Any = field(default=None, repr=False, compare=False)  # presentation.Pictures, made when first shown
 
     @property
     def ok(self) -> bool:
