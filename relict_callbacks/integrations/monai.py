@@ -96,10 +96,11 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     @with_monitor_options("every_n_epochs")
     def __init__(self, bank: ReferenceBank | None = None, *, interval: int = 1, sinks: Sequence[Any] = (),
-                 summary_writer: Any = None, check_on_completed: bool = False, name: str | None = None, **options) -> None:
+                 summary_writer: Any = None, check_on_completed: bool = False, name: str | None = None,
+                 **options) -> None:
         if "checkpoint_dir" in options:
-            raise TypeError("ReplicaMonitorHandler: the option checkpoint_dir is now checkpoint_dirs, a list of folders "
-                            "(as in the Lightning callback): pass checkpoint_dirs=[folder]")
+            raise TypeError("ReplicaMonitorHandler: the option checkpoint_dir is now checkpoint_dirs, a list of "
+                            "folders (as in the Lightning callback): pass checkpoint_dirs=[folder]")
         self.monitor = Monitor(bank, every_n_epochs=interval, **options)
         self.sinks = checked_sinks(sinks)
         if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
