@@ -20,16 +20,7 @@ from relict_callbacks.monitor import SamplerError, StopReason
 
 KEYS = {"relict/replica_rate", "relict/voxel/replica_rate", "relict/voxel/nn_similarity_mean",
         "relict/voxel/nn_similarity_max", "relict/voxel/copy_z"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
-    step when the machine's cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics_per_epoch(trainer) -> list[dict]:

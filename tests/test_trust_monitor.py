@@ -98,14 +98,6 @@ def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path,
     assert monitor.safe_checkpoint().endswith("epoch=1-step=4.ckpt")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: a second thread only adds synchronisation on shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_monai_trainer_survives_a_failed_first_check_and_best_pt_is_judged_by_content(tmp_path, one_thread):
     from monai.handlers import CheckpointSaver, EarlyStopHandler
     from monai_engines import copier_trainer
