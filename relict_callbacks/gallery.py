@@ -9,7 +9,6 @@ demos share it.
 from __future__ import annotations
 
 import io
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,8 +16,6 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.image import imread
-
-from .atomic import atomic_write
 
 if TYPE_CHECKING:
     from .levels import Level
@@ -253,24 +250,6 @@ def png_to_array(png: bytes) -> np.ndarray:
     (200, 100, 3)
     """
     return (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(np.uint8)
-
-
-def save_figure(fig: Figure, path, dpi: int = 100) -> None:
-    """Write the figure to a PNG file atomically, then close it (pyplot figures too).
-
-    >>> import tempfile, pathlib
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "g.png"
-    >>> save_figure(histogram_figure({"voxel": np.ones(3)}, {"voxel": np.zeros(3)}, {"voxel": 0.5}), path)
-    >>> path.read_bytes()[:4]
-    b'\\x89PNG'
-    """
-    try:
-        data = figure_to_png_bytes(fig, dpi)
-    finally:
-        if "matplotlib.pyplot" in sys.modules:  # a pyplot figure must be closed to be freed
-            sys.modules["matplotlib.pyplot"].close(fig)
-    with atomic_write(path, "wb") as file:
-        file.write(data)
 
 
 def ranked_records(report: ReplicaReport, count: int) -> list:

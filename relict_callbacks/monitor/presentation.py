@@ -1,5 +1,6 @@
-"""What people look at after a check: the gallery of its most similar sample/training pairs and the history as a
-table. Nothing here takes part in a decision; the stop policy, ledger and sampling never import it.
+"""What people look at after a check: its pictures (the gallery of its most similar sample/training pairs, the
+similarity histograms), made once and shared, and the history as a table. Nothing here takes part in a decision; the
+stop policy, ledger and sampling never import it.
 
 >>> print(history_table([{"epoch": 0, "train_loss": 0.5, "relict/replica_rate": 0.25, "error": None,
 ...                       "relict/replica_rate_low": 0.05, "relict/replica_rate_high": 0.61, "samples": 8,
