@@ -191,9 +191,13 @@ def test_safe_checkpoint_reads_a_file_again_only_once_it_is_rewritten(tmp_path, 
     last, minute = tmp_path / "last.ckpt", 60 * 10**9
     save_checkpoint(tmp_path / "epoch=0.ckpt", 10, age_ns=minute)
     save_checkpoint(last, 20, age_ns=minute)
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint")
+    os.utime(tmp_path / "notes.pt", ns=(time.time_ns() - minute,) * 2)
     reads.clear()
-    assert monitor.safe_checkpoint() == monitor.safe_checkpoint() == str(last)
-    assert sorted(reads) == ["epoch=0.ckpt", "last.ckpt"]  # unchanged files: read once
+    assert monitor.safe_checkpoint() == str(last)
+    assert set(reads) == {"epoch=0.ckpt", "last.ckpt", "notes.pt"}
+    reads.clear()
+    assert monitor.safe_checkpoint() == str(last) and reads == []  # unchanged files, readable or not: not read again
 
     reads.clear()
     size, inode = last.stat().st_size, last.stat().st_ino

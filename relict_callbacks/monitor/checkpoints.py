@@ -43,17 +43,22 @@ def saved_step(path) -> int | None:
     known = _known.get(path)
     if known is not None and known[0] == version:
         return known[1]
-    try:
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # an old, non-zip file cannot be memory-mapped
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-    step = step_of(content)
+    step = step_of(_load(path))
     if time.time_ns() - stat.st_mtime_ns > RACY_NS:
         _known[path] = (version, step)
     return step
+
+
+def _load(path: str):
+    """The checkpoint's content, memory-mapped where possible; ``None`` when ``torch.load(weights_only=True)``
+    cannot read it."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # an old, non-zip file cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
 
 
 def step_of(content) -> int | None:
