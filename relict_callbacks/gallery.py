@@ -9,15 +9,13 @@ demos share it.
 from __future__ import annotations
 
 import io
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-
-from .atomic import atomic_write
+from matplotlib.image import imread
 
 if TYPE_CHECKING:
     from .levels import Level
@@ -245,22 +243,13 @@ def figure_to_png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(fig: Figure, path, dpi: int = 100) -> None:
-    """Write the figure to a PNG file atomically, then close it (pyplot figures too).
+def png_to_array(png: bytes) -> np.ndarray:
+    """PNG bytes as an RGB ``uint8`` array ``[H, W, 3]``.
 
-    >>> import tempfile, pathlib
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "g.png"
-    >>> save_figure(histogram_figure({"voxel": np.ones(3)}, {"voxel": np.zeros(3)}, {"voxel": 0.5}), path)
-    >>> path.read_bytes()[:4]
-    b'\\x89PNG'
+    >>> png_to_array(figure_to_png_bytes(Figure(figsize=(1, 2)))).shape
+    (200, 100, 3)
     """
-    try:
-        data = figure_to_png_bytes(fig, dpi)
-    finally:
-        if "matplotlib.pyplot" in sys.modules:  # a pyplot figure must be closed to be freed
-            sys.modules["matplotlib.pyplot"].close(fig)
-    with atomic_write(path, "wb") as file:
-        file.write(data)
+    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(np.uint8)
 
 
 def ranked_records(report: ReplicaReport, count: int) -> list:

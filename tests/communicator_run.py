@@ -8,22 +8,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from faults import failing
 
 import relict_callbacks as rc
 from relict_callbacks.monitor import Monitor
 from relict_callbacks.monitor.communicator import current_communicator
 
 
-def copier(rank: int, fail_on: int | None = None):
-    """A sampler returning training images; it raises on process ``fail_on``."""
+def copier(fails_here: bool = False):
+    """A sampler returning training images; it raises at every call where ``fails_here``."""
     images = torch.stack([torch.as_tensor(item["image"]) for item in TRAIN])
-
-    def sampler(model, n, generator):
-        if rank == fail_on:
-            raise RuntimeError("CUDA out of memory (pretend)")
-        return images[:n]
-
-    return sampler
+    return failing(at_call=None, here=fails_here, sampler=lambda model, n, generator: images[:n])
 
 
 def check(comm, **options) -> dict:
@@ -57,9 +52,9 @@ if __name__ == "__main__":
         "from_rank_zero": outcome(lambda: comm.from_rank_zero(lambda: f"built on {rank}")),
         "rank_zero_fails": outcome(lambda: comm.from_rank_zero(lambda: 1 / 0)),
         "too_few_samples": outcome(lambda: Monitor(levels=[rc.VoxelLevel()], num_samples=1).prepare(comm=comm)),
-        "check": check(comm, sampler=copier(rank)),
-        "failed_check": check(comm, sampler=copier(rank, fail_on=1))["history"],
-        "strict": outcome(lambda: check(comm, sampler=copier(rank, fail_on=1), strict=True)),
+        "check": check(comm, sampler=copier()),
+        "failed_check": check(comm, sampler=copier(fails_here=rank == 1))["history"],
+        "strict": outcome(lambda: check(comm, sampler=copier(fails_here=rank == 1), strict=True)),
     }
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()

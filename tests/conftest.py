@@ -26,5 +26,15 @@ def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1) -
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of tiny networks: a second thread only adds synchronisation, which costs
+    seconds per step when the machine's cores are shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)

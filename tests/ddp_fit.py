@@ -8,24 +8,18 @@ import os
 import sys
 from pathlib import Path
 
+from faults import failing
 from lightning_models import TurnsCopier, loader, phantoms, trainer
 
 import relict_callbacks as rc
 from relict_callbacks.integrations.lightning import ReplicaMonitor
 
 
-def sampler(model, n, generator):
-    if model.global_rank == 1 and model.current_epoch == 1:
-        raise RuntimeError("CUDA out of memory (pretend)")
-    return model.sample(n, generator)
-
-
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, rank = Path(sys.argv[1]), int(os.environ.get("LOCAL_RANK", 0))
     train = phantoms(8)
-    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=5, alpha=0.1,
-                             max_replica_rate=0.5, save_dir=out / f"relict-rank{os.environ.get('LOCAL_RANK', 0)}",
-                             progress=False)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=failing(at_call=1, here=rank == 1), num_samples=5,
+                             alpha=0.1, max_replica_rate=0.5, save_dir=out / f"relict-rank{rank}", progress=False)
     fit = trainer(out, 10, [monitor], strategy="ddp", devices=2, logger=False)
     fit.fit(TurnsCopier(train, copy_from=2), loader(train, batch_size=2))
     result = {"epoch": fit.current_epoch, "history": monitor.history, "reason": monitor.stopping_reason.name,

@@ -12,6 +12,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
+from faults import failing
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointSaver
@@ -25,17 +26,12 @@ def train(local_rank: int, out: Path) -> None:
     torch.set_num_threads(1)
     rank, items = idist.get_rank(), phantoms(8)
     copier = TurnsCopier(items, copy_from=2)
-
-    def sampler(model, n, generator):  # gets the network unwrapped from DDP; rank 1 fails at the second check
-        if rank == 1 and model.epoch == 1:
-            raise RuntimeError("CUDA out of memory (pretend)")
-        return model.sample(n, generator)
-
+    sampler = failing(at_call=1, here=rank == 1)  # gets the network unwrapped from DDP; rank 1 fails at check 2
     network = torch.nn.parallel.DistributedDataParallel(copier)
     data = torch.utils.data.DataLoader(items, batch_size=2, sampler=torch.utils.data.DistributedSampler(items))
     relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=5, alpha=0.1,
                                    max_replica_rate=0.5, save_dir=out / f"relict-rank{rank}",
-                                   checkpoint_dir=out / "ckpt", progress=False)
+                                   checkpoint_dirs=[out / "ckpt"], progress=False)
     trainer = SupervisedTrainer(device="cpu", max_epochs=6, train_data_loader=data, network=network,
                                 optimizer=torch.optim.SGD(network.parameters(), lr=0.01),
                                 loss_function=lambda pred, label: F.mse_loss(pred, label.float()),

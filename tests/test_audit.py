@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from image_files import write_png
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -22,11 +22,6 @@ from relict_callbacks.cli import main
 from relict_callbacks.io import ImageFolder, ImageReader
 
 RELICT = [sys.executable, "-m", "relict_callbacks.cli"]
-
-
-def write_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 def write_nifti(volume: np.ndarray, path: Path, spacing=1.0, origin=0.0) -> None:

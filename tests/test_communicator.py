@@ -56,7 +56,7 @@ def test_monitor_check_through_two_processes(ranks):
     assert rank0["failed_check"] == rank1["failed_check"]
     assert [(e["samples"], e["error"]) for e in rank0["failed_check"]] == [
         (0, "the sampler failed on process(es) [1], whose log has the error")]
-    assert "relict: sampling failed on process 1: sampler copier.<locals>.sampler raised RuntimeError" in outputs[1]
+    assert "relict: sampling failed on process 1: sampler failing.<locals>.flaky raised RuntimeError" in outputs[1]
     assert rank0["strict"] == "RuntimeError: the sampler failed on process(es) [1], whose log has the error"
-    assert rank1["strict"] == ("SamplerError: sampler copier.<locals>.sampler raised RuntimeError: CUDA out of "
+    assert rank1["strict"] == ("SamplerError: sampler failing.<locals>.flaky raised RuntimeError: CUDA out of "
                                "memory (pretend)")

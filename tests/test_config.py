@@ -111,6 +111,17 @@ def test_monai_bundle_names_a_misspelled_option():
     assert any("unexpected keyword argument 'num_sample'" in str(error) for error in chain)
 
 
+def test_the_handlers_old_checkpoint_dir_option_points_to_checkpoint_dirs():
+    with pytest.raises(TypeError, match=r"checkpoint_dir is now checkpoint_dirs.*pass checkpoint_dirs=\[folder\]"):
+        ReplicaMonitorHandler(levels=[rc.VoxelLevel()], checkpoint_dir="ckpt")
+    with pytest.raises(Exception) as raised:
+        ConfigParser(bundle(checkpoint_dir="ckpt")).get_parsed_content("relict")
+    chain = [raised.value, raised.value.__cause__, raised.value.__context__]
+    assert any("pass checkpoint_dirs=[folder]" in str(error) for error in chain)
+    handler = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], checkpoint_dirs=["ckpt"])
+    assert handler.monitor.checkpoint_dirs == ["ckpt"]
+
+
 @pytest.mark.parametrize("adapter, renamed", [(ReplicaMonitor, set()), (ReplicaMonitorHandler, {"every_n_epochs"})])
 def test_adapters_take_every_monitor_option_as_declared(adapter, renamed):
     options = inspect.signature(Monitor, eval_str=True).parameters

@@ -20,16 +20,7 @@ from relict_callbacks.monitor import SamplerError, StopReason
 
 KEYS = {"relict/replica_rate", "relict/voxel/replica_rate", "relict/voxel/nn_similarity_mean",
         "relict/voxel/nn_similarity_max", "relict/voxel/copy_z"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
-    step when the machine's cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics_per_epoch(trainer) -> list[dict]:
@@ -81,7 +72,7 @@ def test_checkpoint_saver_keeps_the_lowest_replica_rate(tmp_path):
     train = phantoms(8)
     relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], holdout=phantoms(8, seed=1, prefix="holdout"),
                                    num_samples=4, alpha=0.1, max_replica_rate=0.6, stop_on="rising", min_delta=0.1,
-                                   checkpoint_dir=tmp_path / "ckpt", progress=False)
+                                   checkpoint_dirs=[tmp_path / "ckpt"], progress=False)
     trainer = copier_trainer(train, 10, [], copy_from=3)
     best = CheckpointSaver(tmp_path / "ckpt", {"net": trainer.network, "relict": relict}, save_key_metric=True,
                            key_metric_name="relict/replica_rate", key_metric_negative_sign=True)
@@ -105,7 +96,7 @@ def test_checkpoint_saver_keeps_the_lowest_replica_rate(tmp_path):
 def test_a_rewritten_checkpoint_belongs_to_the_latest_check(tmp_path):
     train = phantoms(8)
     relict = ReplicaMonitorHandler(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=0.6,
-                                   checkpoint_dir=tmp_path / "ckpt", progress=False)
+                                   checkpoint_dirs=[tmp_path / "ckpt"], progress=False)
     trainer = copier_trainer(train, 4, [relict], copy_from=3)
     # the trainer's state in the file says which step it holds (the handler's own state would too)
     CheckpointSaver(tmp_path / "ckpt", {"net": trainer.network, "trainer": trainer}, save_key_metric=True,

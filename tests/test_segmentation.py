@@ -5,7 +5,7 @@ import csv
 
 import numpy as np
 import torch
-from PIL import Image
+from image_files import write_png
 from scipy import ndimage
 
 import relict_callbacks as rc
@@ -98,19 +98,14 @@ def test_the_null_is_aligned_the_same_way_as_the_samples():
         np.testing.assert_allclose(report.similarities(name), bank.nulls[name], atol=1e-6)
 
 
-def _png(array, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 def test_audit_shows_the_transform_of_each_level(tmp_path):
     train = make_phantoms(10, "head_ct", ndim=2, size=32, seed=94, id_prefix="case")
     synthetic = make_phantoms(2, "head_ct", ndim=2, size=32, seed=95, id_prefix="gen")
     synthetic.append(make_replica(train[6], "flip"))
     for folder, items in (("train", train), ("synthetic", synthetic)):
         for item in items:
-            _png(item["image"][0], tmp_path / folder / f"{item['id']}.png")
-            _png(item["label"][0].astype(float), tmp_path / f"{folder}_labels" / f"{item['id']}.png")
+            write_png(item["image"][0], tmp_path / folder / f"{item['id']}.png")
+            write_png(item["label"][0].astype(float), tmp_path / f"{folder}_labels" / f"{item['id']}.png")
     out = tmp_path / "audit"
     argv = ["audit", "--train", tmp_path / "train", "--train-labels", tmp_path / "train_labels",
             "--synthetic", tmp_path / "synthetic", "--synthetic-labels", tmp_path / "synthetic_labels",

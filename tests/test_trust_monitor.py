@@ -2,6 +2,8 @@
 certified (upper bound <= limit) before memorization was detected (lower bound > limit), and certifies on demand."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -96,14 +98,6 @@ def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path,
     assert monitor.safe_checkpoint().endswith("epoch=1-step=4.ckpt")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: a second thread only adds synchronisation on shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_monai_trainer_survives_a_failed_first_check_and_best_pt_is_judged_by_content(tmp_path, one_thread):
     from monai.handlers import CheckpointSaver, EarlyStopHandler
     from monai_engines import copier_trainer
@@ -167,3 +161,72 @@ def test_safe_checkpoint_verdicts(checks, files, expected, reason):
         ledger.record(measured(*check))
     assert ledger.safe_checkpoint(files, max_replica_rate=0.1) == expected
     assert (ledger.reason is None) if reason is None else (reason in ledger.reason)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The names of the files ``torch.load`` reads from now on."""
+    names, load = [], torch.load
+
+    def counted(file, *args, **kwargs):
+        names.append(os.path.basename(file))
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    return names
+
+
+def save_checkpoint(path, step: int, age_ns: int | None = None) -> None:
+    """A Lightning checkpoint of ``step``, rewritten in place (same inode), last modified ``age_ns`` ago if given."""
+    torch.save({"global_step": step, "state_dict": {"weight": torch.full((4,), float(step))}}, path)
+    if age_ns is not None:
+        mtime = time.time_ns() - age_ns
+        os.utime(path, ns=(mtime, mtime))
+
+
+def test_safe_checkpoint_reads_a_file_again_only_once_it_is_rewritten(tmp_path, reads):
+    monitor = Monitor(levels=[rc.VoxelLevel()], max_replica_rate=0.1, checkpoint_dirs=[tmp_path])
+    for check in [(0, 0, 40), (1, 0, 40)]:  # steps 10 and 20, both certified
+        monitor.ledger.record(measured(*check))
+    last, minute = tmp_path / "last.ckpt", 60 * 10**9
+    save_checkpoint(tmp_path / "epoch=0.ckpt", 10, age_ns=minute)
+    save_checkpoint(last, 20, age_ns=minute)
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint")
+    os.utime(tmp_path / "notes.pt", ns=(time.time_ns() - minute,) * 2)
+    reads.clear()
+    assert monitor.safe_checkpoint() == str(last)
+    assert set(reads) == {"epoch=0.ckpt", "last.ckpt", "notes.pt"}
+    reads.clear()
+    assert monitor.safe_checkpoint() == str(last) and reads == []  # unchanged files, readable or not: not read again
+
+    reads.clear()
+    size, inode = last.stat().st_size, last.stat().st_ino
+    save_checkpoint(last, 30, age_ns=minute // 2)  # step 30 was never checked: same size and inode, later time
+    assert (last.stat().st_size, last.stat().st_ino) == (size, inode)
+    assert monitor.safe_checkpoint() == str(tmp_path / "epoch=0.ckpt") and reads == ["last.ckpt"]
+
+    save_checkpoint(last, 40)  # just written: read on every call, as a rewrite within its timestamp could go unseen
+    written = last.stat().st_mtime_ns
+    assert monitor.safe_checkpoint() == str(tmp_path / "epoch=0.ckpt")
+    save_checkpoint(last, 20)
+    os.utime(last, ns=(written, written))  # size, inode and time all as before: only the content says step 20
+    assert monitor.safe_checkpoint() == str(last) and reads == ["last.ckpt"] * 3
+
+
+def test_certify_reads_the_checkpoint_once(tmp_path, reads):
+    class Noise(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+
+        def sample(self, n, generator):
+            return torch.rand(n, 1, 16, 16, generator=generator) + self.weight.sum()
+
+    monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=LIMIT, progress=False)
+    monitor.prepare(phantoms(8))
+    model = Noise()
+    torch.save({"global_step": 10, "state_dict": {"weight": torch.ones(4)}}, tmp_path / "epoch=0.ckpt")
+    reads.clear()
+    check = monitor.certify(model, num_samples=8, checkpoint=tmp_path / "epoch=0.ckpt")
+    assert reads == ["epoch=0.ckpt"] and check.step == 10 and monitor.history[-1]["kind"] == "certify"
+    assert torch.equal(model.weight.detach(), torch.ones(4))  # the file's weights were loaded

@@ -127,3 +127,44 @@ def test_tensorboard_gets_gallery_and_histograms(tmp_path):
     assert {"relict/gallery", "relict/histograms"} <= set(events.Tags()["images"])
     assert "relict/voxel/similarity" in events.Tags()["histograms"]
     assert [e.value for e in events.Scalars("relict/replica_rate")] == [0.0, 1.0]
+
+
+def test_each_check_makes_its_pictures_once_for_the_png_tensorboard_and_wandb(wandb_dir, monkeypatch):
+    """One gallery and one of each figure per check, whatever shows them: the PNG file, TensorBoard and W&B get the
+    same pictures (each sink used to make its own: three galleries and four figures per check)."""
+    from matplotlib.figure import Figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from relict_callbacks.gallery import png_to_array
+    from relict_callbacks.monitor import presentation
+
+    made = {"galleries": 0, "figures": 0}
+
+    def counted(function, key):
+        def call(*args, **kwargs):
+            made[key] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(presentation, "gallery_rows", counted(presentation.gallery_rows, "galleries"))
+    monkeypatch.setattr(Figure, "__init__", counted(Figure.__init__, "figures"))
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=3, alpha=0.1, gallery_size=2,
+                             save_dir=wandb_dir / "relict", progress=False)
+    loggers = [TensorBoardLogger(wandb_dir, name="tb"), WandbLogger(offline=True, save_dir=wandb_dir,
+                                                                    project="relict-test")]
+    trainer(wandb_dir, 2, [monitor], logger=loggers).fit(TurnsCopier(train, copy_from=1), loader(train))
+    wandb.finish()
+    assert len(monitor.history) == 2 and made == {"galleries": 2, "figures": 2 * 2}  # a gallery and a histogram
+
+    events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0}).Reload()
+    shown = {tag: [png_to_array(image.encoded_image_string) for image in events.Images(tag)]
+             for tag in ("relict/gallery", "relict/histograms")}
+    for epoch, gallery in enumerate(shown["relict/gallery"]):
+        saved = Image.open(wandb_dir / "relict" / f"gallery-epoch={epoch}.png")
+        assert np.array_equal(gallery, np.asarray(saved)[..., :3])
+    run_dir = next((wandb_dir / "wandb").glob("offline-run-*"))
+    logs = gallery_logs(read_records(next(run_dir.glob("run-*.wandb"))))
+    sent = [np.asarray(Image.open(run_dir / "files" / log["relict/histograms/path"]))[..., :3] for log in logs]
+    assert len(sent) == len(shown["relict/histograms"]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(sent, shown["relict/histograms"]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +40,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
     and ``CheckpointLoader`` (``torch.load(weights_only=True)``) resume the history and patience counters.
     The saved state also holds the engine step it was saved at (``saved_at``), which is how :meth:`safe_checkpoint`
     knows what a file holds (so does the trainer's own state, ``save_dict={"trainer": trainer, ...}``): every
-    attached ``CheckpointSaver``'s folder and ``checkpoint_dir`` are scanned, and each file judged by its content.
+    attached ``CheckpointSaver``'s folder and the ``checkpoint_dirs`` option's are scanned, and each file judged by its
+    content.
     Epochs in :attr:`history` and in the messages are 0-based (``engine.state.epoch - 1``), as in the Lightning
     callback. Under ``torch.distributed`` (``torchrun``, ignite ``idist``), each process samples its share of
     ``num_samples`` from its network (unwrapped from ``DistributedDataParallel``); rank 0 alone builds the bank,
@@ -60,13 +60,12 @@ class ReplicaMonitorHandler(MonitorAdapter):
             ``engine.state.epoch`` (MONAI's epoch-level convention), plus a
             :class:`~relict_callbacks.integrations.tensorboard.TensorBoardSink` for the gallery and histograms
             (at the iteration of the check).
-        checkpoint_dir: a folder of checkpoints to consider besides the attached ``CheckpointSaver``\ s' folders
-            (found by themselves).
         check_on_completed: also check when the run completes, if its last epoch was not checked.
         name: name of the ``logging.Logger``; default: the engine's logger (MONAI's handler convention).
         **options: every other option of :class:`~relict_callbacks.monitor.Monitor` (``levels``, ``num_samples``,
-            ``max_replica_rate``, ``patience``, ``device``, ...), documented there once. The sampler gets the
-            engine's network as its model.
+            ``max_replica_rate``, ``patience``, ``device``, ``checkpoint_dirs``, ...), documented there once. The
+            sampler gets the engine's network as its model; the attached ``CheckpointSaver``\ s' folders join
+            ``checkpoint_dirs`` by themselves.
 
     In a MONAI bundle config (``monai.bundle.ConfigParser``)::
 
@@ -97,13 +96,16 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     @with_monitor_options("every_n_epochs")
     def __init__(self, bank: ReferenceBank | None = None, *, interval: int = 1, sinks: Sequence[Any] = (),
-                 summary_writer: Any = None, checkpoint_dir: str | os.PathLike | None = None,
-                 check_on_completed: bool = False, name: str | None = None, **options) -> None:
+                 summary_writer: Any = None, check_on_completed: bool = False, name: str | None = None,
+                 **options) -> None:
+        if "checkpoint_dir" in options:
+            raise TypeError("ReplicaMonitorHandler: the option checkpoint_dir is now checkpoint_dirs, a list of "
+                            "folders (as in the Lightning callback): pass checkpoint_dirs=[folder]")
         self.monitor = Monitor(bank, every_n_epochs=interval, **options)
         self.sinks = checked_sinks(sinks)
         if summary_writer is not None and not any(isinstance(sink, TensorBoardSink) for sink in self.sinks):
             self.sinks.append(TensorBoardSink(summary_writer))
-        self.summary_writer, self.checkpoint_dir = summary_writer, checkpoint_dir
+        self.summary_writer = summary_writer
         self.check_on_completed = check_on_completed
         self.name = name
         self.logger = logging.getLogger(name)
@@ -126,9 +128,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
         """Build or load the reference bank (unless given) on the engine's device (rank 0 of a distributed run)."""
         self._comm = current_communicator()
         self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None), comm=self._comm)
-        folders = [self.checkpoint_dir] if self.checkpoint_dir is not None else []
-        folders += [saver.save_dir for saver in _handlers(engine) if type(saver).__name__ == "CheckpointSaver"]
-        self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + list(map(str, folders))))
+        folders = [str(saver.save_dir) for saver in _handlers(engine) if type(saver).__name__ == "CheckpointSaver"]
+        self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
 
     def __call__(self, engine: Engine) -> None:
         """At the end of an epoch: check if due, publish the latest metrics, terminate if the monitor says stop."""

@@ -6,9 +6,8 @@ sink adds the pictures. ``ReplicaMonitor`` adds it by itself when a ``TensorBoar
 
 from __future__ import annotations
 
-from relict_callbacks.gallery import gallery_figure, histogram_figure
+from relict_callbacks.gallery import png_to_array
 from relict_callbacks.monitor import Check, Monitor
-from relict_callbacks.monitor.presentation import gallery_title
 
 
 class TensorBoardSink:
@@ -32,12 +31,9 @@ class TensorBoardSink:
         self.writer = writer
 
     def log_check(self, check: Check, monitor: Monitor, trainer=None) -> None:
-        report, step = check.report, check.step
-        self.writer.add_figure("relict/gallery", gallery_figure(monitor.gallery(check), gallery_title(check)),
-                               global_step=step)
-        sims = {name: report.similarities(name) for name in report.thresholds}
-        self.writer.add_figure("relict/histograms", histogram_figure(sims, report.nulls, report.thresholds),
-                               global_step=step)
-        for name, values in sims.items():
+        pictures, step = monitor.pictures(check), check.step  # the figures the PNG file and W&B get too
+        for tag, png in (("relict/gallery", pictures.gallery_png), ("relict/histograms", pictures.histograms_png)):
+            self.writer.add_image(tag, png_to_array(png), global_step=step, dataformats="HWC")
+        for name, values in pictures.similarities.items():
             self.writer.add_histogram(f"relict/{name}/similarity", values, global_step=step)
         self.writer.flush()

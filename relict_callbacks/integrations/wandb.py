@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from relict_callbacks.gallery import difference_map, display_view, figure_to_png_bytes, histogram_figure, ranked_records
+from relict_callbacks.gallery import difference_map, display_view, png_to_array, ranked_records
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
@@ -76,13 +76,11 @@ class WandbSink:
             run.define_metric("relict/*", step_metric="epoch")
             run.define_metric("relict/replica_rate", step_metric="epoch", summary="max")
             self._defined = True
-        report = check.report
+        pictures = monitor.pictures(check)  # the figures the PNG file and TensorBoard get too
         payload = {"epoch": check.epoch, **check.metrics}
-        similarities = {name: report.similarities(name) for name in report.thresholds}
-        for name, values in similarities.items():
+        for name, values in pictures.similarities.items():
             payload[f"relict/{name}/similarity"] = wandb.Histogram(values)
-        histograms = histogram_figure(similarities, report.nulls, report.thresholds)
-        payload["relict/histograms"] = wandb.Image(_png_array(figure_to_png_bytes(histograms)),
+        payload["relict/histograms"] = wandb.Image(png_to_array(pictures.histograms_png),
                                                    caption="nearest-training similarity: samples vs unseen "
                                                            "patients (null), threshold in red")
         payload["relict/gallery"] = self._table(check, monitor)
@@ -126,10 +124,3 @@ class WandbSink:
         if check.stop_reason is not StopReason.NOT_STOPPED:
             run.alert(title="Training stopped: memorization", text=check.stop_message, level=wandb.AlertLevel.ERROR)
 
-
-def _png_array(png: bytes) -> np.ndarray:
-    import io
-
-    from matplotlib.image import imread
-
-    return (imread(io.BytesIO(png), format="png")[..., :3] * 255).astype(np.uint8)

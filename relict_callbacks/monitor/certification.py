@@ -41,8 +41,9 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
     check_number("num_samples", num_samples, low=1, integer=True)
     step = None
     if checkpoint is not None:
-        step = checkpoints.saved_step(checkpoint)
-        model.load_state_dict(_weights(torch.load(checkpoint, map_location="cpu", weights_only=True), model, key))
+        content = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once: its step and weights
+        step = checkpoints.step_of(content)
+        model.load_state_dict(_weights(content, model, key))
     images, labels = [], []
     for first in range(0, num_samples, monitor.num_samples):
         count = min(monitor.num_samples, num_samples - first)

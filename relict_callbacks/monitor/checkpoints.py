@@ -1,5 +1,6 @@
 """Which training step a checkpoint file holds, read from its content: a file is matched to a check by the weights
-it holds now, never by its name, inode or time, so a rewritten ``last.ckpt`` or ``best.pt`` is judged afresh.
+it holds now, never by its name, so a rewritten ``last.ckpt`` or ``best.pt`` is judged afresh (a file is read again
+as soon as its modification time, size or inode changes).
 
 A Lightning checkpoint carries ``global_step``; a MONAI ``CheckpointSaver`` file carries the ignite trainer's
 ``iteration`` (``save_dict={"trainer": trainer, ...}``) or the replica handler's ``saved_at`` step
@@ -16,22 +17,52 @@ A Lightning checkpoint carries ``global_step``; a MONAI ``CheckpointSaver`` file
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 SUFFIXES = (".ckpt", ".pt", ".pth")
+RACY_NS = 2 * 10**9  # coarser than any file system's timestamps (FAT: 2 s)
+_known: dict[str, tuple[tuple[int, int, int], int | None]] = {}  # path -> (mtime_ns, size, inode), step read
 
 
 def saved_step(path) -> int | None:
     """The training step whose weights the checkpoint at ``path`` holds, or ``None`` when the file does not say
-    (or cannot be read with ``torch.load(weights_only=True)``)."""
+    (or cannot be read with ``torch.load(weights_only=True)``).
+
+    A file is read once per version: while its modification time, size and inode are unchanged, the step read
+    before is used; a rewritten file is read again. A file written in the last ``RACY_NS`` is read every time (a
+    rewrite within its timestamp's granularity could keep all three).
+    """
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    known = _known.get(path)
+    if known is not None and known[0] == version:
+        return known[1]
+    step = step_of(_load(path))
+    if time.time_ns() - stat.st_mtime_ns > RACY_NS:
+        _known[path] = (version, step)
+    return step
+
+
+def _load(path: str):
+    """The checkpoint's content, memory-mapped where possible; ``None`` when ``torch.load(weights_only=True)``
+    cannot read it."""
     try:
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # an old, non-zip file cannot be memory-mapped
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
+
+
+def step_of(content) -> int | None:
+    """The training step a loaded checkpoint holds (see the module), or ``None`` when it does not say."""
     if not isinstance(content, dict):
         return None
     if "global_step" in content:  # Lightning

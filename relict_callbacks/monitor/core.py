@@ -106,7 +106,7 @@ class Monitor(MonitorOptions, CheckpointSelection):
         report = self.scorer.score(images, labels)
         check = Check(epoch, step, report.metrics(), report, images, num_samples=len(report.records))
         if self.save_dir is not None:
-            presentation.save_check(self.save_dir, check, self.gallery(check))
+            presentation.save_check(self.save_dir, check, self.pictures(check))
         check.stop_reason = self.stop.update(check.metrics[RATE], check.epoch, check.metrics.get(LOW))
         if check.stop_reason is not StopReason.NOT_STOPPED:
             check.stop_message = self.stop.message
@@ -124,9 +124,17 @@ class Monitor(MonitorOptions, CheckpointSelection):
         """One entry per check: epoch (0-based), step, every metric then known, error, stop reason, checkpoint."""
         return self.ledger.entries
 
+    def pictures(self, check: Check) -> presentation.Pictures:
+        """The check's gallery and figures, made once and shared by its PNG file and every sink (made again only
+        if the gallery options have changed since)."""
+        options = (self.gallery_size, self.log_training_images)
+        if check.pictures is None or check.pictures.options != options:
+            check.pictures = presentation.Pictures(self.bank, check, *options)
+        return check.pictures
+
     def gallery(self, check: Check) -> list[GalleryRow]:
         """The check's most similar sample/training pairs, as the monitor's gallery options say."""
-        return presentation.gallery(self.bank, check, self.gallery_size, self.log_training_images)
+        return self.pictures(check).gallery
 
     def history_table(self, **options) -> str:
         """The history as a readable table, at the primary (first) level unless ``level=...`` (options: see

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class Check:
     stop_reason: StopReason = StopReason.NOT_STOPPED
     stop_message: str | None = None
     kind: str = "check"
+    pictures: Any = field(default=None, repr=False, compare=False)  # presentation.Pictures, made when first shown
 
     @property
     def ok(self) -> bool:
@@ -125,8 +127,8 @@ class Ledger:
         found = (f" before memorization was detected at epoch {onset['epoch']} (lower bound {onset[LOW]:.2f} > "
                  f"{limit:.2f})") if onset is not None else ""
         if not files:
-            return ("no checkpoint files found: add a ModelCheckpoint (Lightning) or pass checkpoint_dir / attach a "
-                    "CheckpointSaver (MONAI)")
+            return ("no checkpoint files found: add a ModelCheckpoint (Lightning) or attach a CheckpointSaver "
+                    "(MONAI), or pass checkpoint_dirs=[...]")
         if not self._good():
             return "no check has succeeded yet"
         if not any(self.evidence(s) for s in files.values() if s is not None):

@@ -34,7 +34,8 @@ class CheckpointSelection:
         return self.ledger.published()
 
     def checkpoints(self) -> dict[str, int | None]:
-        """Every checkpoint file in :attr:`checkpoint_dirs`, with the step its content holds (read now)."""
+        """Every checkpoint file in :attr:`checkpoint_dirs`, with the step its content holds (read now, unless the
+        file is unchanged since it was last read)."""
         return checkpoints.scan(self.checkpoint_dirs)
 
     def note_checkpoints(self, comm: Communicator = SINGLE_PROCESS) -> None:
