@@ -147,3 +147,18 @@ def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
     aligned = undo_match(refs[3], found.transform[0])
     inner = (slice(None), slice(3, -3), slice(3, -3))  # away from the edges the roll wrapped around
     assert torch.allclose(aligned[inner], moved[inner], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (12, 10, 8)])
+def test_bend_warp_samples_as_monai_warp_does(shape):
+    """The bend search's warp (an identity grid built once per grid) samples exactly where MONAI ``Warp`` does."""
+    from monai.networks.blocks import Warp
+
+    from relict_callbacks.levels.voxel import _warp
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 2, *shape, generator=gen)
+    field = 3 * torch.randn(3, len(shape), *shape, generator=gen)  # voxels, some beyond the edge
+    expected = Warp(mode="bilinear", padding_mode="border")(image, field)
+    torch.testing.assert_close(_warp(image, field), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-5, rtol=0)

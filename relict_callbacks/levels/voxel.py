@@ -23,6 +23,7 @@ mirror and shift to a training image or mask).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import warnings
@@ -178,22 +179,28 @@ def bend_field(controls: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(controls, size=grid, mode=mode, align_corners=True)
 
 
-def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, C, *grid]`` sampled at each voxel plus its displacement ``field`` (MONAI ``Warp``, edges
-    replicated)."""
-    from monai.networks.blocks import Warp
+@functools.lru_cache(maxsize=8)
+def _identity_grid(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``grid_sample``'s sampling grid ``[*grid, ndim]`` that leaves an image as it is (``align_corners=True``)."""
+    axes = [torch.linspace(-1, 1, n, device=device) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).flip(-1)  # grid_sample wants (x, y[, z])
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "monai.networks.blocks.Warp: Using PyTorch native grid_sample")
-        return Warp(mode="bilinear", padding_mode="border")(x, field)
+
+def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, *grid]`` sampled at each voxel plus its displacement ``field`` ``[B, ndim, *grid]`` (voxels),
+    bilinearly, edges replicated: MONAI ``Warp``'s ``(x, ddf)``, with the identity grid built once per grid."""
+    grid = tuple(x.shape[2:])
+    scale = torch.tensor([2 / max(n - 1, 1) for n in grid][::-1], device=x.device, dtype=field.dtype)
+    where = torch.addcmul(_identity_grid(grid, x.device).to(field.dtype), field.flip(1).movedim(1, -1), scale)
+    return F.grid_sample(x, where, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None, reach: float,
              steps: int = BEND_STEPS) -> torch.Tensor:
     """The bend that lays each ``reference`` onto its ``sample`` (``[B, C, *grid]``): the displacements
     ``[B, ndim, *control]``, in voxels of ``grid`` and each within ``reach``, of ``BEND_CONTROL`` control points per
-    axis (:func:`bend_field` interpolates them onto the grid), fitted by a few Adam steps that maximize NCC (MONAI
-    ``Warp``) less a small ``BendingEnergyLoss``. ``reach`` bounds it so that another patient cannot be bent into the
+    axis (:func:`bend_field` interpolates them onto the grid), fitted by a few Adam steps that maximize NCC (as MONAI
+    ``Warp`` samples) less a small ``BendingEnergyLoss``. ``reach`` bounds it so that another patient cannot be bent into the
     sample. Each pair is fitted on its own (the loss is a sum over pairs).
 
     >>> image = torch.zeros(1, 1, 32, 32); image[..., 10:20, 12:22] = 1
