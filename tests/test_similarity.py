@@ -162,3 +162,18 @@ def test_bend_warp_samples_as_monai_warp_does(shape):
     expected = Warp(mode="bilinear", padding_mode="border")(image, field)
     torch.testing.assert_close(_warp(image, field), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (16, 12, 16)])
+def test_bend_energy_from_control_points_is_monai_bending_energy(grid):
+    """The bend search's regularizer, a quadratic form of the control points, equals MONAI's BendingEnergyLoss of
+    the interpolated field (what the search used to compute on the field at every step)."""
+    from monai.losses import BendingEnergyLoss
+
+    from relict_callbacks.levels.voxel import BEND_CONTROL, _bending_form, bend_field
+
+    controls = torch.randn(4, len(grid), *(BEND_CONTROL,) * len(grid), generator=torch.Generator().manual_seed(1))
+    flat = controls.flatten(2)
+    quadratic = torch.einsum("bcp,pq,bcq->b", flat, _bending_form(grid), flat)
+    expected = BendingEnergyLoss(reduction="none")(bend_field(controls, grid)).flatten(1).sum(1)
+    torch.testing.assert_close(quadratic, expected, rtol=1e-4, atol=1e-6)

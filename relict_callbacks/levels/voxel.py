@@ -195,13 +195,35 @@ def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, where, mode="bilinear", padding_mode="border", align_corners=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _bending_form(grid: tuple[int, ...]) -> torch.Tensor:
+    """MONAI's ``BendingEnergyLoss`` of a bend on ``grid`` as a quadratic form of its control points: the ``[P, P]``
+    matrix ``K`` with ``c @ K @ c`` the loss (summed, not averaged) of the field :func:`bend_field` interpolates
+    from one component's ``P = BEND_CONTROL ** ndim`` control displacements ``c``. The field is linear in ``c`` and
+    the loss quadratic in the field, so ``K`` is half the loss's Hessian, taken once per grid."""
+    from monai.losses import BendingEnergyLoss
+
+    ndim, control = len(grid), (BEND_CONTROL,) * len(grid)
+    bending = BendingEnergyLoss(reduction="sum")
+
+    def energy(c):  # the loss of a field moved along its first component only (components add up independently)
+        controls = torch.cat([c.view(1, 1, *control), c.new_zeros(1, ndim - 1, *control)], 1)
+        return bending(bend_field(controls, grid))
+
+    with torch.inference_mode(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Using a non-tuple sequence")  # inside MONAI's BendingEnergyLoss
+        hessian = torch.autograd.functional.hessian(energy, torch.zeros(BEND_CONTROL**ndim, dtype=torch.float64))
+    return (hessian / 2).float()
+
+
 def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None, reach: float,
              steps: int = BEND_STEPS) -> torch.Tensor:
     """The bend that lays each ``reference`` onto its ``sample`` (``[B, C, *grid]``): the displacements
     ``[B, ndim, *control]``, in voxels of ``grid`` and each within ``reach``, of ``BEND_CONTROL`` control points per
     axis (:func:`bend_field` interpolates them onto the grid), fitted by a few Adam steps that maximize NCC (as MONAI
-    ``Warp`` samples) less a small ``BendingEnergyLoss``. ``reach`` bounds it so that another patient cannot be bent into the
-    sample. Each pair is fitted on its own (the loss is a sum over pairs).
+    ``Warp`` samples) less a small MONAI ``BendingEnergyLoss`` (taken as a quadratic form of the control points,
+    :func:`_bending_form`). ``reach`` bounds it so that another patient cannot be bent into the sample. Each pair is
+    fitted on its own (the loss is a sum over pairs).
 
     >>> image = torch.zeros(1, 1, 32, 32); image[..., 10:20, 12:22] = 1
     >>> moved = torch.roll(image, 1, dims=2)
@@ -210,18 +232,18 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     >>> bool(controls.abs().max() <= 2.0), round(float(field[0, 0, 15, 16]))
     (True, -1)
     """
-    from monai.losses import BendingEnergyLoss
-
     grid, ndim = tuple(sample.shape[2:]), sample.ndim - 2
-    bending = BendingEnergyLoss()
-    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Using a non-tuple sequence")  # inside MONAI's BendingEnergyLoss
+    form = _bending_form(grid).to(sample.device)
+    averaged_over = ndim * int(np.prod([n - 2 for n in grid]))  # BendingEnergyLoss: a mean over components, voxels
+    with torch.inference_mode(False), torch.enable_grad():
         target, moving = sample.clone(), reference.clone()
         params = torch.zeros(len(sample), ndim, *(BEND_CONTROL,) * ndim, device=sample.device, requires_grad=True)
         optimizer = torch.optim.Adam([params], lr=0.1)
         for _ in range(steps):
-            field = bend_field(reach * torch.tanh(params), grid)
-            loss = len(params) * bending(field) - _ncc_pairs(_warp(moving, field), target, mask).sum()
+            controls = reach * torch.tanh(params)
+            flat = controls.flatten(2)
+            energy = torch.einsum("bcp,pq,bcq->", flat, form, flat) / averaged_over  # summed over the pairs
+            loss = energy - _ncc_pairs(_warp(moving, bend_field(controls, grid)), target, mask).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
