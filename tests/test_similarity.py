@@ -164,6 +164,16 @@ def test_bend_warp_samples_as_monai_warp_does(shape):
     torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grid", [(64, 48), (13, 7, 9)])
+def test_bend_field_interpolates_its_control_points_as_torch_does(grid):
+    from relict_callbacks.levels.voxel import BEND_CONTROL, bend_field
+
+    controls = torch.randn(2, len(grid), *(BEND_CONTROL,) * len(grid), generator=torch.Generator().manual_seed(2))
+    mode = "bilinear" if len(grid) == 2 else "trilinear"
+    expected = torch.nn.functional.interpolate(controls, size=grid, mode=mode, align_corners=True)
+    torch.testing.assert_close(bend_field(controls, grid), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("grid", [(16, 16), (16, 12, 16)])
 def test_bend_energy_from_control_points_is_monai_bending_energy(grid):
     """The bend search's regularizer, a quadratic form of the control points, equals MONAI's BendingEnergyLoss of

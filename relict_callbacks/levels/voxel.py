@@ -143,18 +143,7 @@ def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated), one
     matrix product per axis."""
-    if sigma == 0:
-        return x
-    grid = x.shape[2:]
-    out = x
-    for axis, n in enumerate(grid):
-        matrix = _blur_matrix(n, sigma, x)
-        after = int(np.prod(grid[axis + 1 :]))
-        if after == 1:
-            out = out.reshape(-1, n) @ matrix.T
-        else:
-            out = matrix @ out.reshape(-1, n, after)
-    return out.reshape(x.shape)
+    return x if sigma == 0 else _along_axes(x, [_blur_matrix(n, sigma, x) for n in x.shape[2:]])
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None, moments=None) -> torch.Tensor:
@@ -172,11 +161,29 @@ def _ncc_pairs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> t
     return product.flatten(2).sum(2).mean(1) / count
 
 
+def _along_axes(x: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
+    """``x`` ``[B, C, *spatial]`` with each spatial axis multiplied by its matrix (``[m, n]``: length n to m), one
+    matrix product per axis."""
+    shape = list(x.shape)
+    for axis, matrix in enumerate(matrices):
+        n, after = shape[2 + axis], int(np.prod(shape[3 + axis :]))
+        x = x.reshape(-1, n) @ matrix.T if after == 1 else matrix @ x.reshape(-1, n, after)
+        shape[2 + axis] = matrix.shape[0]
+    return x.reshape(shape)
+
+
+def _linear_matrix(n: int, points: int, like: torch.Tensor) -> torch.Tensor:
+    """``[n, points]`` matrix that interpolates ``points`` evenly spaced values linearly onto ``n`` (corners on
+    corners, as ``F.interpolate(..., align_corners=True)``)."""
+    where = torch.linspace(0, points - 1, n, device=like.device, dtype=like.dtype)[:, None]
+    return (1 - (where - torch.arange(points, device=like.device, dtype=like.dtype)).abs()).clamp_min(0)
+
+
 def bend_field(controls: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """A bend's displacement field ``[B, ndim, *grid]``: its control-point displacements ``[B, ndim, *control]``
-    interpolated onto ``grid`` (so no voxel moves further than its farthest control point)."""
-    mode = "bilinear" if len(grid) == 2 else "trilinear"
-    return F.interpolate(controls, size=grid, mode=mode, align_corners=True)
+    interpolated (bi/trilinearly, corners on corners) onto ``grid``, so no voxel moves further than its farthest
+    control point; one small matrix product per axis."""
+    return _along_axes(controls, [_linear_matrix(n, c, controls) for n, c in zip(grid, controls.shape[2:])])
 
 
 @functools.lru_cache(maxsize=8)
