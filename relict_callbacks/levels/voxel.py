@@ -409,7 +409,7 @@ class VoxelLevel(Level):
             found = [self._bend(q[chunk], rows, best_index[chunk], flip[chunk], shift[chunk], orientations, mask)
                      for chunk in chunks]
             sim, size = (torch.cat(parts) for parts in zip(*found))
-            better = (sim > best) & (size >= BEND_MIN)
+            better = sim > best
             best = torch.where(better, sim, best)
             for i in torch.nonzero(better).flatten().tolist():
                 transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()), float(size[i]))
@@ -418,7 +418,8 @@ class VoxelLevel(Level):
     def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
         bent onto it, and the largest displacement of that bend, in grid voxels. The bend is fitted
-        (:func:`register`) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored at full resolution."""
+        (:func:`register`) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored at full resolution
+        where it moves some voxel at least ``BEND_MIN`` (elsewhere the NCC is ``-inf``: the bend is not kept)."""
         grid = tuple(q.shape[2:])
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = lambda x: x if factor == 1 else _pool(x, factor)
@@ -426,8 +427,12 @@ class VoxelLevel(Level):
         refs = _displace(_take(rows, index, q.device), -shift[:, None])[:, 0]  # moved into the query's frame
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
         controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor)
-        sim = _ncc_pairs(_warp(refs, bend_field(controls, grid)), oriented, mask)
-        return sim, torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+        size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+        sim = torch.full_like(size, -torch.inf)
+        kept = torch.nonzero(size >= BEND_MIN).flatten()
+        if len(kept):
+            sim[kept] = _ncc_pairs(_warp(refs[kept], bend_field(controls[kept], grid)), oriented[kept], mask)
+        return sim, size
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
