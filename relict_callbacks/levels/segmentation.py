@@ -5,7 +5,7 @@ With a voxel level in the bank, the masks are compared with those of the voxel l
 moved by the transform the voxel level found (``undo_match``), so a mirrored copy scores its true overlap and
 an unseen patient is compared with the one training image it resembles most, not with every lesion in the bank.
 Without one, the level runs its own small search against the whole bank, as the masks are and mirrored along
-each spatial axis: the best exact Dice, and the best few candidates by Dice within ``max_shift`` voxels again by
+each spatial axis (all mirrors in one pass over the bank): the best exact Dice, and the best few candidates by Dice within ``max_shift`` voxels again by
 exact Dice at the shift their mask centroids predict and one voxel around it.
 """
 
@@ -19,7 +19,7 @@ from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import _describe, as_tensor, rigid_part, undo_match
+from .voxel import _describe, as_tensor, orientations, rigid_part, shift_reach, undo_match
 
 REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
 
@@ -169,16 +169,18 @@ class SegmentationLevel(Level):
         if match is not None:
             pairs = [[(int(j), transform)] for j, transform in zip(match.index, match.transform)]
             return self._best(q, bank, pairs, tuple(match_grid))
-        reach = max(1, round(0.05 * min(q.shape[2:]))) if self.max_shift is None else self.max_shift
-        axes = range(q.ndim - 2) if self.flips == "all" else self.flips
-        exact = [[] for _ in range(len(q))]  # (Dice as is, bank index, flip) per query
-        near = [[] for _ in range(len(q))]  # (Dice within reach, bank index, flip) per query
-        for flip in [()] + [(axis,) for axis in axes]:
-            oriented = q.flip([2 + a for a in flip])
-            for found, tolerance in ((exact, 0), (near, reach)):
-                values, indices = self._dice_topk(oriented, bank, exclude, tolerance)
-                for candidates, v, j in zip(found, values.tolist(), indices.tolist()):
-                    candidates += [(score, m, flip) for score, m in zip(v, j)]
+        reach = shift_reach(tuple(q.shape[2:]), self.max_shift)
+        mirrors = orientations(range(q.ndim - 2) if self.flips == "all" else self.flips)
+        oriented = torch.cat([q.flip([2 + a for a in axes]) for axes in mirrors])  # every mirror in one bank pass
+        exclude = None if exclude is None else exclude.repeat(len(mirrors))
+
+        def candidates(tolerance):  # per query: [(Dice, bank index, mirror)], mirror by mirror, best first
+            values, indices = self._dice_topk(oriented, bank, exclude, tolerance)
+            values, indices = (t.view(len(mirrors), len(q), -1) for t in (values, indices))
+            return [[(float(v), int(m), axes) for axes, vs, ms in zip(mirrors, values[:, i], indices[:, i])
+                     for v, m in zip(vs, ms)] for i in range(len(q))]
+
+        exact, near = candidates(0), candidates(reach) if reach else [[] for _ in range(len(q))]
         pairs = []
         for i, (as_is, within) in enumerate(zip(exact, near)):
             _, best, best_flip = max(as_is, key=lambda p: p[0])  # the best unshifted pair, then shifted candidates

@@ -49,6 +49,17 @@ BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this ma
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
 
 
+def shift_reach(grid: tuple[int, ...], max_shift: int | None) -> int:
+    """The largest shift, in voxels per axis, a search on ``grid`` tries: ``max_shift``, by default 5% of the
+    grid's smallest side (at least 1)."""
+    return max(1, round(0.05 * min(grid))) if max_shift is None else max_shift
+
+
+def orientations(axes) -> list[tuple[int, ...]]:
+    """The orientations a search tries: as is, then mirrored along each of the spatial ``axes`` in turn."""
+    return [()] + [(axis,) for axis in axes]
+
+
 def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool ``[B, C, *spatial]`` by ``factor`` per axis."""
     return F.avg_pool3d(x, factor) if x.ndim == 5 else F.avg_pool2d(x, factor)
@@ -340,7 +351,7 @@ class VoxelLevel(Level):
 
     def shift_reach(self, grid: tuple[int, ...]) -> int:
         """The largest shift searched on ``grid``."""
-        return max(1, round(0.05 * min(grid))) if self.max_shift is None else self.max_shift
+        return shift_reach(grid, self.max_shift)
 
     def bend_reach(self, grid: tuple[int, ...]) -> float:
         """The largest bend searched on ``grid``, in voxels per axis."""
@@ -372,7 +383,7 @@ class VoxelLevel(Level):
 
     # -- search -------------------------------------------------------------------------------------------
     def _orientations(self, ndim: int) -> list[tuple[int, ...]]:
-        return [()] + [(axis,) for axis in self.flip_axes(ndim)]
+        return orientations(self.flip_axes(ndim))
 
     def _query_form(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Standardized, masked, divided by the voxel count and flattened: ``query_form @ rows.T`` is NCC."""
