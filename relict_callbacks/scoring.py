@@ -221,18 +221,53 @@ class ReplicaScorer:
         return ({"image": image, "label": label, "id": item_id}
                 for (image, _, item_id), label in zip(iter_raw(samples), labels, strict=True))
 
-    def score(self, samples, labels=None) -> ReplicaReport:
+    def _embedded(self, batch: list, on_error):
+        """``(items, {level: rows})`` for ``batch``: once, the whole batch; if a level cannot embed it and
+        ``on_error`` is given, item by item, passing each item a level cannot embed to ``on_error``."""
+        try:
+            rows = {level.name: level.embed(batch, self.device) for level in self.bank.levels}
+        except ItemError:
+            if on_error is None:
+                raise
+        else:
+            yield batch, rows
+            return
+        for item in batch:  # only a batch holding a bad item is embedded again, one item at a time
+            try:
+                rows = {level.name: level.embed([item], self.device) for level in self.bank.levels}
+            except ItemError as error:
+                on_error(item.id, error)
+                continue
+            yield [item], rows
+
+    def score(self, samples, labels=None, *, on_error=None) -> ReplicaReport:
         """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks
-        for them (for the segmentation level), aligned with the samples."""
+        for them (for the segmentation level), aligned with the samples.
+
+        A sample that cannot be scored (NaN, constant, another rank or channel count than the bank, a level
+        cannot embed it) raises an :class:`~relict_callbacks.items.ItemError` naming it; with ``on_error``, it
+        is passed as ``on_error(sample_id, error)`` and left out of the report, and the others are scored.
+
+        >>> import relict_callbacks as rc, torch
+        >>> bank = rc.ReferenceBank.build(rc.data.make_phantoms(6, ndim=2, size=16), [rc.VoxelLevel(grid=16)],
+        ...                               progress=False)
+        >>> samples = torch.rand(3, 1, 16, 16)
+        >>> samples[1] = 0.5  # constant: NCC is undefined
+        >>> bad = {}
+        >>> report = rc.ReplicaScorer(bank, alpha=0.2).score(samples, on_error=bad.__setitem__)
+        >>> [record.id for record in report.records], list(bad)
+        (['0', '2'], ['1'])
+        """
         rows = {level.name: {} for level in self.bank.levels}
         ids = []
-        for batch in iter_batches(self._samples(samples, labels), self.batch_size, name="sample"):
-            for item in batch:
-                self.bank.check_compatible(item.image, f"sample {len(ids)}")
-                ids.append(item.id)
-            for level in self.bank.levels:
-                for key, array in level.embed(batch, self.device).items():
-                    rows[level.name].setdefault(key, []).append(array)
+        batches = iter_batches(self._samples(samples, labels), self.batch_size, name="sample",
+                               check=self.bank.check_compatible, on_error=on_error)
+        for batch in batches:
+            for items, embedded in self._embedded(batch, on_error):
+                ids += [item.id for item in items]
+                for name, arrays in embedded.items():
+                    for key, array in arrays.items():
+                        rows[name].setdefault(key, []).append(array)
         if not ids:
             raise ItemError("no samples to score")
         queries = {name: {key: np.concatenate(parts) for key, parts in level_rows.items()}

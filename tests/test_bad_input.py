@@ -61,6 +61,32 @@ def test_samples_must_match_the_bank(bank):
         rc.ReplicaScorer(bank, alpha=0.2).score([])
 
 
+def test_scorer_drops_samples_it_cannot_score_and_embeds_each_once():
+    seen = []  # batch sizes the feature level's extractor was called with, bank build aside
+
+    def extractor(images):
+        seen.append(len(images))
+        return images.flatten(1)[:, :8]
+
+    bank = _build(list(smooth_field(6, (16, 16), seed=0)), [rc.FeatureLevel(extractor), rc.VoxelLevel(grid=16)])
+    scorer = rc.ReplicaScorer(bank, alpha=0.2, batch_size=3)
+    samples = smooth_field(7, (16, 16), seed=2)
+    samples[1] = 0.5  # the voxel level cannot embed it (NCC undefined)
+    samples[3, 0, 2, 2] = float("nan")  # refused before embedding
+    with pytest.raises(ItemError, match=r"item '1': image is constant"):  # without on_error, bad input raises
+        scorer.score(samples)
+    with pytest.raises(ItemError, match=r"sample 1: image contains 1 NaN/Inf"):
+        scorer.score(samples[2:4])
+    bad, seen[:] = {}, []
+    report = scorer.score(samples, on_error=bad.__setitem__)
+    assert sorted(bad) == ["1", "3"] and "image is constant" in str(bad["1"]) and "NaN/Inf" in str(bad["3"])
+    assert [r.id for r in report.records] == ["0", "2", "4", "5", "6"]
+    assert seen == [3, 1, 1, 1, 3]  # batch [0 1 2] failed, so item by item; batch [4 5 6] embedded once
+    alone = scorer.score(samples[[0, 2, 4, 5, 6]])
+    for level in ("feature", "voxel"):
+        assert np.allclose(report.similarities(level), alone.similarities(level), atol=1e-6)
+
+
 def test_empty_and_constant_images():
     with pytest.raises(ItemError, match=r"item 0: image is empty"):
         _build([torch.rand(1, 0, 16), torch.rand(1, 0, 16)])
@@ -183,6 +209,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     assert "cannot read image" in errors["corrupt.npy"] and "a 3D image" in errors["volume.npy"]
     assert "but the bank holds 2D images with 1 channel" in errors["rgb.npy"]
     assert all(rows[name]["is_replica"] == "" for name in errors)
+    assert [name for name in rows if name in errors] == sorted(errors)  # in file order, after the scored ones
     assert rows["synthetic-2.npy"]["is_replica"] == "True" and rows["synthetic-0.npy"]["is_replica"] == "False"
     summary = json.loads((folders / "out" / "summary.json").read_text())
     assert summary["counts"] == {"synthetic": 4, "flagged": 1, "not_scored": 5}
@@ -193,6 +220,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
 
     result = _run(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
     assert result.returncode == 2 and "constant.npy" in result.stderr and "--strict" in result.stderr
+    assert "4 more bad synthetic image(s)" in result.stderr  # the first in file order is named, the others counted
     assert json.loads((folders / "out" / "summary.json").read_text()) == summary
 
 
