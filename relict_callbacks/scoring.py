@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import stats
 
-from .atomic import atomic_write
+from .atomic import atomic_csv, atomic_write
 from .bank import ReferenceBank
 from .calibration import RULES, Calibration, combine, p_values
 from .intervals import rate_bounds
@@ -118,21 +118,22 @@ class ReplicaReport:
         with atomic_write(path) as file:
             json.dump(self.to_dict(), file, indent=1)
 
-    def to_csv(self, path) -> None:
-        """Write one row per sample: verdict and combined p-value, then per level similarity, nearest id,
-        transform, p-value and flag."""
+    def csv_rows(self) -> Iterator[list]:
+        """The rows :meth:`to_csv` writes, header first, then one per sample: verdict and combined p-value, then
+        per level similarity, nearest id, transform, p-value and flag."""
         names = list(self.thresholds)
         columns = ("similarity", "nearest_id", "transform", "p_value", "is_replica")
-        header = ["index", "id", "is_replica", "p_value"] + [f"{n}_{c}" for n in names for c in columns]
-        with atomic_write(path, newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(header)
-            for r in self.records:
-                row = [r.index, r.id, r.is_replica, f"{r.p_value:.6g}"]
-                for n in names:
-                    m = r.levels[n]
-                    row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, f"{m.p_value:.6g}", m.is_replica]
-                writer.writerow(row)
+        yield ["index", "id", "is_replica", "p_value"] + [f"{n}_{c}" for n in names for c in columns]
+        for r in self.records:
+            row = [r.index, r.id, r.is_replica, f"{r.p_value:.6g}"]
+            for n in names:
+                m = r.levels[n]
+                row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, f"{m.p_value:.6g}", m.is_replica]
+            yield row
+
+    def to_csv(self, path) -> None:
+        """Write :meth:`csv_rows` (one row per sample) as a CSV file, atomically."""
+        atomic_csv(path, self.csv_rows())
 
     def summary(self) -> str:
         """A few readable lines: overall rate, then per level rate, threshold, nearest similarity and test."""

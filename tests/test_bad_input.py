@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +11,9 @@ import relict_callbacks as rc
 from relict_callbacks import BankError, ItemError
 from relict_callbacks.cli import main
 from relict_callbacks.io import ImageReader
+from relict_callbacks.report import BadImage, write_csv
 
-from conftest import smooth_field
+from conftest import run_relict, smooth_field
 
 
 def _build(items, levels=None, **kwargs):
@@ -85,6 +84,18 @@ def test_scorer_drops_samples_it_cannot_score_and_embeds_each_once():
     alone = scorer.score(samples[[0, 2, 4, 5, 6]])
     for level in ("feature", "voxel"):
         assert np.allclose(report.similarities(level), alone.similarities(level), atol=1e-6)
+
+
+def test_results_csv_is_the_report_rows_plus_an_error_column(bank, tmp_path):
+    report = rc.ReplicaScorer(bank, alpha=0.2).score(smooth_field(2, (16, 16), seed=1))
+    report.to_csv(tmp_path / "plain.csv")
+    write_csv(tmp_path / "results.csv", report, [BadImage("x.npy", "x.npy: cannot read image")])
+    plain = list(csv.reader((tmp_path / "plain.csv").open()))
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert len(plain) == 3 and [row[:-1] for row in rows[:3]] == plain
+    assert [row[-1] for row in rows[:3]] == ["error", "", ""]
+    assert rows[3:] == [["", "x.npy"] + [""] * (len(plain[0]) - 2) + ["x.npy: cannot read image"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.csv", "results.csv"]  # no temporary file left
 
 
 def test_empty_and_constant_images():
@@ -169,11 +180,6 @@ def test_scorer_configuration_errors(bank):
         rc.ReplicaScorer(bank, rule="most")
 
 
-def _run(*args):
-    command = [sys.executable, "-m", "relict_callbacks.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture
 def folders(tmp_path):
     """6 training images and 4 synthetic ones (the third a copy of a training image) as 16x16 ``.npy``."""
@@ -199,7 +205,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     (synthetic / "corrupt.npy").write_bytes(b"\x93NUMPY" + b"\x00" * 20)
     np.save(synthetic / "volume.npy", np.random.rand(8, 8, 8))  # 3D among 2D
     np.save(synthetic / "rgb.npy", np.random.rand(3, 16, 16))  # 3 channels, the bank has 1
-    result = _run(*_audit_args(folders))
+    result = run_relict(*_audit_args(folders))
     assert result.returncode == 0, result.stderr
     assert "5 of 9 synthetic images could not be scored" in result.stderr
     rows = {row["id"]: row for row in csv.DictReader((folders / "out" / "results.csv").open())}
@@ -218,7 +224,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     page = (folders / "out" / "report.html").read_text()
     assert "Not scored (5)" in page and "constant.npy" in page and "image is constant" in page
 
-    result = _run(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
+    result = run_relict(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
     assert result.returncode == 2 and "constant.npy" in result.stderr and "--strict" in result.stderr
     assert "4 more bad synthetic image(s)" in result.stderr  # the first in file order is named, the others counted
     assert json.loads((folders / "out" / "summary.json").read_text()) == summary
@@ -257,7 +263,7 @@ def test_numeric_options_refuse_nan_inf_and_out_of_range(folders, capsys, option
 
 
 def test_threshold_nan_on_the_command_line(folders):
-    result = _run(*_audit_args(folders, "--threshold", "voxel=nan"))
+    result = run_relict(*_audit_args(folders, "--threshold", "voxel=nan"))
     assert result.returncode == 2
     assert "relict: error: --threshold voxel must be a finite number, got nan" in result.stderr
     assert not (folders / "out").exists()
