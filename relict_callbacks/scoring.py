@@ -224,22 +224,26 @@ class ReplicaScorer:
 
     def _embedded(self, batch: list, on_error):
         """``(items, {level: rows})`` for ``batch``: once, the whole batch; if a level cannot embed it and
-        ``on_error`` is given, item by item, passing each item a level cannot embed to ``on_error``."""
+        ``on_error`` is given, item by item, passing each item a level cannot embed to ``on_error`` (if every
+        item can be embedded alone, the batch's error is raised: it is about the items together)."""
         try:
             rows = {level.name: level.embed(batch, self.device) for level in self.bank.levels}
-        except ItemError:
+        except ItemError as error:
             if on_error is None:
                 raise
+            batch_error = error
         else:
             yield batch, rows
             return
-        for item in batch:  # only a batch holding a bad item is embedded again, one item at a time
+        alone = []  # only a batch holding a bad item is embedded again, one item at a time
+        for item in batch:
             try:
-                rows = {level.name: level.embed([item], self.device) for level in self.bank.levels}
+                alone.append(([item], {level.name: level.embed([item], self.device) for level in self.bank.levels}))
             except ItemError as error:
                 on_error(item.id, error)
-                continue
-            yield [item], rows
+        if len(alone) == len(batch):
+            raise batch_error
+        yield from alone
 
     def score(self, samples, labels=None, *, on_error=None) -> ReplicaReport:
         """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks

@@ -86,6 +86,18 @@ def test_scorer_drops_samples_it_cannot_score_and_embeds_each_once():
         assert np.allclose(report.similarities(level), alone.similarities(level), atol=1e-6)
 
 
+def test_scorer_raises_what_is_wrong_only_with_items_together_even_with_on_error():
+    images = smooth_field(8, (16, 16), seed=0)
+    train = [{"image": image, "label": (image > 0).float(), "id": f"t{i}"} for i, image in enumerate(images[:6])]
+    bank = _build(train, [rc.SegmentationLevel(grid=16)])
+    pair = [{"image": images[6], "label": images[6] > 0},
+            {"image": images[7], "label": torch.cat([images[7] > 0, images[7] > 0.1])}]  # 1 and 2 label channels
+    bad = {}
+    with pytest.raises(ItemError, match=r"item '1': 2 label channel\(s\), the first item has 1"):
+        rc.ReplicaScorer(bank, alpha=0.3).score(pair, on_error=bad.__setitem__)
+    assert bad == {}  # each item alone is fine: neither is dropped as bad
+
+
 def test_results_csv_is_the_report_rows_plus_an_error_column(bank, tmp_path):
     report = rc.ReplicaScorer(bank, alpha=0.2).score(smooth_field(2, (16, 16), seed=1))
     report.to_csv(tmp_path / "plain.csv")
