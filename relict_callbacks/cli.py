@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--gallery", type=_number(integer=True, low=0), default=8, metavar="N", help="most similar pairs shown (default 8)")
     audit.add_argument("--hide-training-images", action="store_true",
                        help="leave training images (patient data) out of the report")
-    audit.add_argument("--strict", action="store_true", help="any bad synthetic image stops the audit (exit 2)")
+    audit.add_argument("--strict", action="store_true", help="any bad synthetic image fails the audit (exit 2, naming "
+                       "the first in file order and counting the others; nothing is written)")
     audit.add_argument("--out", type=Path, required=True, help="folder for the report, replaced atomically; refused "
                        "if it is, holds or lies inside an input, or is a non-empty folder relict did not write")
 
@@ -263,7 +264,7 @@ def _thresholds(pairs: list[str]) -> dict[str, float]:
 def _scored(scorer, synthetic, strict: bool, progress: bool):
     """``(report, bad)``: the report on the synthetic images that can be read, checked and embedded, and the
     others as :class:`~relict_callbacks.report.BadImage` in file order. Each image is embedded once, with its
-    batch. With ``strict``, any bad image is an error naming the first one."""
+    batch. With ``strict``, any bad image is an error naming the first one, once all are scored."""
     from tqdm.auto import tqdm
 
     from .items import ItemError
