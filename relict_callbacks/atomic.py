@@ -3,6 +3,7 @@ replaced only if relict wrote it, and only what relict wrote in it is deleted.""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -36,6 +37,19 @@ def atomic_write(path, mode: str = "w", **kwargs):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_csv(path, rows) -> None:
+    """Write ``rows`` (lists of cells, e.g. from a generator) as the CSV file ``path``, atomically.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.csv"
+    >>> atomic_csv(target, (["id", "score"], ["a", 0.5]))
+    >>> target.read_text().splitlines()
+    ['id,score', 'a,0.5']
+    """
+    with atomic_write(path, newline="") as file:
+        csv.writer(file).writerows(rows)
 
 
 class OutputError(ValueError):

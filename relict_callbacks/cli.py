@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--gallery", type=_number(integer=True, low=0), default=8, metavar="N", help="most similar pairs shown (default 8)")
     audit.add_argument("--hide-training-images", action="store_true",
                        help="leave training images (patient data) out of the report")
-    audit.add_argument("--strict", action="store_true", help="any bad synthetic image stops the audit (exit 2)")
+    audit.add_argument("--strict", action="store_true", help="any bad synthetic image fails the audit (exit 2, naming "
+                       "the first in file order and counting the others; nothing is written)")
     audit.add_argument("--out", type=Path, required=True, help="folder for the report, replaced atomically; refused "
                        "if it is, holds or lies inside an input, or is a non-empty folder relict did not write")
 
@@ -260,38 +261,50 @@ def _thresholds(pairs: list[str]) -> dict[str, float]:
     return thresholds
 
 
-def _screened(synthetic, bank, strict: bool, bad: list):
-    """The synthetic items every level of ``bank`` can embed, read one at a time; the others go to ``bad`` as
-    :class:`~relict_callbacks.report.BadImage` (with ``strict``, the first one raises)."""
-    from .items import Item, ItemError, check_image, check_label
+def _scored(scorer, synthetic, strict: bool, progress: bool):
+    """``(report, bad)``: the report on the synthetic images that can be read, checked and embedded, and the
+    others as :class:`~relict_callbacks.report.BadImage` in file order. Each image is embedded once, with its
+    batch. With ``strict``, any bad image is an error naming the first one, once all are scored."""
+    from tqdm.auto import tqdm
+
+    from .items import ItemError
     from .report import BadImage
 
-    for index, item_id in enumerate(synthetic.ids):
-        name = f"synthetic image {item_id!r}"
-        try:
-            raw = synthetic[index]
-            image = check_image(raw["image"], name)
-            bank.check_compatible(image, name)
-            item = Item(image, None if raw["label"] is None else check_label(raw["label"], image, name), item_id)
-            for level in bank.levels:
-                level.embed([item])
-        except ItemError as err:
-            if strict:
-                raise ItemError(f"{err} (--strict: a bad synthetic image stops the audit)") from None
-            bad.append(BadImage(item_id, str(err)))
-            continue
-        yield raw
+    bad = []
+
+    def skip(item_id: str, error: ItemError) -> None:
+        bad.append(BadImage(item_id, str(error)))
+
+    def readable():
+        for index, item_id in enumerate(synthetic.ids):
+            try:
+                item = synthetic[index]
+            except ItemError as error:
+                skip(item_id, error)
+                continue
+            yield item
+
+    samples = tqdm(readable(), total=len(synthetic), desc="relict score", unit="img", disable=not progress)
+    try:
+        report = scorer.score(samples, on_error=skip)
+    except ItemError:
+        if len(bad) < len(synthetic):
+            raise
+        report = None
+    position = {item_id: i for i, item_id in enumerate(synthetic.ids)}
+    bad.sort(key=lambda image: position[image.id])
+    if report is None:
+        raise ItemError(f"none of the {len(synthetic)} synthetic images can be scored; first: {bad[0].error}")
+    if strict and bad:
+        more = f"; {len(bad) - 1} more bad synthetic image(s)" if len(bad) > 1 else ""
+        raise ItemError(f"{bad[0].error} (--strict: a bad synthetic image fails the audit{more})")
+    return report, bad
 
 
 def _audit(args) -> int:
-    import itertools
-
-    from tqdm.auto import tqdm
-
     from .atomic import atomic_dir, check_replaceable
     from .bank import ReferenceBank
     from .io import ImageFolder, ImageReader
-    from .items import ItemError
     from .report import verdict, write_report
     from .scoring import ReplicaScorer
 
@@ -328,13 +341,7 @@ def _audit(args) -> int:
         bank = _bank(train, levels, holdout, reader, not args.no_progress, device)
     scorer = ReplicaScorer(bank, alpha=args.alpha, rule=args.rule, thresholds=thresholds or None,
                            confidence=args.confidence, device=device)
-    bad = []
-    samples = iter(tqdm(_screened(synthetic, bank, args.strict, bad), total=len(synthetic), desc="relict score",
-                        unit="img", disable=args.no_progress))
-    first = next(samples, None)
-    if first is None:
-        raise ItemError(f"none of the {len(synthetic)} synthetic images can be scored; first: {bad[0].error}")
-    report = scorer.score(itertools.chain([first], samples))
+    report, bad = _scored(scorer, synthetic, args.strict, not args.no_progress)
     if bad:
         warnings.warn(f"{len(bad)} of {len(synthetic)} synthetic images could not be scored (listed with their "
                       "errors in results.csv and the report; --strict makes this an error)")

@@ -118,27 +118,52 @@ def check_label(label, image: torch.Tensor, name: str) -> torch.Tensor:
     return label
 
 
-def iter_items(items, *, name: str = "item") -> Iterator[Item]:
-    """Yield validated :class:`Item` s; ids default to the running index as a string."""
+def iter_items(items, *, name: str = "item", check=None, on_error=None) -> Iterator[Item]:
+    """Yield validated :class:`Item` s; ids default to the running index as a string.
+
+    ``check(image, item_name)`` is a further check of each image that raises an :class:`ItemError`. An item
+    failing a check raises; with ``on_error``, it is passed as ``on_error(item_id, error)`` and skipped (a
+    container that fails to yield an item, such as an unreadable file, still raises).
+
+    >>> skipped = []
+    >>> items = [np.ones((1, 4, 4)), np.full((1, 4, 4), np.nan), np.ones((1, 4, 4))]
+    >>> [item.id for item in iter_items(items, on_error=lambda item_id, error: skipped.append(item_id))], skipped
+    (['0', '2'], ['1'])
+    """
     for index, (image, label, item_id) in enumerate(iter_raw(items)):
         item_name = f"{name} {index}" if item_id is None else f"{name} {index} (id {item_id!r})"
-        tensor = check_image(_as_tensor(image, "image", item_name), item_name)
-        label_tensor = None if label is None else check_label(label, tensor, item_name)
-        yield Item(tensor, label_tensor, str(index) if item_id is None else str(item_id))
+        item_id = str(index) if item_id is None else str(item_id)
+        try:
+            tensor = check_image(_as_tensor(image, "image", item_name), item_name)
+            label_tensor = None if label is None else check_label(label, tensor, item_name)
+            if check is not None:
+                check(tensor, item_name)
+        except ItemError as error:
+            if on_error is None:
+                raise
+            on_error(item_id, error)
+            continue
+        yield Item(tensor, label_tensor, item_id)
 
 
-def iter_batches(items, batch_size: int, *, name: str = "item") -> Iterator[list[Item]]:
-    """Validated items in lists of ``batch_size``, checking that all share rank and channel count."""
-    first: Item | None = None
-    batch: list[Item] = []
-    for index, item in enumerate(iter_items(items, name=name)):
-        if first is None:
-            first = item
-        elif item.image.ndim != first.image.ndim or item.image.shape[0] != first.image.shape[0]:
+def iter_batches(items, batch_size: int, *, name: str = "item", check=None, on_error=None) -> Iterator[list[Item]]:
+    """Validated items (see :func:`iter_items`) in lists of ``batch_size``, checking that all share rank and
+    channel count with the first."""
+    first: list[torch.Size] = []
+
+    def like_first(image: torch.Tensor, item_name: str) -> None:
+        if check is not None:
+            check(image, item_name)
+        if not first:
+            first.append(image.shape)
+        elif image.ndim != len(first[0]) or image.shape[0] != first[0][0]:
             raise ItemError(
-                f"{name} {index} (id {item.id!r}): image has shape {tuple(item.image.shape)} but the first item "
-                f"has {tuple(first.image.shape)}; all items need the same number of channels and spatial dims"
+                f"{item_name}: image has shape {tuple(image.shape)} but the first item has {tuple(first[0])}; "
+                "all items need the same number of channels and spatial dims"
             )
+
+    batch: list[Item] = []
+    for item in iter_items(items, name=name, check=like_first, on_error=on_error):
         batch.append(item)
         if len(batch) == batch_size:
             yield batch

@@ -8,15 +8,15 @@ and the inputs. Pictures are embedded as base64 PNG, so the page is one file tha
 from __future__ import annotations
 
 import base64
-import csv
 import html
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import atomic_csv, atomic_write
 from .gallery import MEASURE, GalleryRow, figure_to_png_bytes, gallery_figure, histogram_figure
 from .scoring import ReplicaReport
 
@@ -80,15 +80,13 @@ def summary_dict(report: ReplicaReport, result: Verdict, inputs: dict, bad: list
 
 
 def write_csv(path, report: ReplicaReport, bad: list[BadImage]) -> None:
-    """``report.to_csv`` plus an ``error`` column: empty for scored images, the problem for each bad image (a row
-    with only its id and error)."""
-    report.to_csv(path)
-    with open(path, newline="") as file:
-        rows = list(csv.reader(file))
-    header, width = rows[0] + ["error"], len(rows[0])
-    body = [row + [""] for row in rows[1:]] + [["", b.id] + [""] * (width - 2) + [b.error] for b in bad]
-    with atomic_write(path, newline="") as file:
-        csv.writer(file).writerows([header] + body)
+    """``report.csv_rows()`` plus an ``error`` column: empty for scored images, the problem for each bad image (a
+    row with only its id and error); written once, atomically."""
+    rows = report.csv_rows()
+    header = next(rows)
+    blank = [""] * (len(header) - 2)
+    atomic_csv(path, itertools.chain([header + ["error"]], (row + [""] for row in rows),
+                                     (["", b.id, *blank, b.error] for b in bad)))
 
 
 def write_report(out, report: ReplicaReport, result: Verdict, inputs: dict, gallery: list[GalleryRow],

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import stats
 
-from .atomic import atomic_write
+from .atomic import atomic_csv, atomic_write
 from .bank import ReferenceBank
 from .calibration import RULES, Calibration, combine, p_values
 from .intervals import rate_bounds
@@ -118,21 +118,22 @@ class ReplicaReport:
         with atomic_write(path) as file:
             json.dump(self.to_dict(), file, indent=1)
 
-    def to_csv(self, path) -> None:
-        """Write one row per sample: verdict and combined p-value, then per level similarity, nearest id,
-        transform, p-value and flag."""
+    def csv_rows(self) -> Iterator[list]:
+        """The rows :meth:`to_csv` writes, header first, then one per sample: verdict and combined p-value, then
+        per level similarity, nearest id, transform, p-value and flag."""
         names = list(self.thresholds)
         columns = ("similarity", "nearest_id", "transform", "p_value", "is_replica")
-        header = ["index", "id", "is_replica", "p_value"] + [f"{n}_{c}" for n in names for c in columns]
-        with atomic_write(path, newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(header)
-            for r in self.records:
-                row = [r.index, r.id, r.is_replica, f"{r.p_value:.6g}"]
-                for n in names:
-                    m = r.levels[n]
-                    row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, f"{m.p_value:.6g}", m.is_replica]
-                writer.writerow(row)
+        yield ["index", "id", "is_replica", "p_value"] + [f"{n}_{c}" for n in names for c in columns]
+        for r in self.records:
+            row = [r.index, r.id, r.is_replica, f"{r.p_value:.6g}"]
+            for n in names:
+                m = r.levels[n]
+                row += [f"{m.similarity:.6f}", m.nearest_id, m.transform, f"{m.p_value:.6g}", m.is_replica]
+            yield row
+
+    def to_csv(self, path) -> None:
+        """Write :meth:`csv_rows` (one row per sample) as a CSV file, atomically."""
+        atomic_csv(path, self.csv_rows())
 
     def summary(self) -> str:
         """A few readable lines: overall rate, then per level rate, threshold, nearest similarity and test."""
@@ -221,18 +222,57 @@ class ReplicaScorer:
         return ({"image": image, "label": label, "id": item_id}
                 for (image, _, item_id), label in zip(iter_raw(samples), labels, strict=True))
 
-    def score(self, samples, labels=None) -> ReplicaReport:
+    def _embedded(self, batch: list, on_error):
+        """``(items, {level: rows})`` for ``batch``: once, the whole batch; if a level cannot embed it and
+        ``on_error`` is given, item by item, passing each item a level cannot embed to ``on_error`` (if every
+        item can be embedded alone, the batch's error is raised: it is about the items together)."""
+        try:
+            rows = {level.name: level.embed(batch, self.device) for level in self.bank.levels}
+        except ItemError as error:
+            if on_error is None:
+                raise
+            batch_error = error
+        else:
+            yield batch, rows
+            return
+        alone = []  # only a batch holding a bad item is embedded again, one item at a time
+        for item in batch:
+            try:
+                alone.append(([item], {level.name: level.embed([item], self.device) for level in self.bank.levels}))
+            except ItemError as error:
+                on_error(item.id, error)
+        if len(alone) == len(batch):
+            raise batch_error
+        yield from alone
+
+    def score(self, samples, labels=None, *, on_error=None) -> ReplicaReport:
         """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks
-        for them (for the segmentation level), aligned with the samples."""
+        for them (for the segmentation level), aligned with the samples.
+
+        A sample that cannot be scored (NaN, constant, another rank or channel count than the bank, a level
+        cannot embed it) raises an :class:`~relict_callbacks.items.ItemError` naming it; with ``on_error``, it
+        is passed as ``on_error(sample_id, error)`` and left out of the report, and the others are scored.
+
+        >>> import relict_callbacks as rc, torch
+        >>> bank = rc.ReferenceBank.build(rc.data.make_phantoms(6, ndim=2, size=16), [rc.VoxelLevel(grid=16)],
+        ...                               progress=False)
+        >>> samples = torch.rand(3, 1, 16, 16)
+        >>> samples[1] = 0.5  # constant: NCC is undefined
+        >>> bad = {}
+        >>> report = rc.ReplicaScorer(bank, alpha=0.2).score(samples, on_error=bad.__setitem__)
+        >>> [record.id for record in report.records], list(bad)
+        (['0', '2'], ['1'])
+        """
         rows = {level.name: {} for level in self.bank.levels}
         ids = []
-        for batch in iter_batches(self._samples(samples, labels), self.batch_size, name="sample"):
-            for item in batch:
-                self.bank.check_compatible(item.image, f"sample {len(ids)}")
-                ids.append(item.id)
-            for level in self.bank.levels:
-                for key, array in level.embed(batch, self.device).items():
-                    rows[level.name].setdefault(key, []).append(array)
+        batches = iter_batches(self._samples(samples, labels), self.batch_size, name="sample",
+                               check=self.bank.check_compatible, on_error=on_error)
+        for batch in batches:
+            for items, embedded in self._embedded(batch, on_error):
+                ids += [item.id for item in items]
+                for name, arrays in embedded.items():
+                    for key, array in arrays.items():
+                        rows[name].setdefault(key, []).append(array)
         if not ids:
             raise ItemError("no samples to score")
         queries = {name: {key: np.concatenate(parts) for key, parts in level_rows.items()}

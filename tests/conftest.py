@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+def run_relict(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``relict ARGS...`` in a subprocess of this interpreter (so it runs the code under test), its output
+    captured as text; arguments may be paths."""
+    return subprocess.run([sys.executable, "-m", "relict_callbacks.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +11,9 @@ import relict_callbacks as rc
 from relict_callbacks import BankError, ItemError
 from relict_callbacks.cli import main
 from relict_callbacks.io import ImageReader
+from relict_callbacks.report import BadImage, write_csv
 
-from conftest import smooth_field
+from conftest import run_relict, smooth_field
 
 
 def _build(items, levels=None, **kwargs):
@@ -59,6 +58,56 @@ def test_samples_must_match_the_bank(bank):
         rc.ReplicaScorer(bank, alpha=0.2).score(torch.rand(16, 16))
     with pytest.raises(ItemError, match="no samples"):
         rc.ReplicaScorer(bank, alpha=0.2).score([])
+
+
+def test_scorer_drops_samples_it_cannot_score_and_embeds_each_once():
+    seen = []  # batch sizes the feature level's extractor was called with, bank build aside
+
+    def extractor(images):
+        seen.append(len(images))
+        return images.flatten(1)[:, :8]
+
+    bank = _build(list(smooth_field(6, (16, 16), seed=0)), [rc.FeatureLevel(extractor), rc.VoxelLevel(grid=16)])
+    scorer = rc.ReplicaScorer(bank, alpha=0.2, batch_size=3)
+    samples = smooth_field(7, (16, 16), seed=2)
+    samples[1] = 0.5  # the voxel level cannot embed it (NCC undefined)
+    samples[3, 0, 2, 2] = float("nan")  # refused before embedding
+    with pytest.raises(ItemError, match=r"item '1': image is constant"):  # without on_error, bad input raises
+        scorer.score(samples)
+    with pytest.raises(ItemError, match=r"sample 1: image contains 1 NaN/Inf"):
+        scorer.score(samples[2:4])
+    bad, seen[:] = {}, []
+    report = scorer.score(samples, on_error=bad.__setitem__)
+    assert sorted(bad) == ["1", "3"] and "image is constant" in str(bad["1"]) and "NaN/Inf" in str(bad["3"])
+    assert [r.id for r in report.records] == ["0", "2", "4", "5", "6"]
+    assert seen == [3, 1, 1, 1, 3]  # batch [0 1 2] failed, so item by item; batch [4 5 6] embedded once
+    alone = scorer.score(samples[[0, 2, 4, 5, 6]])
+    for level in ("feature", "voxel"):
+        assert np.allclose(report.similarities(level), alone.similarities(level), atol=1e-6)
+
+
+def test_scorer_raises_what_is_wrong_only_with_items_together_even_with_on_error():
+    images = smooth_field(8, (16, 16), seed=0)
+    train = [{"image": image, "label": (image > 0).float(), "id": f"t{i}"} for i, image in enumerate(images[:6])]
+    bank = _build(train, [rc.SegmentationLevel(grid=16)])
+    pair = [{"image": images[6], "label": images[6] > 0},
+            {"image": images[7], "label": torch.cat([images[7] > 0, images[7] > 0.1])}]  # 1 and 2 label channels
+    bad = {}
+    with pytest.raises(ItemError, match=r"item '1': 2 label channel\(s\), the first item has 1"):
+        rc.ReplicaScorer(bank, alpha=0.3).score(pair, on_error=bad.__setitem__)
+    assert bad == {}  # each item alone is fine: neither is dropped as bad
+
+
+def test_results_csv_is_the_report_rows_plus_an_error_column(bank, tmp_path):
+    report = rc.ReplicaScorer(bank, alpha=0.2).score(smooth_field(2, (16, 16), seed=1))
+    report.to_csv(tmp_path / "plain.csv")
+    write_csv(tmp_path / "results.csv", report, [BadImage("x.npy", "x.npy: cannot read image")])
+    plain = list(csv.reader((tmp_path / "plain.csv").open()))
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert len(plain) == 3 and [row[:-1] for row in rows[:3]] == plain
+    assert [row[-1] for row in rows[:3]] == ["error", "", ""]
+    assert rows[3:] == [["", "x.npy"] + [""] * (len(plain[0]) - 2) + ["x.npy: cannot read image"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.csv", "results.csv"]  # no temporary file left
 
 
 def test_empty_and_constant_images():
@@ -143,11 +192,6 @@ def test_scorer_configuration_errors(bank):
         rc.ReplicaScorer(bank, rule="most")
 
 
-def _run(*args):
-    command = [sys.executable, "-m", "relict_callbacks.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture
 def folders(tmp_path):
     """6 training images and 4 synthetic ones (the third a copy of a training image) as 16x16 ``.npy``."""
@@ -173,7 +217,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     (synthetic / "corrupt.npy").write_bytes(b"\x93NUMPY" + b"\x00" * 20)
     np.save(synthetic / "volume.npy", np.random.rand(8, 8, 8))  # 3D among 2D
     np.save(synthetic / "rgb.npy", np.random.rand(3, 16, 16))  # 3 channels, the bank has 1
-    result = _run(*_audit_args(folders))
+    result = run_relict(*_audit_args(folders))
     assert result.returncode == 0, result.stderr
     assert "5 of 9 synthetic images could not be scored" in result.stderr
     rows = {row["id"]: row for row in csv.DictReader((folders / "out" / "results.csv").open())}
@@ -183,6 +227,7 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     assert "cannot read image" in errors["corrupt.npy"] and "a 3D image" in errors["volume.npy"]
     assert "but the bank holds 2D images with 1 channel" in errors["rgb.npy"]
     assert all(rows[name]["is_replica"] == "" for name in errors)
+    assert [name for name in rows if name in errors] == sorted(errors)  # in file order, after the scored ones
     assert rows["synthetic-2.npy"]["is_replica"] == "True" and rows["synthetic-0.npy"]["is_replica"] == "False"
     summary = json.loads((folders / "out" / "summary.json").read_text())
     assert summary["counts"] == {"synthetic": 4, "flagged": 1, "not_scored": 5}
@@ -191,8 +236,9 @@ def test_bad_synthetic_images_get_a_row_and_the_others_are_scored(folders):
     page = (folders / "out" / "report.html").read_text()
     assert "Not scored (5)" in page and "constant.npy" in page and "image is constant" in page
 
-    result = _run(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
+    result = run_relict(*_audit_args(folders, "--strict"))  # any bad image is fatal; the old report stays
     assert result.returncode == 2 and "constant.npy" in result.stderr and "--strict" in result.stderr
+    assert "4 more bad synthetic image(s)" in result.stderr  # the first in file order is named, the others counted
     assert json.loads((folders / "out" / "summary.json").read_text()) == summary
 
 
@@ -229,7 +275,7 @@ def test_numeric_options_refuse_nan_inf_and_out_of_range(folders, capsys, option
 
 
 def test_threshold_nan_on_the_command_line(folders):
-    result = _run(*_audit_args(folders, "--threshold", "voxel=nan"))
+    result = run_relict(*_audit_args(folders, "--threshold", "voxel=nan"))
     assert result.returncode == 2
     assert "relict: error: --threshold voxel must be a finite number, got nan" in result.stderr
     assert not (folders / "out").exists()

@@ -1,8 +1,6 @@
 """ReferenceBank: item forms, save/load round trip (memory-mapped), cache reuse and rebuild by fingerprint."""
 
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import relict_callbacks as rc
 
-from conftest import smooth_field
+from conftest import run_relict, smooth_field
 
 LEVELS = lambda: [rc.VoxelLevel(grid=16, max_shift=1), rc.SegmentationLevel(grid=16)]
 
@@ -148,13 +146,11 @@ def test_audit_with_a_flipped_bit_in_the_bank_exits_2_naming_the_array(tmp_path)
         for item in _items(4, seed=seed):
             np.save(tmp_path / name / f"{item['id']}.npy", item["image"][0].numpy())
     bank = tmp_path / "bank.npz"
-    relict = [sys.executable, "-m", "relict_callbacks.cli"]
-    build = [*relict, "bank", "build", "--train", tmp_path / "train", "--grid", "16", "--no-progress", "--out", bank]
-    assert subprocess.run(list(map(str, build)), capture_output=True, timeout=300).returncode == 0
+    assert run_relict("bank", "build", "--train", tmp_path / "train", "--grid", "16", "--no-progress",
+                      "--out", bank).returncode == 0
     _flip_bit(bank, "rows.voxel.rows")
-    audit = [*relict, "audit", "--bank", bank, "--synthetic", tmp_path / "synthetic", "--no-progress",
-             "--out", tmp_path / "out"]
-    result = subprocess.run(list(map(str, audit)), capture_output=True, text=True, timeout=300)
+    result = run_relict("audit", "--bank", bank, "--synthetic", tmp_path / "synthetic", "--no-progress",
+                        "--out", tmp_path / "out")
     assert result.returncode == 2
     assert f"relict: error: {bank}: array 'rows.voxel.rows' does not match its checksum" in result.stderr
     assert not (tmp_path / "out").exists()
