@@ -5,8 +5,9 @@ voxel level, on ``--device cpu`` or ``cuda``:
   (a) a naive per-pair NumPy NCC loop (np.corrcoef), timed on a subset and extrapolated (CPU only);
   (b) a bare torch matmul of the same shapes on the device (queries @ bank.T + top-k, float32, bank in memory).
 The bank is built once on the device (build throughput in items/s is printed) and saved; the scorer reads it
-memory-mapped from disk (as users load it), with the default VoxelLevel (flip + shift search) and with plain NCC
-(``max_shift=0, flips=()``, the same rows) to show what the search costs; the breakdown splits a score into embedding the
+memory-mapped from disk (as users load it), with the default VoxelLevel (mirror + shift + bend search), without
+the bend search (``max_bend=0``), also with left-right mirrors only, and with plain NCC (``max_shift=0, flips=(),
+max_bend=0``; all the same rows) to show what each search costs; the breakdown splits a score into embedding the
 samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held as float32
 in RAM, placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as
 float16, converted chunk by chunk at every search). Times are the best of 3 runs. Peak memory is the process's peak
@@ -83,11 +84,16 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
     default = bank.save(workdir / f"{name}-default.npz")
     print(f"bank build on {device}: {seconds:.1f} s, {n_items / seconds:.0f} items/s (making the items included), "
           f"file {default.stat().st_size / 2**20:.0f} MiB")
-    plain = rc.VoxelLevel(max_shift=0, flips=())  # the same rows; only the search differs
-    bank.levels, bank.manifest["levels"] = [plain], [plain.config()]
-    plain = bank.save(workdir / f"{name}-plain.npz")
-    runs = {"default (flip + shift search)": (default, None), "plain NCC": (plain, None),
-            "plain NCC, rows memory-mapped (device_budget=0)": (plain, 0)}
+    variants = {"no bend search (max_bend=0)": rc.VoxelLevel(max_bend=0),
+                "no bend search, left-right mirrors only": rc.VoxelLevel(max_bend=0, flips="lr"),
+                "plain NCC": rc.VoxelLevel(max_shift=0, flips=(), max_bend=0)}
+    paths = {}
+    for label, level in variants.items():  # the same rows; only the search differs
+        bank.levels, bank.manifest["levels"] = [level], [level.config()]
+        paths[label] = bank.save(workdir / f"{name}-{len(paths)}.npz")
+    runs = {"default (mirrors on every axis + shift + bend search)": (default, None),
+            **{label: (path, None) for label, path in paths.items()},
+            "plain NCC, rows memory-mapped (device_budget=0)": (paths["plain NCC"], 0)}
     del bank
 
     refs = smooth_batch(n_items, shape, seed=7, device=device).flatten(1)

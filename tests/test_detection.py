@@ -143,6 +143,11 @@ def test_bend_search_is_bounded_optional_and_reported():
         level = rc.VoxelLevel(grid=48, max_bend=max_bend)
         bank = rc.ReferenceBank.build(train, [level], progress=False)
         found[max_bend] = bank.nearest(level, level.embed([rc.items.Item(torch.from_numpy(copy["image"]), None, "c")]))
+    with torch.inference_mode():  # as in Lightning's validation loop: the search still fits its bend by autograd
+        level = rc.VoxelLevel(grid=40)  # a grid no search has cached yet
+        bank = rc.ReferenceBank.build(train, [level], progress=False)
+        inside = bank.nearest(level, level.embed([rc.items.Item(torch.from_numpy(copy["image"]), None, "c")]))
+    assert "bend(" in inside.transform[0] and inside.index.tolist() == [5]
     assert found[None].index.tolist() == found[0].index.tolist() == [5]
     assert found[None].similarity[0] > found[0].similarity[0] + 0.005
     assert "bend" not in found[0].transform[0]

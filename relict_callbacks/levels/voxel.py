@@ -200,8 +200,9 @@ def bend_field(controls: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _identity_grid(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``grid_sample``'s sampling grid ``[*grid, ndim]`` that leaves an image as it is (``align_corners=True``)."""
-    axes = [torch.linspace(-1, 1, n, device=device) for n in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).flip(-1)  # grid_sample wants (x, y[, z])
+    with torch.inference_mode(False):  # a plain tensor, usable by the bend search's autograd whoever calls first
+        axes = [torch.linspace(-1, 1, n, device=device) for n in grid]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).flip(-1)  # grid_sample wants (x, y[, z])
 
 
 def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
@@ -251,9 +252,9 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     (True, -1)
     """
     grid, ndim = tuple(sample.shape[2:]), sample.ndim - 2
-    form = _bending_form(grid).to(sample.device)
     averaged_over = ndim * int(np.prod([n - 2 for n in grid]))  # BendingEnergyLoss: a mean over components, voxels
     with torch.inference_mode(False), torch.enable_grad():
+        form = _bending_form(grid).to(sample.device)
         target, moving = sample.clone(), reference.clone()
         params = torch.zeros(len(sample), ndim, *(BEND_CONTROL,) * ndim, device=sample.device, requires_grad=True)
         optimizer = torch.optim.Adam([params], lr=0.1)
