@@ -40,6 +40,18 @@ from relict_callbacks.extractors import AstraEncoder, CopyEncoder
 KINDS = PERTURBATIONS + HARD_PERTURBATIONS + DISTORTIONS
 
 
+def unseen_patients(n: int, kind: str, ndim: int, size: int, seed: int, n_train: int, siblings_of=None,
+                    id_prefix: str = "fresh") -> list[dict]:
+    """``n`` unseen patients; with ``siblings_of`` (the training set's seed), siblings of training patients, in
+    runs of ``n_train`` (``make_phantoms`` makes patient ``i`` a sibling of training patient ``i``, and a patient
+    ``i >= n_train`` would be a sibling of nobody in training), so each is a sibling of one as the holdout is."""
+    if siblings_of is None:
+        return make_phantoms(n, kind, ndim, size, seed=seed, id_prefix=id_prefix)
+    return [patient for start in range(0, n, n_train)
+            for patient in make_phantoms(min(n_train, n - start), kind, ndim, size, seed=seed + 7919 * start,
+                                         id_prefix=f"{id_prefix}{start}", siblings_of=siblings_of)]
+
+
 def balanced_accuracy(scores: np.ndarray, truth: np.ndarray, threshold: float) -> float:
     flagged = scores > threshold
     return 0.5 * (flagged[truth].mean() + (~flagged[~truth]).mean())
@@ -67,7 +79,7 @@ def run(kind: str, ndim: int, size: int, n_train: int, copies: int, alpha: float
     train = make_phantoms(n_train, kind, ndim, size, seed=seed, id_prefix="train")
     related = {"siblings_of": seed} if siblings else {}
     holdout = make_phantoms(n_train, kind, ndim, size, seed=seed + 1, id_prefix="holdout", **related)
-    fresh = make_phantoms(copies * len(KINDS), kind, ndim, size, seed=seed + 2, id_prefix="fresh", **related)
+    fresh = unseen_patients(copies * len(KINDS), kind, ndim, size, seed + 2, n_train, related.get("siblings_of"))
     rng = np.random.default_rng(seed)
     positives = [make_replica(train[int(rng.integers(n_train))], p, seed=i) for p in KINDS for i in range(copies)]
     samples = positives + fresh
@@ -128,7 +140,8 @@ def false_positive_draws(kind: str, ndim: int, size: int, n_train: int, draws: i
     rates = []
     for draw in range(draws):
         holdout = make_phantoms(n_train, kind, ndim, size, seed=seed + 100 + draw, **related)
-        fresh = make_phantoms(fresh_per_draw, kind, ndim, size, seed=seed + 10_000 + draw, **related)
+        fresh = unseen_patients(fresh_per_draw, kind, ndim, size, seed + 10_000 + draw, n_train,
+                                related.get("siblings_of"))
         null, scores = (bank.nearest(level, embed(items)).similarity for items in (holdout, fresh))
         rates.append(float((p_values(scores, null) <= alpha).mean()))
     mean, sem = float(np.mean(rates)), float(stats.sem(rates))
