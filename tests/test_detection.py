@@ -102,10 +102,10 @@ def test_rules_combine_levels():
     # the same head under heavy noise with its lesion mask: only the segmentation level fires (it compares the
     # masks of the voxel level's nearest training image; a different head with a borrowed mask no longer does)
     noise = np.random.default_rng(51).normal(0, 0.3, train[4]["image"].shape).astype(np.float32)
-    stranger = {"image": train[4]["image"] + noise, "label": train[4]["label"], "id": "degraded"}
+    degraded = {"image": train[4]["image"] + noise, "label": train[4]["label"], "id": "degraded"}
     thresholds = {"voxel": 0.95, "segmentation": 0.9}
     verdicts = {rule: [r.is_replica for r in rc.ReplicaScorer(bank, rule=rule, thresholds=thresholds)
-                       .score([copy, stranger]).records] for rule in ("any", "all", "majority")}
+                       .score([copy, degraded]).records] for rule in ("any", "all", "majority")}
     assert verdicts == {"any": [True, True], "all": [True, False], "majority": [True, False]}
 
 
