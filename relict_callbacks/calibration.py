@@ -12,6 +12,11 @@ at ``p <= alpha * k / L``; by Markov's inequality ``P(at least k of L p-values <
 ``any``, the intersection-union test for ``all``, Rüger's combination in general). A sample's combined p-value,
 ``min(1, L / k * p_(k))`` with ``p_(k)`` its k-th smallest level p-value, is ``<= alpha`` exactly when it is flagged.
 
+The guarantee is on average over the draw of the null. For one draw, a level flagging at ``p <= m / (n + 1)``
+flags a share of unseen patients distributed as ``Beta(m, n + 1 - m)`` (continuous similarities), whose mean is
+that cutoff; :meth:`Calibration.share_bound` bounds this null's share with 95% confidence (a larger null brings
+it down towards the cutoff).
+
 A null of ``n`` values cannot give a p-value below ``1 / (n + 1)``. When that is above a level's cutoff the
 level is *under-resolved*: it flags at the smallest p it can (similarity above the whole null) and the report
 states the false-positive bound this gives instead of ``alpha``; it never pretends to hold ``alpha``.
@@ -32,8 +37,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 RULES = ("any", "all", "majority")
+SHARE_CONFIDENCE = 0.95  # of the bound on one null's false-positive share
 _EPS = 1e-9  # slack for p-value arithmetic in floating point (p-values are multiples of 1 / (n + 1))
 
 
@@ -148,6 +155,24 @@ class Calibration:
         ``alpha`` unless a level is under-resolved or has an explicit threshold."""
         return min(1.0, round(sum(self.p_cutoffs.values()) / self.needed, 12))  # 12 digits: no float dust
 
+    def share_bound(self, confidence: float = SHARE_CONFIDENCE) -> dict[str, float]:
+        """Per calibrated level, the share of unseen patients it flags for this draw of its null, bounded with
+        ``confidence`` over the draw: flagging at ``p <= m / (n + 1)`` flags a share distributed as
+        ``Beta(m, n + 1 - m)`` (mean ``m / (n + 1)``), and this is its ``confidence`` quantile. A larger null
+        brings it down towards the cutoff.
+
+        >>> calibration = Calibration.fit({"voxel": np.linspace(0, 1, 60)}, alpha=0.05, rule="any")
+        >>> calibration.p_cutoffs["voxel"] * 61, round(calibration.share_bound()["voxel"], 3)
+        (3.0, 0.101)
+        """
+        bounds = {}
+        for name, used in self.p_cutoffs.items():
+            if name not in self.given:
+                size = self.null_sizes[name]
+                flagged_above = round(used * (size + 1))
+                bounds[name] = float(stats.beta.ppf(confidence, flagged_above, size + 1 - flagged_above))
+        return bounds
+
     def verdict(self, flags: list[bool]) -> bool:
         """The overall flag from the levels' flags."""
         return sum(flags) >= self.needed
@@ -156,7 +181,8 @@ class Calibration:
         smallest = max(1 / (n + 1) for n in self.null_sizes.values())
         return {"levels_needed": self.needed, "level_p_cutoff": self.level_cutoff, "p_cutoffs": self.p_cutoffs,
                 "thresholds_given": self.given, "false_positive_bound": self.false_positive_bound,
-                "under_resolved": self.under_resolved,
+                "under_resolved": self.under_resolved, "false_positive_share_bound": self.share_bound(),
+                "share_bound_confidence": SHARE_CONFIDENCE,
                 "smallest_resolvable_alpha": min(1.0, smallest * len(self.null_sizes) / self.needed),
                 "null_needed": null_needed(self.level_cutoff)}
 
@@ -165,10 +191,21 @@ class Calibration:
         count = len(self.thresholds)
         text = (f"verdict: {self.needed} of {count} level(s) at p <= {self.level_cutoff:.3g} (conformal p-values "
                 f"against the null, corrected for {count} level(s) under rule {self.rule!r}); at most "
-                f"{self.false_positive_bound:.3g} of unseen patients flagged overall")
+                f"{self.false_positive_bound:.3g} of unseen patients flagged overall, on average over the draw of "
+                f"the null{self.spread()}")
         if self.given:
             text += f"; explicit thresholds for {', '.join(self.given)}"
         return text + (f". {self.shortfall()}" if self.under_resolved else "")
+
+    def spread(self) -> str:
+        """How far this null's false-positive share may be from the average, in words (empty when no level is
+        calibrated)."""
+        bounds = self.share_bound()
+        if not bounds:
+            return ""
+        sizes = ", ".join(f"{name} (n={self.null_sizes[name]}) {value:.3g}" for name, value in bounds.items())
+        return (f"; for this null, a level's share is at most {sizes} with {SHARE_CONFIDENCE:.0%} confidence (a "
+                f"larger holdout brings it down to the cutoff)")
 
     def shortfall(self) -> str:
         """What an under-resolved null cannot do and what it can (empty when every level is resolved)."""

@@ -195,7 +195,8 @@ def render_html(report: ReplicaReport, result: Verdict, inputs: dict, gallery: l
         f"<p>Each level gives a synthetic image a p-value: the fraction of unseen patients at least as similar to "
         f"their nearest training image. An image is flagged when {rule} ({', '.join(levels)}) have p &le; "
         f"{calibration.level_cutoff:.3g} (alpha = {report.alpha} corrected for {len(levels)} level(s)), so at most "
-        f"{calibration.false_positive_bound:.3g} of unseen patients are flagged overall.</p>"
+        f"{calibration.false_positive_bound:.3g} of unseen patients are flagged overall, on average over the draw of "
+        f"the null{html.escape(calibration.spread())}.</p>"
         + (f"<p class='shortfall'>&#9888; {html.escape(shortfall)}</p>" if shortfall else "") + "</header>",
         *_not_scored(bad),
         "<h2>Per level</h2>",

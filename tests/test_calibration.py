@@ -114,3 +114,19 @@ def test_p_values_reach_json_csv_and_summary(unseen, tmp_path):
     assert float(rows[0]["p_value"]) == pytest.approx(0.02) and float(rows[0]["voxel_p_value"]) == pytest.approx(0.01)
     assert rows[0]["voxel_transform"].startswith("flip1") and rows[0]["segmentation_transform"].startswith("flip1")
     assert "(p<=0.05)" in report.summary() and "at most 0.1 of unseen patients flagged overall" in report.summary()
+
+
+@pytest.mark.parametrize("size", [60, 400])
+def test_one_nulls_false_positive_share_is_bounded_as_the_calibration_says(size):
+    """Over many draws of a null (uniform similarities, as any continuous one is after ranking), the share of unseen
+    patients flagged averages at most alpha, and exceeds ``share_bound()`` in 5% of draws; a larger null brings the
+    bound down towards alpha."""
+    rng = np.random.default_rng(size)
+    shares = []
+    for _ in range(4000):
+        calibration = Calibration.fit({"voxel": rng.uniform(size=size)}, alpha=0.05, rule="any")
+        shares.append(1 - calibration.thresholds["voxel"])  # the share of uniform unseen similarities above it
+    shares, bound = np.array(shares), calibration.share_bound()["voxel"]
+    assert shares.mean() == pytest.approx(calibration.p_cutoffs["voxel"], abs=0.002) and shares.mean() <= 0.05
+    assert (shares > bound).mean() == pytest.approx(0.05, abs=0.012)
+    assert bound == pytest.approx({60: 0.101, 400: 0.068}[size], abs=0.001)
