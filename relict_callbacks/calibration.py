@@ -203,9 +203,9 @@ class Calibration:
         bounds = self.share_bound()
         if not bounds:
             return ""
-        sizes = ", ".join(f"{name} (n={self.null_sizes[name]}) {value:.3g}" for name, value in bounds.items())
-        return (f"; for this null, a level's share is at most {sizes} with {SHARE_CONFIDENCE:.0%} confidence (a "
-                f"larger holdout brings it down to the cutoff)")
+        shares = ", ".join(f"{name} {value:.3g} (n={self.null_sizes[name]})" for name, value in bounds.items())
+        return (f"; with this null, each level flags at most this share of unseen patients with "
+                f"{SHARE_CONFIDENCE:.0%} confidence: {shares} (a larger holdout brings it down to the cutoff)")
 
     def shortfall(self) -> str:
         """What an under-resolved null cannot do and what it can (empty when every level is resolved)."""
