@@ -5,8 +5,9 @@ With a voxel level in the bank, the masks are compared with those of the voxel l
 moved by the transform the voxel level found (``undo_match``), so a mirrored copy scores its true overlap and
 an unseen patient is compared with the one training image it resembles most, not with every lesion in the bank.
 Without one, the level runs its own small search against the whole bank, as the masks are and mirrored along
-each spatial axis (all mirrors in one pass over the bank): the best exact Dice, and the best few candidates by Dice within ``max_shift`` voxels again by
-exact Dice at the shift their mask centroids predict and one voxel around it.
+each spatial axis (all mirrors in one pass over the bank): the best exact Dice, and the best few candidates by
+Dice within ``max_shift`` voxels again by exact Dice at the shift their mask centroids predict and one voxel
+around it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from ..items import Item, ItemError
 from ..search import chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import _describe, as_tensor, orientations, rigid_part, shift_reach, undo_match
-
-REFINE_CANDIDATES = 3  # best (training image, mirror) pairs of the own search tried at shifts
+from .voxel import REFINE_CANDIDATES, _describe, as_tensor, mirror_orientations, rigid_part, shift_reach, undo_match
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -170,7 +169,7 @@ class SegmentationLevel(Level):
             pairs = [[(int(j), transform)] for j, transform in zip(match.index, match.transform)]
             return self._best(q, bank, pairs, tuple(match_grid))
         reach = shift_reach(tuple(q.shape[2:]), self.max_shift)
-        mirrors = orientations(range(q.ndim - 2) if self.flips == "all" else self.flips)
+        mirrors = mirror_orientations(range(q.ndim - 2) if self.flips == "all" else self.flips)
         oriented = torch.cat([q.flip([2 + a for a in axes]) for axes in mirrors])  # every mirror in one bank pass
         exclude = None if exclude is None else exclude.repeat(len(mirrors))
 

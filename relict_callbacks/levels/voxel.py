@@ -39,7 +39,7 @@ from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_gr
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
-REFINE_CANDIDATES = 3
+REFINE_CANDIDATES = 3  # best (candidate, mirror) pairs re-scored at shifts (the segmentation level's own search too)
 REFINE_BYTES = 64 * 2**20
 SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 BEND = 0.03  # largest bend searched, as a share of the grid's smallest side (about 2 voxels of a 64 grid)
@@ -55,7 +55,7 @@ def shift_reach(grid: tuple[int, ...], max_shift: int | None) -> int:
     return max(1, round(0.05 * min(grid))) if max_shift is None else max_shift
 
 
-def orientations(axes) -> list[tuple[int, ...]]:
+def mirror_orientations(axes) -> list[tuple[int, ...]]:
     """The orientations a search tries: as is, then mirrored along each of the spatial ``axes`` in turn."""
     return [()] + [(axis,) for axis in axes]
 
@@ -383,9 +383,6 @@ class VoxelLevel(Level):
         return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
 
     # -- search -------------------------------------------------------------------------------------------
-    def _orientations(self, ndim: int) -> list[tuple[int, ...]]:
-        return orientations(self.flip_axes(ndim))
-
     def _query_form(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Standardized, masked, divided by the voxel count and flattened: ``query_form @ rows.T`` is NCC."""
         z = _standardize(x, mask)
@@ -406,7 +403,7 @@ class VoxelLevel(Level):
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         flip = torch.zeros(len(q), dtype=torch.long, device=device)
         shift = torch.zeros(len(q), ndim, dtype=torch.long, device=device)
-        reach, orientations = self.shift_reach(grid), self._orientations(ndim)
+        reach, orientations = self.shift_reach(grid), mirror_orientations(self.flip_axes(ndim))
         chunks = torch.arange(len(q), device=device).split(self._chunk(q))
         if reach > 0 or len(orientations) > 1:
             candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
