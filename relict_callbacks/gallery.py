@@ -80,12 +80,14 @@ def _view_centres(image) -> list[float]:
 
 @dataclass
 class GalleryRow:
-    """One sample and its nearest training image (None when training images must not be shown)."""
+    """One sample and its nearest training image (None when training images must not be shown), and the report
+    record it shows (when it comes from :func:`gallery_rows`)."""
 
     sample: np.ndarray
     nearest: np.ndarray | None
     caption: str
     is_replica: bool = False
+    record: object = None
 
 
 def caption(record, main: str) -> str:
@@ -271,6 +273,6 @@ def gallery_rows(report: ReplicaReport, sample_image, training_image, primary: L
         sample, nearest = sample_image(record), training_image(match)
         if nearest is not None:
             sample, nearest = primary.display_pair(sample, nearest, match.transform)
-        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(), caption(record, primary.name),
-                               record.is_replica))
+        rows.append(GalleryRow(sample.numpy(), None if nearest is None else nearest.numpy(),
+                               caption(record, primary.name), record.is_replica, record))
     return rows

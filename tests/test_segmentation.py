@@ -44,8 +44,8 @@ def test_mirrored_copies_are_compared_under_the_voxel_match():
         assert segmentation.is_replica and record.is_replica
     rows = gallery_rows(report, lambda r: torch.from_numpy(copies[r.index]["image"]),
                         lambda m: torch.from_numpy(train[m.nearest_index]["image"]), bank.levels[0], 2)
-    assert all(f"[{r.levels['voxel'].transform}]" in row.caption and "Dice" in row.caption
-               for row, r in zip(rows, ranked_records(report, 2)))
+    assert [row.record for row in rows] == ranked_records(report, 2)
+    assert all(f"[{row.record.levels['voxel'].transform}]" in row.caption and "Dice" in row.caption for row in rows)
 
 
 def test_without_a_voxel_level_the_level_searches_mirror_and_shift_itself():

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from relict_callbacks.gallery import difference_map, display_view, png_to_array, ranked_records
+from relict_callbacks.gallery import difference_map, display_view, png_to_array
 from relict_callbacks.monitor import Check, Monitor, StopReason
 
 log = logging.getLogger("relict_callbacks")
@@ -97,7 +97,8 @@ class WandbSink:
                                                    for c in ("similarity", "nearest_id", "transform")]
         columns += ["synthetic"] + (["nearest_training", "abs_difference"] if show else [])
         table = wandb.Table(columns=columns)
-        for row, record in zip(monitor.gallery(check), ranked_records(check.report, monitor.gallery_size)):
+        for row in monitor.gallery(check):
+            record = row.record
             values = [check.epoch, record.index, record.is_replica]
             for n in names:
                 values += [round(record.levels[n].similarity, 4), record.levels[n].nearest_id,
