@@ -14,7 +14,8 @@ from monai.networks.nets import resnet10
 import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
-from relict_callbacks.search import device_budget, host_memory, inner_product_topk, place_rows
+from relict_callbacks import search
+from relict_callbacks.search import RankedRows, device_budget, host_memory, inner_product_topk, place_rows
 
 from conftest import DEVICES, smooth_field
 
@@ -63,17 +64,27 @@ def test_rows_beyond_the_budget_stay_on_the_host_and_are_streamed():
         assert values.device.type == indices.device.type == "meta" and indices.shape == (3, 2)
 
 
-def test_on_the_cpu_float16_rows_within_the_budget_are_held_as_float32_and_the_rest_stay_as_stored():
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-ranked", "float32"])
+def test_on_the_cpu_float16_rows_within_the_budget_are_held_in_ram_and_the_rest_stay_as_stored(bf16, monkeypatch):
+    monkeypatch.setattr(search, "fast_bf16", lambda: bf16)  # what the CPU has decides; both ways are tested here
     arrays = {"voxel": {"rows": np.ones((10, 8), np.float16), "thumbs": np.ones((10, 2), np.float16)},
               "segmentation": {"masks": np.zeros((10, 1, 8), np.uint8)}}
-    placed = place_rows(arrays, "cpu", budget=100)  # float32 bytes: rows 320 do not fit, thumbs 80 do
+    budget = 40 if bf16 else 80  # rows (80 bytes as bfloat16, 320 as float32) do not fit, thumbs do
+    placed = place_rows(arrays, "cpu", budget=budget)
     assert placed["voxel"]["rows"] is arrays["voxel"]["rows"]
-    assert placed["voxel"]["thumbs"].dtype == torch.float32 and placed["voxel"]["thumbs"].device.type == "cpu"
+    thumbs = placed["voxel"]["thumbs"]
+    if bf16:
+        assert isinstance(thumbs, RankedRows) and thumbs.ranking.dtype == torch.bfloat16
+        assert thumbs.exact is arrays["voxel"]["thumbs"]  # re-scored from the stored rows
+    else:
+        assert thumbs.dtype == torch.float32 and thumbs.device.type == "cpu"
     assert placed["segmentation"]["masks"] is arrays["segmentation"]["masks"]  # only float16 rows are converted
     assert all(a is b for a, b in zip(place_rows(arrays, "cpu", 0)["voxel"].values(), arrays["voxel"].values()))
 
 
-def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_once(tmp_path):
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-ranked", "float32"])
+def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_once(bf16, tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "fast_bf16", lambda: bf16)
     train = smooth_field(12, (SIZE, SIZE), seed=6)
     samples = torch.cat([train[[4]].flip(3), train[[7]].roll(2, 2) + 0.05, smooth_field(2, (SIZE, SIZE), seed=8)])
     bank = rc.ReferenceBank.load(rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)],
@@ -82,7 +93,8 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
     assert isinstance(bank.rows(bank.levels[0], "cpu", 0)["rows"], np.memmap)
     resident = rc.ReplicaScorer(bank, alpha=0.2).score(samples)
     rows = bank.rows(bank.levels[0], "cpu")
-    assert rows["rows"].dtype == torch.float32 and bank.rows(bank.levels[0], "cpu") is rows  # placed once
+    assert isinstance(rows["rows"], RankedRows) if bf16 else rows["rows"].dtype == torch.float32
+    assert bank.rows(bank.levels[0], "cpu") is rows  # placed once
     assert [r.levels["voxel"].nearest_id for r in resident.records][:2] == ["4", "7"]
     assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
                                                                        for r in mapped.records]

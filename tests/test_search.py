@@ -1,11 +1,12 @@
-"""Exact chunked search equals a full matmul; faiss indexes agree with it."""
+"""Exact chunked search equals a full matmul, and so does the bfloat16-ranked one; faiss indexes agree with it."""
 
 import numpy as np
 import pytest
 import torch
 
 import relict_callbacks as rc
-from relict_callbacks.search import FaissIndex, inner_product_topk
+from relict_callbacks import search
+from relict_callbacks.search import FaissIndex, RankedRows, inner_product_topk
 
 from conftest import smooth_field
 
@@ -25,6 +26,40 @@ def test_exclude_skips_each_querys_own_row(rng):
     queries = torch.from_numpy(refs[[3, 11]])
     _, indices = inner_product_topk(queries, refs, 1, chunk_size=6, exclude=torch.tensor([3, 11]))
     assert 3 not in indices[0] and 11 not in indices[1]
+
+
+def ncc_rows(images: np.ndarray) -> np.ndarray:
+    """Z-scored rows, float16 as a voxel bank stores them."""
+    flat = images.reshape(len(images), -1)
+    return ((flat - flat.mean(1, keepdims=True)) / flat.std(1, keepdims=True)).astype(np.float16)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("spread", [1.0, 0.02, 1e-3], ids=["apart", "close", "tied-beyond-the-bound"])
+def test_bfloat16_ranked_search_returns_the_float32_neighbours_and_scores(spread, k, rng, monkeypatch):
+    """Rows far apart are proven from the first few re-scored; rows closer than bfloat16 can tell apart need deeper
+    re-scoring, and 300 rows within its rounding of each other the full float32 search: the answer is the same."""
+    base = rng.standard_normal((1, 4096))
+    refs = ncc_rows(base + spread * rng.standard_normal((300, 4096)))
+    exact = torch.from_numpy(refs).float()
+    noise = torch.from_numpy(rng.standard_normal((4, 4096))).float()
+    queries = (exact[[3, 100, 250, 299]] + 0.5 * spread * noise) / 4096  # NCC: z / voxel count
+    exclude = torch.tensor([3, -1, 7, -1])
+    calls = []
+    monkeypatch.setattr(search, "_exact_scores", lambda *a: calls.append(a[2].shape) or exact_scores(*a))
+    values, indices = inner_product_topk(queries, RankedRows(refs), k, exclude=exclude)
+    expected_values, expected_indices = inner_product_topk(queries, refs, k, exclude=exclude)
+    assert torch.equal(indices, expected_indices)
+    assert torch.allclose(values, expected_values, atol=1e-6, rtol=0)
+    assert 3 not in indices[0] and 7 not in indices[2]
+    rescored = sum(int(np.prod(shape)) for shape in calls)
+    if k == 1 and spread == 1.0:  # each query's best 4 rows prove it, but the one whose own row is excluded
+        assert rescored <= 3 * 4 + 64
+    if spread == 1e-3:  # not even all 64 ranked rows do
+        assert rescored == 4 * 64
+
+
+exact_scores = search._exact_scores
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

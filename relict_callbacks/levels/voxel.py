@@ -84,10 +84,11 @@ def as_tensor(rows, device) -> torch.Tensor:
 
 
 def _take(rows, indices: torch.Tensor, device) -> torch.Tensor:
-    """``rows[indices]`` as float32 on ``device``, for numpy/memmap or tensor ``rows``."""
-    if isinstance(rows, np.ndarray):
-        return as_tensor(rows[indices.cpu().numpy()], device)
-    return as_tensor(rows[indices.to(rows.device)], device)
+    """``rows[indices]`` as float32 on ``device``, for tensor or numpy/memmap (or :class:`~relict_callbacks.search.RankedRows`: the stored
+    rows) ``rows``."""
+    if isinstance(rows, torch.Tensor):
+        return as_tensor(rows[indices.to(rows.device)], device)
+    return as_tensor(rows[indices.cpu().numpy()], device)
 
 
 def _centroids(x: torch.Tensor) -> torch.Tensor:
