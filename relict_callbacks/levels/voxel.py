@@ -416,32 +416,38 @@ class VoxelLevel(Level):
             flip, shift = torch.where(better, found_flip, flip), torch.where(better[:, None], found_shift, shift)
         transforms = [_describe(orientations[int(f)], tuple(s)) for f, s in zip(flip.tolist(), shift.tolist())]
         if self.bend_reach(grid) > 0:
-            found = [self._bend(q[chunk], rows, best_index[chunk], flip[chunk], shift[chunk], orientations, mask)
-                     for chunk in chunks]
-            sim, size = (torch.cat(parts) for parts in zip(*found))
+            sim, size = self._bend(q, rows, best_index, flip, shift, orientations, mask, chunks)
             better = sim > best
             best = torch.where(better, sim, best)
             for i in torch.nonzero(better).flatten().tolist():
                 transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()), float(size[i]))
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
-    def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bend(self, q, rows, index, flip, shift, orientations, mask, chunks) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
-        bent onto it, and the largest displacement of that bend, in grid voxels. The bend is fitted
-        (:func:`register`) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored at full resolution
-        where it moves some voxel at least ``BEND_MIN`` (elsewhere the NCC is ``-inf``: the bend is not kept)."""
+        bent onto it, and the largest displacement of that bend, in grid voxels. The bends are fitted
+        (:func:`register`, all pairs at once) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored
+        at full resolution, a chunk of queries at a time, where they move some voxel at least ``BEND_MIN``
+        (elsewhere the NCC is ``-inf``: the bend is not kept)."""
         grid = tuple(q.shape[2:])
         factor = max(1, min(grid) // BEND_SIDE)
-        pooled = lambda x: x if factor == 1 else _pool(x, factor)
-        oriented = _orient_(q.clone(), flip, orientations)
-        refs = _displace(_take(rows, index, q.device), -shift[:, None])[:, 0]  # moved into the query's frame
+        pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
+
+        def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame
+            oriented = _orient_(q[chunk].clone(), flip[chunk], orientations)
+            return oriented, _displace(_take(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
+
+        small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
-        controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor)
+        controls = factor * register(torch.cat([s[0] for s in small]), torch.cat([s[1] for s in small]), mask_small,
+                                     self.bend_reach(grid) / factor)
         size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
         sim = torch.full_like(size, -torch.inf)
-        kept = torch.nonzero(size >= BEND_MIN).flatten()
-        if len(kept):
-            sim[kept] = _ncc_pairs(_warp(refs[kept], bend_field(controls[kept], grid)), oriented[kept], mask)
+        for chunk in chunks:
+            kept = chunk[size[chunk] >= BEND_MIN]
+            if len(kept):
+                oriented, refs = pair(kept)
+                sim[kept] = _ncc_pairs(_warp(refs, bend_field(controls[kept], grid)), oriented, mask)
         return sim, size
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
