@@ -8,9 +8,10 @@ The bank is built once on the device (build throughput in items/s is printed) an
 memory-mapped from disk (as users load it), with the default VoxelLevel (mirror + shift + bend search), without
 the bend search (``max_bend=0``), also with left-right mirrors only, and with plain NCC (``max_shift=0, flips=(),
 max_bend=0``; all the same rows) to show what each search costs; the breakdown splits a score into embedding the
-samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held as float32
-in RAM, placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as
-float16, converted chunk by chunk at every search). Times are the best of 3 runs. Peak memory is the process's peak
+samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held in RAM as
+bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU multiplies bfloat16 in hardware, else as float32;
+placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as float16,
+converted chunk by chunk at every search). Times are the best of 3 runs. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
 held from the warm-up on); memory-mapped bank pages count while resident.
 Run: ``python benchmarks/scoring.py [--device cuda] [--items-3d 2000 --items-2d 20000]``.
@@ -29,6 +30,7 @@ import torch
 import relict_callbacks as rc
 from relict_callbacks.data import LR_AXIS
 from relict_callbacks.items import iter_batches
+from relict_callbacks.search import RankedRows, fast_bf16
 
 
 def _rss_kib(field: str) -> int:
@@ -99,15 +101,16 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
     refs = smooth_batch(n_items, shape, seed=7, device=device).flatten(1)
     queries = samples.to(device).flatten(1)
     bare, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
-    half = None
-    if device != "cpu":
-        refs, queries = refs.half(), queries.half()
-        half, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
+    half = None  # the reduced precision the search multiplies in, where it does
+    if device != "cpu" or fast_bf16():
+        half = torch.float16 if device != "cpu" else torch.bfloat16
+        refs, queries = refs.to(half), queries.to(half)
+        half = (str(half).removeprefix("torch."), measure(lambda: (queries @ refs.T).topk(5, dim=1))[0])
     refs = queries = None  # free the copy before the scorer runs
 
     dims = int(np.prod(shape))
     print(f"bare torch matmul + top-k (same shapes, fp32 on {device}): {bare * 1000:.1f} ms"
-          + ("" if half is None else f" (fp16: {half * 1000:.1f} ms)")
+          + ("" if half is None else f" ({half[0]}: {half[1] * 1000:.1f} ms)")
           + f", bank held as float32: {n_items * dims * 4 / 2**20:.0f} MiB")
     naive = None
     if device == "cpu":
@@ -133,8 +136,10 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
 
 
 def _placed_mib(rows: dict) -> float:
-    """MiB of the level's rows placed in memory (on the device, or as float32 in RAM), not memory-mapped."""
-    return sum(a.nbytes for a in rows.values() if isinstance(a, torch.Tensor) and not a.is_pinned()) / 2**20
+    """MiB of the level's rows placed in memory (on the device, or in RAM: as bfloat16 to rank, or float32), not
+    memory-mapped."""
+    held = [a.ranking if isinstance(a, RankedRows) else a for a in rows.values()]
+    return sum(a.nbytes for a in held if isinstance(a, torch.Tensor) and not a.is_pinned()) / 2**20
 
 
 def _embed(level, samples: torch.Tensor, device) -> dict[str, np.ndarray]:
@@ -153,7 +158,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     args = parser.parse_args()
     large = args.items_2d_large if args.items_2d_large is not None else (100_000 if args.device == "cuda" else 0)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, "
+             + ("bfloat16 ranking (the CPU multiplies bfloat16 in hardware)" if fast_bf16() else "float32 search"))
     print(f"torch {torch.__version__}, {args.device}: {where}")
     cases = [("3D", (64, 64, 64), args.items_3d), ("2D", (128, 128), args.items_2d), ("2D", (128, 128), large)]
     with tempfile.TemporaryDirectory() as workdir:

@@ -227,9 +227,10 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
     every row in bfloat16 and re-scoring exactly the ``RESCORE_DEPTHS`` best ranked rows of each query, deeper
     until a bound proves it. The bfloat16 score ``s`` of a query ``q`` and row ``r`` is rounded from the product of
     the rounded ``q~ = q + dq`` and ``r~ = r - dr`` (accumulated in float32), so the exact score is at most
-    ``s + BF16_UNIT |s| / (1 - BF16_UNIT) + |q~| max|dr| + |dq| max|r|``; once the k-th best exact score beats that
-    bound for the next ranked score, no row left unscored can enter the top-k. Queries it cannot prove within
-    ``RESCORE_DEPTHS[-1]`` rows are searched in full in float32.
+    ``s + BF16_UNIT |s| / (1 - BF16_UNIT) + |q~| max|dr| + |dq| max|r|``, with ``|q~| <= (1 + BF16_UNIT) |q|``,
+    ``|dq| <= BF16_UNIT |q|`` and ``max|dr|``, ``max|r|`` measured when the rows are placed. Once the k-th best
+    exact score beats that bound for the next ranked score, no row left unscored can enter the top-k. Queries it
+    cannot prove within ``RESCORE_DEPTHS[-1]`` rows are searched in full in float32.
 
     >>> refs = RankedRows(np.eye(3, dtype=np.float16))
     >>> ranked_topk(torch.tensor([[0.0, 2.0, 1.0]]), refs, 2)[1].tolist()
@@ -243,11 +244,12 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
                                                  exclude=exclude)
     depth = ranked_values.shape[1]
     k = min(k, depth)
-    factors = (torch.linalg.vector_norm(rounded.float(), dim=1) * refs.largest_rounding
-               + torch.linalg.vector_norm(rounded.float() - queries, dim=1) * refs.largest_norm)  # [Q]
+    norms = torch.linalg.vector_norm(queries, dim=1)  # |q~| <= (1 + u) |q| and |dq| <= u |q|, u = BF16_UNIT
+    factors = norms * ((1 + BF16_UNIT) * refs.largest_rounding + BF16_UNIT * refs.largest_norm)
 
     def bound(ranked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # exact scores of rows ranked so at most
         return ranked + ranked.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + factors[rows] * (1 + 1e-3)
+
     exact = torch.full_like(ranked_values, -torch.inf)
     values = torch.empty(len(queries), k)
     indices = torch.empty(len(queries), k, dtype=torch.long)

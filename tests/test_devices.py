@@ -15,7 +15,8 @@ import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
 from relict_callbacks import search
-from relict_callbacks.search import RankedRows, device_budget, host_memory, inner_product_topk, place_rows
+from relict_callbacks.search import (RankedRows, device_budget, host_memory, inner_product_topk,
+                                     place_rows)
 
 from conftest import DEVICES, smooth_field
 
