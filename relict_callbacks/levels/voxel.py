@@ -40,9 +40,10 @@ from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_gr
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
 REFINE_CANDIDATES = 3  # best (candidate, mirror) pairs re-scored at shifts (the segmentation level's own search too)
-# shifted copies refined at once: blocks the allocator reuses (larger ones are mapped afresh and page-faulted at every
-# chunk, which made a 3D refinement 1.5x slower at 64 MiB)
-REFINE_BYTES = 4 * 2**20
+# shifted copies refined at once on the CPU: blocks its allocator reuses (larger ones are mapped afresh and page-faulted
+# at every chunk: a 3D refinement took 1.5x longer in blocks of 64 MiB than of 16); on an accelerator, a larger batch
+REFINE_BYTES = 16 * 2**20
+DEVICE_REFINE_BYTES = 256 * 2**20
 SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 BEND = 0.03  # largest bend searched, as a share of the grid's smallest side (about 2 voxels of a 64 grid)
 BEND_CONTROL = 4  # control points of the bend's displacement field per axis
@@ -390,7 +391,7 @@ class VoxelLevel(Level):
         """Standardized, masked, divided by the voxel count and flattened: ``query_form @ rows.T`` is NCC."""
         z = _standardize(x, mask)
         count = x[0].numel() if mask is None else mask.sum() * x.shape[1]
-        return (z if mask is None else z * mask).flatten(1) / count
+        return (z if mask is None else z * mask).flatten(1).div_(count)  # in place: a fresh tensor
 
     def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
         rows, thumbs = bank["rows"], bank["thumbs"]
@@ -468,8 +469,10 @@ class VoxelLevel(Level):
 
     @staticmethod
     def _chunk(q: torch.Tensor) -> int:
-        """Queries refined at once, so that about ``REFINE_BYTES`` of shifted copies are held."""
-        return max(1, REFINE_BYTES // (q[0].numel() * 4 * (2 * (q.ndim - 2) + 1)))
+        """Queries refined at once, so that about ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES`` off the CPU) of shifted
+        copies are held."""
+        held = REFINE_BYTES if q.device.type == "cpu" else DEVICE_REFINE_BYTES
+        return max(1, held // (q[0].numel() * 4 * (2 * (q.ndim - 2) + 1)))
 
     def _refine(self, q, rows, candidates, flips, orientations, reach, mask):
         """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
