@@ -11,6 +11,7 @@ import relict_callbacks as rc
 from relict_callbacks import BankError, ItemError
 from relict_callbacks.cli import main
 from relict_callbacks.io import ImageReader
+from relict_callbacks.items import check_image
 from relict_callbacks.report import BadImage, write_csv
 
 from conftest import run_relict, smooth_field
@@ -36,6 +37,15 @@ def test_nan_or_inf_names_the_item(value):
     items[1]["image"][0, 3, 3] = value
     with pytest.raises(ItemError, match=r"item 1 \(id 'p1'\): image contains 1 NaN/Inf"):
         _build(items)
+
+
+def test_huge_finite_intensities_are_not_taken_for_nan():
+    """The check sums the image in one pass; a sum that overflows is looked at voxel by voxel."""
+    image = torch.full((1, 8, 8), 3e38)
+    assert torch.equal(check_image(image, "item 0"), image)
+    image[0, 2, 2] = float("nan")
+    with pytest.raises(ItemError, match=r"item 0: image contains 1 NaN/Inf"):
+        check_image(image, "item 0")
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (16,), (1, 2, 4, 4, 4, 4)])
