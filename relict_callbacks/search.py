@@ -38,6 +38,7 @@ DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
 DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (few, large matmuls)
 BF16_UNIT = 2.0**-8  # largest relative rounding error of a bfloat16 value (8 significant bits)
 RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per query, deeper until the top-k is proven
+SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
 DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
 RESCORE_BYTES = 8 * 2**20  # float32 rows read at a time to re-score bfloat16-ranked rows exactly (cache-sized)
@@ -215,55 +216,57 @@ class RankedRows:
         return self.exact.dtype
 
     def reshape(self, *shape) -> RankedRows:
-        """The same rows, the stored ones reshaped (the ranking rows stay ``[N, D]``)."""
+        """The same rows, the stored ones reshaped (row by row: the ranking rows stay ``[N, D]``)."""
         reshaped = copy.copy(self)
         reshaped.exact = self.exact.reshape(*shape)
+        if len(reshaped.exact) != len(self.ranking):
+            raise ValueError(f"cannot reshape {len(self)} bank rows to {reshaped.exact.shape}: rows stay rows")
         return reshaped
+
+    def bound(self, scores: torch.Tensor, query_norms: torch.Tensor) -> torch.Tensor:
+        """The most the exact products of queries (norms ``query_norms`` ``[Q]``) with these rows can be, given
+        their bfloat16 products ``scores`` ``[Q]``. A bfloat16 product ``s`` is rounded from the product of the
+        rounded ``q~ = q + dq`` and ``r~ = r - dr``, summed in float32, so the exact one is at most
+        ``s + u |s| / (1 - u) + |q~| max|dr| + |dq| max|r|`` with ``u = BF16_UNIT``, ``|q~| <= (1 + u) |q|`` and
+        ``|dq| <= u |q|``; plus ``SUM_ORDER_ERROR |q| max|r|`` for the order float32 sums in."""
+        rounding = query_norms * ((1 + BF16_UNIT) * self.largest_rounding
+                                  + (BF16_UNIT + SUM_ORDER_ERROR) * self.largest_norm)
+        return scores + scores.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + rounding
 
 
 def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``k`` of ``queries @ refs.T`` in float32, as :func:`inner_product_topk` finds it, found by ranking
     every row in bfloat16 and re-scoring exactly the ``RESCORE_DEPTHS`` best ranked rows of each query, deeper
-    until a bound proves it. The bfloat16 score ``s`` of a query ``q`` and row ``r`` is rounded from the product of
-    the rounded ``q~ = q + dq`` and ``r~ = r - dr`` (accumulated in float32), so the exact score is at most
-    ``s + BF16_UNIT |s| / (1 - BF16_UNIT) + |q~| max|dr| + |dq| max|r|``, with ``|q~| <= (1 + BF16_UNIT) |q|``,
-    ``|dq| <= BF16_UNIT |q|`` and ``max|dr|``, ``max|r|`` measured when the rows are placed. Once the k-th best
-    exact score beats that bound for the next ranked score, no row left unscored can enter the top-k. Queries it
-    cannot prove within ``RESCORE_DEPTHS[-1]`` rows are searched in full in float32.
+    until :meth:`RankedRows.bound` proves it: once the k-th best exact score beats the bound of the next ranked
+    score, no row left unscored can enter the top-k. Queries it cannot prove within ``RESCORE_DEPTHS[-1]`` rows are
+    searched in full in float32.
 
     >>> refs = RankedRows(np.eye(3, dtype=np.float16))
     >>> ranked_topk(torch.tensor([[0.0, 2.0, 1.0]]), refs, 2)[1].tolist()
     [[1, 2]]
     """
     queries, n = queries.float(), len(refs)
-    available, rounded = n - (exclude is not None), queries.bfloat16()
+    rounded = queries.bfloat16()
     chunk = max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries)))
     ranked_values, ranked_indices = chunked_topk(lambda a, b: rounded @ refs.ranking[a:b].T, n,
-                                                 max(k, min(RESCORE_DEPTHS[-1], available)), chunk_size=chunk,
-                                                 exclude=exclude)
-    depth = ranked_values.shape[1]
-    k = min(k, depth)
-    norms = torch.linalg.vector_norm(queries, dim=1)  # |q~| <= (1 + u) |q| and |dq| <= u |q|, u = BF16_UNIT
-    factors = norms * ((1 + BF16_UNIT) * refs.largest_rounding + BF16_UNIT * refs.largest_norm)
-
-    def bound(ranked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # exact scores of rows ranked so at most
-        return ranked + ranked.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + factors[rows] * (1 + 1e-3)
-
+                                                 max(k, RESCORE_DEPTHS[-1]) + 1, chunk_size=chunk, exclude=exclude)
+    ranked = ranked_values.shape[1]  # one more than the rows re-scored, where there are that many
+    k = min(k, ranked)
+    left = torch.full((len(queries),), n) if exclude is None else n - (exclude.cpu() >= 0).long()  # rows to match
+    norms = torch.linalg.vector_norm(queries, dim=1)
     exact = torch.full_like(ranked_values, -torch.inf)
     values = torch.empty(len(queries), k)
     indices = torch.empty(len(queries), k, dtype=torch.long)
     pending, scored = torch.arange(len(queries)), 0
-    for stop in sorted({min(max(d, k), depth) for d in RESCORE_DEPTHS}):
+    for stop in sorted({min(max(d, k), ranked) for d in RESCORE_DEPTHS}):
         exact[pending, scored:stop] = _exact_scores(queries[pending], refs, ranked_indices[pending, scored:stop])
         scored = stop
         best, order = exact[pending, :stop].topk(k, dim=1)
-        if stop < depth:  # rows not yet scored rank at most as the next one
-            proven = best[:, -1] > bound(ranked_values[pending, stop], pending)
-        elif depth < available:  # rows beyond the ranked ones too
-            proven = best[:, -1] > bound(ranked_values[pending, -1], pending)
-        else:
-            proven = torch.ones(len(pending), dtype=torch.bool)
+        if stop < ranked:  # every row not scored ranks at most as the next one
+            proven = best[:, -1] > refs.bound(ranked_values[pending, stop], norms[pending])
+        else:  # every ranked row scored; rows not ranked (where there are any) rank at most as the last one
+            proven = (left[pending] <= ranked) | (best[:, -1] > refs.bound(ranked_values[pending, -1], norms[pending]))
         done = pending[proven]
         values[done], indices[done] = best[proven], ranked_indices[done].gather(1, order[proven])
         pending = pending[~proven]

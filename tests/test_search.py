@@ -62,6 +62,35 @@ def test_bfloat16_ranked_search_returns_the_float32_neighbours_and_scores(spread
 exact_scores = search._exact_scores
 
 
+@pytest.mark.parametrize("k", [3, 9])
+def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_match(k, rng):
+    """With fewer rows than it re-scores, a query that excludes nothing (-1) still has one row more to rank."""
+    refs = ncc_rows(rng.standard_normal((1, 256)) + 1e-3 * rng.standard_normal((10, 256)))  # tied within bfloat16
+    for seed in range(20):
+        queries = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 256))).float() / 256
+        queries += torch.from_numpy(refs[[4, 6]]).float() / 256
+        exclude = torch.tensor([-1, 6])
+        values, indices = inner_product_topk(queries, RankedRows(refs), k, exclude=exclude)
+        expected_values, expected_indices = inner_product_topk(queries, refs, k, exclude=exclude)
+        assert torch.equal(indices.sort().values, expected_indices.sort().values)  # ties within float32 sums may swap
+        assert torch.allclose(values, expected_values, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
+    """The bound is a proof: no exact product (float64, and float32 as the search sums it) exceeds it, for random
+    queries, queries equal to a row, and queries aligned with a row's bfloat16 rounding error."""
+    refs = RankedRows(ncc_rows(rng.standard_normal((1, 65536)) + rng.standard_normal((40, 65536))))
+    stored = torch.from_numpy(refs.exact).double()
+    rounding = stored - refs.ranking.double()
+    for queries in (torch.from_numpy(rng.standard_normal((8, 65536))), stored[:8],
+                    stored[:8] + 40 * rounding[:8], 1e3 * rounding[:8]):
+        queries = (queries / 65536).float()
+        scores = (queries.bfloat16() @ refs.ranking.T).float()
+        bound = refs.bound(scores, torch.linalg.vector_norm(queries, dim=1)[:, None])
+        assert (queries.double() @ stored.T <= bound).all()
+        assert (queries @ stored.float().T <= bound).all()
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_faiss_indexes_find_the_exact_nearest_neighbours(kind, rng):
     refs = rng.standard_normal((600, 32)).astype(np.float32)
