@@ -84,14 +84,28 @@ def chunked_topk(
     return best_values, best_indices
 
 
+def as_tensor(rows, device) -> torch.Tensor:
+    """Bank rows (a numpy array or memmap, or a tensor on any device, any float dtype) as float32 on ``device``."""
+    rows = torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def take_rows(rows, indices: torch.Tensor, device) -> torch.Tensor:
+    """``rows[indices]`` as float32 on ``device``, for tensor, numpy/memmap or :class:`RankedRows` (their stored
+    rows) ``rows``."""
+    if isinstance(rows, torch.Tensor):
+        return as_tensor(rows[indices.to(rows.device)], device)
+    return as_tensor(rows[indices.cpu().numpy()], device)
+
+
 def rows_to_tensor(refs, start: int, stop: int, device, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``start:stop`` of a numpy array/memmap or tensor on ``device``, in ``buffer``'s dtype (float32 without
     one): rows already there in that dtype are used in place, others are copied into ``buffer`` (asynchronously
     from pinned memory)."""
     chunk = refs[start:stop]
-    chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
     if buffer is None:
-        return chunk.to(device=device, dtype=torch.float32)
+        return as_tensor(chunk, device)
+    chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
     if chunk.device == buffer.device and chunk.dtype == buffer.dtype:
         return chunk
     return buffer[: stop - start].copy_(chunk, non_blocking=True)
@@ -194,7 +208,7 @@ class RankedRows:
         self.ranking = torch.empty(flat.shape, dtype=torch.bfloat16)
         self.largest_norm = self.largest_rounding = 0.0  # of the stored rows and of their bfloat16 rounding errors
         for start in range(0, len(flat), DEFAULT_CHUNK):
-            chunk = torch.from_numpy(np.ascontiguousarray(flat[start : start + DEFAULT_CHUNK])).float()
+            chunk = as_tensor(flat[start : start + DEFAULT_CHUNK], "cpu")
             rounded = self.ranking[start : start + len(chunk)]
             rounded.copy_(chunk)
             self.largest_norm = max(self.largest_norm, float(torch.linalg.vector_norm(chunk, dim=1).max()))
@@ -285,7 +299,7 @@ def _exact_scores(queries: torch.Tensor, refs: RankedRows, indices: torch.Tensor
     step = max(1, RESCORE_BYTES // max(1, 4 * flat.shape[1] * indices.shape[1]))
     for start in range(0, len(queries), step):
         part = indices[start : start + step]
-        rows = torch.from_numpy(np.ascontiguousarray(flat[part.flatten().numpy()])).float().view(*part.shape, -1)
+        rows = take_rows(flat, part.flatten(), "cpu").view(*part.shape, -1)
         scores[start : start + step] = torch.bmm(rows, queries[start : start + step, :, None])[..., 0]
     return scores
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import chunked_topk, rows_to_tensor
+from ..search import as_tensor, chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import REFINE_CANDIDATES, _describe, as_tensor, mirror_orientations, rigid_part, shift_reach, undo_match
+from .voxel import REFINE_CANDIDATES, _describe, mirror_orientations, rigid_part, shift_reach, undo_match
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:

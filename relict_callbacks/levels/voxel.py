@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import inner_product_topk
+from ..search import inner_product_topk, take_rows
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
 
@@ -78,20 +78,6 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     count = mask.sum()
     mean = (x * mask).sum(dim=dims, keepdim=True) / count
     return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
-
-
-def as_tensor(rows, device) -> torch.Tensor:
-    """Bank rows (a numpy array or memmap, or a tensor on any device, any float dtype) as float32 on ``device``."""
-    rows = torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
-    return rows.to(device=device, dtype=torch.float32)
-
-
-def _take(rows, indices: torch.Tensor, device) -> torch.Tensor:
-    """``rows[indices]`` as float32 on ``device``, for tensor, numpy/memmap or
-    :class:`~relict_callbacks.search.RankedRows` (their stored rows) ``rows``."""
-    if isinstance(rows, torch.Tensor):
-        return as_tensor(rows[indices.to(rows.device)], device)
-    return as_tensor(rows[indices.cpu().numpy()], device)
 
 
 def _centroids(x: torch.Tensor) -> torch.Tensor:
@@ -436,9 +422,10 @@ class VoxelLevel(Level):
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
 
-        def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame
+        def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame; made again
+            # for the full-resolution score rather than held for every query (2 images a query, beyond the chunks)
             oriented = _orient_(q[chunk].clone(), flip[chunk], orientations)
-            return oriented, _displace(_take(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
+            return oriented, _displace(take_rows(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
 
         small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
@@ -484,7 +471,7 @@ class VoxelLevel(Level):
         oriented = _orient_(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
         if mask is not None:  # the mask does not move with the mirror image
             oriented = _standardize(oriented, mask)
-        refs = _take(rows, candidates.flatten(), q.device)
+        refs = take_rows(rows, candidates.flatten(), q.device)
         mirrored = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)
         size = torch.tensor(q.shape[2:], device=q.device)
         centre = _centroids(q).repeat_interleave(npairs, 0)
