@@ -41,7 +41,7 @@ RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per 
 SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
 DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
-RESCORE_BYTES = 8 * 2**20  # float32 rows read at a time to re-score bfloat16-ranked rows exactly (cache-sized)
+RESCORE_BYTES = 4 * 2**20  # float32 rows read at a time to re-score bfloat16-ranked rows exactly (cache-sized)
 
 
 def chunked_topk(
@@ -292,15 +292,23 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
 
 
 def _exact_scores(queries: torch.Tensor, refs: RankedRows, indices: torch.Tensor) -> torch.Tensor:
-    """``[Q, M]`` float32 products of each query with its ``indices`` rows, read from the stored rows, about
-    ``RESCORE_BYTES`` of rows at a time."""
+    """``[Q, M]`` float32 products of each query with its ``indices`` rows, read from the stored rows into two
+    reused buffers of about ``RESCORE_BYTES`` (stored rows gathered, then converted), so that no large copy is
+    made: a query's rows are split over several blocks where they do not fit one."""
+    flat = torch.from_numpy(refs.exact.reshape(len(refs), -1))
+    per_block = max(1, RESCORE_BYTES // (4 * flat.shape[1]))  # rows
+    width = indices.shape[1]
+    queries_at_once, columns_at_once = max(1, per_block // width), min(width, per_block)
+    stored = torch.empty(min(per_block, indices.numel()), flat.shape[1], dtype=flat.dtype)
+    converted = torch.empty(stored.shape)
     scores = torch.empty(indices.shape)
-    flat = refs.exact.reshape(len(refs), -1)
-    step = max(1, RESCORE_BYTES // max(1, 4 * flat.shape[1] * indices.shape[1]))
-    for start in range(0, len(queries), step):
-        part = indices[start : start + step]
-        rows = take_rows(flat, part.flatten(), "cpu").view(*part.shape, -1)
-        scores[start : start + step] = torch.bmm(rows, queries[start : start + step, :, None])[..., 0]
+    for start in range(0, len(queries), queries_at_once):
+        for column in range(0, width, columns_at_once):
+            block = (slice(start, start + queries_at_once), slice(column, column + columns_at_once))
+            part = indices[block]
+            rows = converted[: part.numel()]
+            rows.copy_(torch.index_select(flat, 0, part.flatten(), out=stored[: part.numel()]))
+            scores[block] = torch.bmm(rows.view(*part.shape, -1), queries[block[0], :, None])[..., 0]
     return scores
 
 

@@ -62,6 +62,17 @@ def test_bfloat16_ranked_search_returns_the_float32_neighbours_and_scores(spread
 exact_scores = search._exact_scores
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3, 8, 1000])
+def test_exact_rescoring_in_blocks_equals_the_full_products(rows_per_block, rng, monkeypatch):
+    """Blocks of whole queries, of part of one query's rows, or of single rows give the same products."""
+    refs = RankedRows(ncc_rows(rng.standard_normal((30, 2, 64))))
+    queries = torch.from_numpy(rng.standard_normal((5, 128))).float()
+    indices = torch.from_numpy(rng.integers(0, 30, (5, 4)))
+    monkeypatch.setattr(search, "RESCORE_BYTES", rows_per_block * 4 * 128)
+    expected = torch.einsum("qmd,qd->qm", torch.from_numpy(refs.exact).float().reshape(30, -1)[indices], queries)
+    assert torch.allclose(exact_scores(queries, refs, indices), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("k", [3, 9])
 def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_match(k, rng):
     """With fewer rows than it re-scores, a query that excludes nothing (-1) still has one row more to rank."""
