@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import relict_callbacks as rc
+from relict_callbacks.levels import voxel
 from relict_callbacks.levels.voxel import undo_match
 from relict_callbacks.data import DISTORTIONS, PERTURBATIONS, make_phantoms, make_replica
 
@@ -131,6 +132,25 @@ def test_report_files_and_metrics(tmp_path):
     assert metrics["relict/voxel/nn_similarity_max"] == pytest.approx(report.similarities("voxel").max())
     assert metrics["relict/replica_rate_low"] < 0.25 < metrics["relict/replica_rate_high"]  # 1 of 4, exact bounds
     assert report.replica_rate_bounds == pytest.approx((0.0127, 0.7514), abs=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_search_does_not_depend_on_how_many_queries_it_holds_at_once(ndim, monkeypatch):
+    """Refining and bending all queries at once, two at a time or one at a time finds the same."""
+    train = make_phantoms(6, "head_ct", ndim=ndim, size=24, seed=17)
+    queries = [make_replica(train[i], kind, seed=i) for i, kind in enumerate(["bend", "flip", "shift", "rotate"])]
+    level = rc.VoxelLevel(grid=24)
+    bank = rc.ReferenceBank.build(train, [level], progress=False)
+    embedded = level.embed([rc.items.Item(torch.from_numpy(q["image"]), None, str(i)) for i, q in enumerate(queries)])
+    together = bank.nearest(level, embedded)
+    monkeypatch.setattr(voxel, "REFINE_BYTES", 2 * 24**ndim * 4 * (2 * ndim + 1))
+    pairs = bank.nearest(level, embedded)  # two queries a chunk
+    monkeypatch.setattr(voxel, "REFINE_BYTES", 1)
+    alone = bank.nearest(level, embedded)  # one
+    for found in (pairs, alone):
+        assert together.index.tolist() == found.index.tolist() and together.transform == found.transform
+        np.testing.assert_allclose(together.similarity, found.similarity, atol=1e-6)
+    assert any("bend(" in t for t in together.transform)
 
 
 def test_bend_search_is_bounded_optional_and_reported():

@@ -363,7 +363,8 @@ class VoxelLevel(Level):
         mask = self._mask(grid, device=device)
         batch = _smooth(resample_all([item.image for item in items], grid, device), self.smoothing)
         mean, std = _moments(batch, mask)
-        scale = batch.flatten(2).abs().amax(dim=2).clamp_min(1e-12)
+        low, high = batch.flatten(2).aminmax(dim=2)  # one pass: the largest magnitude
+        scale = torch.maximum(high, -low).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
             if constant:
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
@@ -424,7 +425,7 @@ class VoxelLevel(Level):
 
         def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame; made again
             # for the full-resolution score rather than held for every query (2 images a query, beyond the chunks)
-            oriented = _orient_(q[chunk].clone(), flip[chunk], orientations)
+            oriented = _orient_(q[chunk], flip[chunk], orientations)  # q[chunk] is a copy: mirrored in place
             return oriented, _displace(take_rows(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
 
         small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
