@@ -11,7 +11,9 @@ max_bend=0``; all the same rows) to show what each search costs; the breakdown s
 samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held in RAM as
 bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU multiplies bfloat16 in hardware, else as float32;
 placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as float16,
-converted chunk by chunk at every search). Times are the best of 3 runs. Peak memory is the process's peak
+converted chunk by chunk at every search). Times are the best of 3 runs; each run of a score is paired with a run of
+the bare matmul just before it, and its ratio is the median of the 3 paired ratios (their range in brackets), so
+that a slower spell of a shared machine slows both sides of a ratio. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
 held from the warm-up on); memory-mapped bank pages count while resident.
 Run: ``python benchmarks/scoring.py [--device cuda] [--items-3d 2000 --items-2d 20000]``.
@@ -100,14 +102,18 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
 
     refs = smooth_batch(n_items, shape, seed=7, device=device).flatten(1)
     queries = samples.to(device).flatten(1)
-    bare, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
+
+    def bare_matmul():
+        return (queries @ refs.T).topk(5, dim=1)
+
+    bare, _, _ = measure(bare_matmul)
     reduced = ""  # the same in the reduced precision the search multiplies in, where it does
     if device != "cpu" or fast_bf16():
         dtype = torch.float16 if device != "cpu" else torch.bfloat16
-        refs, queries = refs.to(dtype), queries.to(dtype)
-        seconds, _, _ = measure(lambda: (queries @ refs.T).topk(5, dim=1))
+        low_refs, low_queries = refs.to(dtype), queries.to(dtype)
+        seconds, _, _ = measure(lambda: (low_queries @ low_refs.T).topk(5, dim=1))
         reduced = f" ({str(dtype).removeprefix('torch.')}: {seconds * 1000:.1f} ms)"
-    refs = queries = None  # free the copy before the scorer runs
+        low_refs = low_queries = None
 
     dims = int(np.prod(shape))
     print(f"bare torch matmul + top-k (same shapes, fp32 on {device}): {bare * 1000:.1f} ms{reduced}"
@@ -122,7 +128,9 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         bank = rc.ReferenceBank.load(path)
         scorer = rc.ReplicaScorer(bank, thresholds={"voxel": 0.9}, device=device, device_budget=budget)
         scorer.score(samples[:2])  # warm the page cache and the kernels, place the rows
-        seconds, peak, report = measure(lambda: scorer.score(samples))
+        paired = [(_measure_once(bare_matmul)[0], *_measure_once(lambda: scorer.score(samples))) for _ in range(3)]
+        seconds, peak, report = min(p[1] for p in paired), max(p[2] for p in paired), paired[-1][3]
+        ratios = sorted(p[1] / p[0] for p in paired)
         level = bank.levels[0]
         embed, _, query = measure(lambda: _embed(level, samples, device))
         search, _, _ = measure(lambda: bank.nearest(level, query, device, budget=budget))
@@ -130,8 +138,8 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
         print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
               f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB, "
-              f"rows placed: {_placed_mib(bank.rows(level, device, budget)):.0f} MiB | {seconds / bare:.2f}x the bare "
-              f"matmul{faster} | mirrored copies flagged {caught}/8")
+              f"rows placed: {_placed_mib(bank.rows(level, device, budget)):.0f} MiB | {ratios[1]:.2f}x the bare matmul "
+              f"({ratios[0]:.2f}-{ratios[2]:.2f}x){faster} | mirrored copies flagged {caught}/8")
         bank = scorer = None  # release the memory map before the next bank
 
 
