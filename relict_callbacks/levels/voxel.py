@@ -68,16 +68,16 @@ def _pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool3d(x, factor) if x.ndim == 5 else F.avg_pool2d(x, factor)
 
 
-def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of ``[B, C, *spatial]`` per image and channel over the voxels in ``mask``."""
+def _centred(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, C, *spatial]`` less its mean per image and channel over the voxels in ``mask``, and their standard
+    deviation there (from the centred copy: two passes, much faster than Tensor.std on the CPU)."""
     dims = tuple(range(2, x.ndim))
-    if mask is None:  # two passes, centred; much faster than Tensor.std on the CPU
-        mean = x.mean(dim=dims, keepdim=True)
-        norm = torch.linalg.vector_norm(x - mean, dim=dims, keepdim=True)
-        return mean, norm / float(np.prod(x.shape[2:])) ** 0.5
+    if mask is None:
+        centred = x - x.mean(dim=dims, keepdim=True)
+        return centred, torch.linalg.vector_norm(centred, dim=dims, keepdim=True) / float(np.prod(x.shape[2:])) ** 0.5
     count = mask.sum()
-    mean = (x * mask).sum(dim=dims, keepdim=True) / count
-    return mean, (((x - mean) * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
+    centred = x - (x * mask).sum(dim=dims, keepdim=True) / count
+    return centred, ((centred * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
 
 def _centroids(x: torch.Tensor) -> torch.Tensor:
@@ -147,11 +147,11 @@ def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x if sigma == 0 else _along_axes(x, [_blur_matrix(n, sigma, x) for n in x.shape[2:]])
 
 
-def _standardize(x: torch.Tensor, mask: torch.Tensor | None, moments=None) -> torch.Tensor:
-    """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None), with their
-    ``moments`` when already known."""
-    mean, std = moments or _moments(x, mask)
-    return (x - mean).div_(std.clamp_min(1e-12))
+def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Z-score ``[B, C, *spatial]`` per image and channel over the voxels in ``mask`` (all when None)."""
+    centred, std = _centred(x, mask)
+    std = std.clamp_min(1e-12)
+    return centred / std if centred.requires_grad else centred.div_(std)  # autograd needs the centred copy
 
 
 def _ncc_pairs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -362,13 +362,13 @@ class VoxelLevel(Level):
         grid = resolve_grid(self.grid, ndim)
         mask = self._mask(grid, device=device)
         batch = _smooth(resample_all([item.image for item in items], grid, device), self.smoothing)
-        mean, std = _moments(batch, mask)
+        centred, std = _centred(batch, mask)
         low, high = batch.flatten(2).aminmax(dim=2)  # one pass: the largest magnitude
         scale = torch.maximum(high, -low).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
             if constant:
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
-        rows = _standardize(batch, mask, (mean, std))
+        rows = centred.div_(std.clamp_min(1e-12))
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
         thumbs = _standardize(_pool(_centre(rows), factor), self._mask(grid, factor, device))
         return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
