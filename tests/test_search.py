@@ -89,15 +89,21 @@ def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_mat
 
 def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
     """The bound is a proof: no exact product (float64, and float32 as the search sums it) exceeds it, for random
-    queries, queries equal to a row, and queries aligned with a row's bfloat16 rounding error."""
+    queries, queries equal to a row, queries aligned with a row's bfloat16 rounding error (and rounding to
+    themselves), and queries whose own rounding error is aligned with a row."""
     refs = RankedRows(ncc_rows(rng.standard_normal((1, 65536)) + rng.standard_normal((40, 65536))))
     stored = torch.from_numpy(refs.exact).double()
     rounding = stored - refs.ranking.double()
+    _, exponent = torch.frexp(refs.ranking[:8].float())  # a bfloat16 value's spacing is 2 ** (exponent - 8)
+    half_step_up = refs.ranking[:8].double() + 0.49 * torch.ldexp(torch.ones(1), exponent - 8) * stored[:8].sign()
     for queries in (torch.from_numpy(rng.standard_normal((8, 65536))), stored[:8],
-                    stored[:8] + 40 * rounding[:8], 1e3 * rounding[:8]):
+                    stored[:8] + 40 * rounding[:8], (1e3 * rounding[:8]).bfloat16().double(), half_step_up):
         queries = (queries / 65536).float()
         scores = (queries.bfloat16() @ refs.ranking.T).float()
-        bound = refs.bound(scores, torch.linalg.vector_norm(queries, dim=1)[:, None])
+        norms = torch.linalg.vector_norm(queries, dim=1)[:, None]
+        rounded_products = queries.bfloat16().double() @ refs.ranking.double().T  # before the product's own rounding
+        assert (queries.double() @ stored.T - rounded_products <= refs.bound(torch.zeros_like(scores), norms)).all()
+        bound = refs.bound(scores, norms)
         assert (queries.double() @ stored.T <= bound).all()
         assert (queries @ stored.float().T <= bound).all()
 
