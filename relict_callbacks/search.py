@@ -84,10 +84,14 @@ def chunked_topk(
     return best_values, best_indices
 
 
+def _tensor(rows) -> torch.Tensor:
+    """A numpy array or memmap as a tensor sharing its memory (made contiguous where it is not); a tensor as it is."""
+    return torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
+
+
 def as_tensor(rows, device) -> torch.Tensor:
     """Bank rows (a numpy array or memmap, or a tensor on any device, any float dtype) as float32 on ``device``."""
-    rows = torch.from_numpy(np.ascontiguousarray(rows)) if isinstance(rows, np.ndarray) else rows
-    return rows.to(device=device, dtype=torch.float32)
+    return _tensor(rows).to(device=device, dtype=torch.float32)
 
 
 def take_rows(rows, indices: torch.Tensor, device) -> torch.Tensor:
@@ -105,10 +109,9 @@ def rows_to_tensor(refs, start: int, stop: int, device, buffer: torch.Tensor | N
     """Rows ``start:stop`` of a numpy array/memmap or tensor on ``device``, in ``buffer``'s dtype (float32 without
     one): rows already there in that dtype are used in place, others are copied into ``buffer`` (asynchronously
     from pinned memory)."""
-    chunk = refs[start:stop]
+    chunk = _tensor(refs[start:stop])
     if buffer is None:
         return as_tensor(chunk, device)
-    chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
     if chunk.device == buffer.device and chunk.dtype == buffer.dtype:
         return chunk
     return buffer[: stop - start].copy_(chunk, non_blocking=True)
@@ -367,7 +370,7 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
             if device.type == "cpu":
                 placed[name][key], left = _to_host(array, left)
                 continue
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            tensor = _tensor(array)
             if tensor.nbytes <= left:
                 left -= tensor.nbytes
                 tensor = tensor.to(device)
