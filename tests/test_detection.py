@@ -143,7 +143,7 @@ def test_search_does_not_depend_on_how_many_queries_it_holds_at_once(ndim, monke
     bank = rc.ReferenceBank.build(train, [level], progress=False)
     embedded = level.embed([rc.items.Item(torch.from_numpy(q["image"]), None, str(i)) for i, q in enumerate(queries)])
     together = bank.nearest(level, embedded)
-    monkeypatch.setattr(voxel, "REFINE_BYTES", 2 * 24**ndim * 4 * (2 * ndim + 1))
+    monkeypatch.setattr(voxel, "REFINE_BYTES", 2 * 24**ndim * 4 * 2 * ndim)
     pairs = bank.nearest(level, embedded)  # two queries a chunk
     monkeypatch.setattr(voxel, "REFINE_BYTES", 1)
     alone = bank.nearest(level, embedded)  # one

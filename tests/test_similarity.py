@@ -56,6 +56,31 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
     assert found.similarity[0] == pytest.approx(max(expected), abs=2e-3)
 
 
+@pytest.mark.parametrize("shape,axis", [((32, 28), 0), ((32, 28), 1), ((20, 18, 16), 0), ((20, 18, 16), 2)])
+def test_mirrored_shifted_match_inside_a_mask_scores_the_correlation_of_its_moved_image(shape, axis):
+    """The refinement mirrors the training image rather than the sample: the NCC it reports, inside a mask that is
+    not symmetric, is the Pearson correlation of the sample with its training image moved by the reported transform
+    (:func:`undo_match`), computed directly from the stored rows, over the mask as it lies on the mirrored sample
+    (the mask stays with the training image's frame: mirrored into the sample's)."""
+    from relict_callbacks.levels.voxel import undo_match
+
+    refs = smooth_field(6, shape, seed=6)
+    mask = np.zeros(shape, bool)
+    mask[(slice(1, shape[0] - 4),) + tuple(slice(3, n - 1) for n in shape[1:])] = True
+    level = rc.VoxelLevel(grid=shape, mask=mask, max_shift=2, smoothing=0, max_bend=0)
+    bank = _bank(list(refs), level)
+    moved_by_one = np.pad(refs[4].numpy(), [(0, 0)] + [(1, 1)] * len(shape), mode="edge")[(slice(None),) + tuple(
+        slice(0, n) for n in shape)]  # sample[x] = training image[x - 1], edges replicated
+    sample = torch.from_numpy(moved_by_one).flip(1 + axis)
+    query = level.embed([Item(sample + 0.05 * smooth_field(1, shape, seed=7)[0], None, "q")])
+    found = bank.nearest(level, query)
+    assert found.index[0] == 4 and found.transform[0].startswith(f"flip{axis}+shift(")
+    moved = undo_match(level.stored_image(bank.arrays["voxel"], 4), found.transform[0])
+    inside = np.flip(mask, axis)
+    expected = np.corrcoef(query["rows"][0, 0][inside].astype(np.float64), moved[0].numpy()[inside])[0, 1]
+    assert found.similarity[0] == pytest.approx(expected, abs=1e-5)
+
+
 def test_dice_equals_direct_computation(rng):
     masks = torch.from_numpy(rng.random((10, 1, 12, 12, 6)) < 0.3).to(torch.uint8)
     queries = torch.from_numpy(rng.random((4, 1, 12, 12, 6)) < 0.3).to(torch.uint8)

@@ -40,9 +40,10 @@ from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_gr
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
 THUMBNAIL_FACTOR = 4
 REFINE_CANDIDATES = 3  # best (candidate, mirror) pairs re-scored at shifts (the segmentation level's own search too)
-# shifted copies refined at once on the CPU: blocks its allocator reuses (larger ones are mapped afresh and page-faulted
-# at every chunk: a 3D refinement took 1.5x longer in blocks of 64 MiB than of 16); on an accelerator, a larger batch
-REFINE_BYTES = 16 * 2**20
+# the largest block of shifted copies (2 ndim per query) refined at once on the CPU: under glibc's largest threshold for
+# mapping a block afresh (32 MiB), so that the allocator reuses it (a 3D refinement of 64 queries took 360 ms in blocks
+# of 24 MiB, 800 in blocks of 48 MiB and 410 in blocks of 12 MiB); on an accelerator, a larger batch
+REFINE_BYTES = 24 * 2**20
 DEVICE_REFINE_BYTES = 256 * 2**20
 SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 BEND = 0.03  # largest bend searched, as a share of the grid's smallest side (about 2 voxels of a 64 grid)
@@ -75,7 +76,7 @@ def _centred(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     if mask is None:
         centred = x - x.mean(dim=dims, keepdim=True)
         return centred, torch.linalg.vector_norm(centred, dim=dims, keepdim=True) / float(np.prod(x.shape[2:])) ** 0.5
-    count = mask.sum()
+    count = mask.sum(dim=dims, keepdim=True)  # per image where each has its own mask
     centred = x - (x * mask).sum(dim=dims, keepdim=True) / count
     return centred, ((centred * mask) ** 2).sum(dim=dims, keepdim=True).div(count).sqrt()
 
@@ -96,21 +97,33 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
                        1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
 
 
-def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """``out[b, s][x] = x[b][x + shifts[b, s]]``: each ``[C, *spatial]`` image of ``x`` displaced by each of its
-    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside; ``[B, S, C, *spatial]``."""
+def _displace(x: torch.Tensor, shifts: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[b, s][y] = x[b][y + shifts[b, s]]``: each ``[C, *spatial]`` image of ``x`` displaced by each of its
+    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside, then mirrored along the spatial
+    axes ``mirror`` ``[B, ndim]`` (bool) sets, read mirrored rather than copied twice; ``[B, S, C, *spatial]``."""
     pad = int(shifts.abs().max()) if shifts.numel() else 0
-    if pad == 0:
+    if pad == 0 and (mirror is None or not mirror.any()):
         return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
     (b, c, *grid), s = x.shape, shifts.shape[1]
-    padded = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate").reshape(-1)
+    padded, shifts = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate"), shifts.long()
+    mirror = torch.zeros(b, len(grid), dtype=torch.bool, device=x.device) if mirror is None else mirror
+    last = torch.nonzero(mirror[:, -1]).flatten()
+    if len(last):  # rows of the last axis are copied forward: mirror it in the padded copy (the shift goes back)
+        padded[last] = padded[last].flip(-1)
+        shifts = torch.cat([shifts[..., :-1], torch.where(mirror[:, -1, None, None], -shifts[..., -1:], shifts[..., -1:])], 2)
+    padded = padded.reshape(-1)
     sizes = [n + 2 * pad for n in grid]
     strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(len(grid))]  # of a padded image, in voxels
+    far = mirror.clone()
+    far[:, -1] = False  # other mirrored axes are read from their far end
+    first = shifts + pad + far[:, None] * torch.tensor([n - 1 for n in grid], device=x.device)
     # every row of grid[-1] output voxels is a contiguous run of the padded images, copied from where it starts
     starts = (torch.arange(b * c, device=x.device).view(b, 1, c) * int(np.prod(sizes))
-              + ((shifts.long() + pad) * torch.tensor(strides, device=x.device)).sum(2)[:, :, None])  # [B, S, C]
+              + (first * torch.tensor(strides, device=x.device)).sum(2)[:, :, None])  # [B, S, C]
     for axis, n in enumerate(grid[:-1]):
-        starts = starts[..., None] + torch.arange(n, device=x.device) * strides[axis]
+        step = torch.arange(n, device=x.device) * strides[axis]
+        step = torch.where(far[:, axis, None], -step, step).view(b, 1, 1, *([1] * axis), n)
+        starts = starts[..., None] + step
     runs = padded.as_strided((padded.numel() - grid[-1] + 1, grid[-1]), (1, 1))
     return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
 
@@ -457,52 +470,61 @@ class VoxelLevel(Level):
 
     @staticmethod
     def _chunk(q: torch.Tensor) -> int:
-        """Queries refined at once, so that about ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES`` off the CPU) of shifted
-        copies are held."""
+        """Queries refined at once, so that the shifted copies of their best pairs one voxel along each axis take
+        about ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES`` off the CPU)."""
         held = REFINE_BYTES if q.device.type == "cpu" else DEVICE_REFINE_BYTES
-        return max(1, held // (q[0].numel() * 4 * (2 * (q.ndim - 2) + 1)))
+        return max(1, held // (q[0].numel() * 4 * 2 * (q.ndim - 2)))
 
     def _refine(self, q, rows, candidates, flips, orientations, reach, mask):
         """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
         ``candidates``/``flips`` [Q, P]: every pair is scored at the shift its centroids predict (within
         ``reach``), then each query's best pair one voxel around it along each axis and at the combination of the
-        better steps. Returns (NCC, bank index, orientation, shift) per query."""
+        better steps. Returns (NCC, bank index, orientation, shift) per query.
+
+        NCC is unchanged when both images are mirrored, so the shifted training image is mirrored as it is read
+        (:func:`_displace`) and compared with the query as is, rather than each pair copying a mirrored query."""
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
-        oriented = _orient_(q.repeat_interleave(npairs, 0), flips.flatten(), orientations)
-        if mask is not None:  # the mask does not move with the mirror image
-            oriented = _standardize(oriented, mask)
+        pair_flips = flips.flatten()
+        mirror = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)[pair_flips]
         refs = take_rows(rows, candidates.flatten(), q.device)
-        mirrored = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)
         size = torch.tensor(q.shape[2:], device=q.device)
         centre = _centroids(q).repeat_interleave(npairs, 0)
-        centre = torch.where(mirrored[flips.flatten()], size - 1 - centre, centre)  # of the mirror images
+        centre = torch.where(mirror, size - 1 - centre, centre)  # of the mirror images
         shift = (centre - _centroids(refs)).round().clamp(-reach, reach).long()
-        scores = self._ncc(oriented, refs, shift[:, None], mask)[:, 0].view(nq, npairs)
+        if mask is None:  # each query's pairs share it
+            forms, masks = q, None
+        else:  # the query standardized inside the mask mirrored as its pair's training image is
+            masks = torch.cat([mask.flip([2 + a for a in axes]) for axes in orientations])[pair_flips]
+            forms = _standardize(q.repeat_interleave(npairs, 0), masks) * masks
+        scores = self._ncc(forms, refs, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
-        oriented, refs, shift = oriented[chosen], refs[chosen], shift[chosen]
+        refs, shift, mirror = refs[chosen], shift[chosen], mirror[chosen]
+        forms, masks = (forms, None) if mask is None else (forms[chosen], masks[chosen])
         steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
         around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
-        near = self._ncc(oriented, refs, around, mask)
+        near = self._ncc(forms, refs, around, mirror, masks)
         up, down = near[:, :ndim], near[:, ndim:]
         step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
         around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
-        near = torch.cat([centre[:, None], near, self._ncc(oriented, refs, around[:, -1:], mask)], 1)
+        near = torch.cat([centre[:, None], near, self._ncc(forms, refs, around[:, -1:], mirror, masks)], 1)
         sim, j = near.max(1)
         arange = torch.arange(nq, device=q.device)
         return sim, candidates[arange, pick], flips[arange, pick], around[arange, j]
 
     @staticmethod
-    def _ncc(oriented: torch.Tensor, refs: torch.Tensor, shifts: torch.Tensor, mask) -> torch.Tensor:
-        """NCC ``[B, S]`` of the standardized ``oriented`` queries [B, C, *grid] against their ``refs`` displaced by
-        minus each of ``shifts`` [B, S, ndim] (the reference moved onto the sample)."""
-        windows = _displace(refs, -shifts).flatten(3)  # [B, S, C, D]
-        form = oriented.flatten(2) if mask is None else (oriented * mask).flatten(2)
-        if mask is not None:
-            windows = windows * mask.flatten()
-        count = windows.shape[3] if mask is None else mask.sum()
-        dots = torch.einsum("bscd,bcd->bsc", windows, form)
+    def _ncc(forms, refs, shifts, mirror, masks) -> torch.Tensor:
+        """NCC ``[B, S]`` of each of ``refs`` [B, C, *grid] displaced by minus each of its ``shifts`` [B, S, ndim]
+        (the training image moved onto the sample) and mirrored along ``mirror`` [B, ndim], with its query's
+        ``forms`` [G, C, *grid] (standardized; the ``B / G`` pairs of a query share its form), inside ``masks``
+        [B, 1, *grid] where given (the forms then standardized and masked there, one per pair)."""
+        windows = _displace(refs, -shifts, mirror).flatten(3)  # [B, S, C, D]
+        if masks is not None:
+            windows = windows * masks.flatten(2)[:, None]
+        count = windows.shape[3] if masks is None else masks[0].sum()
+        grouped = windows.reshape(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
+        dots = torch.einsum("gkcd,gcd->gkc", grouped, forms.flatten(2)).reshape(windows.shape[:3])
         mean = windows.sum(dim=3) / count
         std = (torch.linalg.vector_norm(windows, dim=3).square() / count - mean.square()).clamp_min(1e-12).sqrt()
         return (dots / std).mean(dim=2) / count
