@@ -160,6 +160,25 @@ def test_voxel_search_is_the_same_batched_one_by_one_and_on_tensor_rows():
     assert on_tensors.similarity == pytest.approx(together.similarity, abs=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(7, 6), (5, 6, 7)])
+def test_displace_reads_mirrored_what_flipping_its_displaced_copy_gives(shape):
+    """The refinement's gather reads each shifted image mirrored along the axes asked for: the same as displacing it
+    and then flipping the copy, on every axis (the last is handled apart), shifts beyond the edge included."""
+    from relict_callbacks.levels.voxel import _displace
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, *shape, generator=gen)
+    shifts = torch.randint(-8, 9, (5, 3, len(shape)), generator=gen)
+    mirror = torch.rand(5, len(shape), generator=gen) < 0.5
+    mirror[0], mirror[1] = False, True
+    plain, mirrored = _displace(x, shifts), _displace(x, shifts, mirror)
+    for b in range(5):
+        axes = [2 + a for a in range(len(shape)) if mirror[b, a]]
+        assert torch.equal(mirrored[b], plain[b].flip(axes) if axes else plain[b])
+    unshifted = torch.zeros_like(shifts[:, :1])
+    assert torch.equal(_displace(x, unshifted, torch.ones_like(mirror))[:, 0], x.flip(list(range(2, 2 + len(shape)))))
+
+
 def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
     from relict_callbacks.levels.voxel import undo_match
 

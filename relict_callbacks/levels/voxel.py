@@ -108,9 +108,10 @@ def _displace(x: torch.Tensor, shifts: torch.Tensor, mirror: torch.Tensor | None
     padded, shifts = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate"), shifts.long()
     mirror = torch.zeros(b, len(grid), dtype=torch.bool, device=x.device) if mirror is None else mirror
     last = torch.nonzero(mirror[:, -1]).flatten()
-    if len(last):  # rows of the last axis are copied forward: mirror it in the padded copy (the shift goes back)
+    if len(last):  # rows of the last axis are copied forward: mirror it in the padded copy (its shift goes back)
         padded[last] = padded[last].flip(-1)
-        shifts = torch.cat([shifts[..., :-1], torch.where(mirror[:, -1, None, None], -shifts[..., -1:], shifts[..., -1:])], 2)
+        shifts = shifts.clone()
+        shifts[last, :, -1] *= -1
     padded = padded.reshape(-1)
     sizes = [n + 2 * pad for n in grid]
     strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(len(grid))]  # of a padded image, in voxels
