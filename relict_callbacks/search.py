@@ -280,7 +280,8 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
     indices = torch.empty(len(queries), k, dtype=torch.long)
     pending, scored = torch.arange(len(queries)), 0
     for stop in sorted({min(max(d, k), ranked) for d in RESCORE_DEPTHS}):
-        exact[pending, scored:stop] = _exact_scores(queries[pending], refs, ranked_indices[pending, scored:stop])
+        unproven = queries if len(pending) == len(queries) else queries[pending]  # no copy while all are pending
+        exact[pending, scored:stop] = _exact_scores(unproven, refs, ranked_indices[pending, scored:stop])
         scored = stop
         best, order = exact[pending, :stop].topk(k, dim=1)
         if stop < ranked:  # every row not scored ranks at most as the next one
