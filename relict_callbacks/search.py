@@ -381,6 +381,38 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
     return placed
 
 
+def describe_placement(placed: dict, device, budget: int) -> str:
+    """Where :func:`place_rows` put a bank's arrays, in one line: the bytes held on ``device`` (on the CPU: in RAM,
+    as bfloat16 or float32), and the bytes left as stored (memory-mapped on the CPU; elsewhere in host memory, read
+    to the device at every search), within ``budget`` bytes.
+
+    >>> rows = {"voxel": {"rows": np.ones((4, 3), dtype=np.float16), "thumbs": np.ones((4, 1), dtype=np.float16)}}
+    >>> describe_placement(place_rows(rows, "meta", budget=24), "meta", 24)
+    'bank arrays for search on meta: 24 B held there (budget 24 B), 8 B streamed from host memory at every search'
+    """
+    device = torch.device(device)
+    held = stored = 0
+    for level_arrays in placed.values():
+        for array in level_arrays.values():
+            if isinstance(array, RankedRows):
+                held += array.ranking.nbytes
+            elif isinstance(array, torch.Tensor) and (array.device.type != "cpu" or device.type == "cpu"):
+                held += array.nbytes
+            else:
+                stored += array.nbytes
+    where = "held in RAM" if device.type == "cpu" else "held there"
+    left = "read memory-mapped as stored" if device.type == "cpu" else "streamed from host memory at every search"
+    return (f"bank arrays for search on {device}: {_size(held)} {where} (budget {_size(budget)}), "
+            f"{_size(stored)} {left}")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def _to_host(array: np.ndarray, left: int) -> tuple:
     """``array`` held in RAM when it is float16 and fits in ``left`` bytes (as :class:`RankedRows` where the CPU
     has :func:`fast_bf16`, else as a float32 tensor), else as it is; and the bytes left."""

@@ -5,6 +5,7 @@ The engine scores in float32 whatever comes in; samples, models and bank may eac
 """
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
 from relict_callbacks import search
-from relict_callbacks.search import (RankedRows, device_budget, host_memory, inner_product_topk,
-                                     place_rows)
+from relict_callbacks.search import (RankedRows, describe_placement, device_budget, host_memory,
+                                     inner_product_topk, place_rows)
 
 from conftest import DEVICES, smooth_field
 
@@ -59,6 +60,8 @@ def test_rows_beyond_the_budget_stay_on_the_host_and_are_streamed():
     placed = place_rows(arrays, "meta", budget=100)  # in order, each array that still fits: 40 + 40 bytes
     where = {key: tensor.device.type for level in placed.values() for key, tensor in level.items()}
     assert where == {"rows": "cpu", "thumbs": "meta", "masks": "cpu", "sizes": "meta"}
+    assert describe_placement(placed, "meta", 100) == ("bank arrays for search on meta: 80 B held there (budget 100 B), "
+                                                       "240 B streamed from host memory at every search")
     assert placed["voxel"]["rows"].dtype == torch.float16 and placed["segmentation"]["masks"].dtype == torch.uint8
     for rows in placed["voxel"].values():  # a CPU row mixed into a meta product would raise
         values, indices = inner_product_topk(torch.zeros(3, rows.shape[1], device="meta"), rows, 2, chunk_size=4)
@@ -84,12 +87,15 @@ def test_on_the_cpu_float16_rows_within_the_budget_are_held_in_ram_and_the_rest_
 
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16-ranked", "float32"])
-def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_once(bf16, tmp_path, monkeypatch):
+def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_once(bf16, tmp_path, monkeypatch,
+                                                                                   caplog):
     monkeypatch.setattr(search, "fast_bf16", lambda: bf16)
+    caplog.set_level(logging.INFO, logger="relict_callbacks")
     train = smooth_field(12, (SIZE, SIZE), seed=6)
     samples = torch.cat([train[[4]].flip(3), train[[7]].roll(2, 2) + 0.05, smooth_field(2, (SIZE, SIZE), seed=8)])
     bank = rc.ReferenceBank.load(rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)],
                                                         progress=False).save(tmp_path / "bank.npz"))
+    caplog.clear()  # the build placed its own copy, for its nulls
     mapped = rc.ReplicaScorer(bank, alpha=0.2, device_budget=0).score(samples)
     assert isinstance(bank.rows(bank.levels[0], "cpu", 0)["rows"], np.memmap)
     resident = rc.ReplicaScorer(bank, alpha=0.2).score(samples)
@@ -100,6 +106,13 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
     assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
                                                                        for r in mapped.records]
     assert np.allclose(resident.similarities("voxel"), mapped.similarities("voxel"), atol=1e-6)
+    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored
+    stored = 12 * (SIZE * SIZE + 8 * 8) * 2
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
+    assert said == [f"bank arrays for search on cpu: 0 B held in RAM (budget 0 B), {stored / 1024:.1f} KiB read "
+                    "memory-mapped as stored",
+                    f"bank arrays for search on cpu: {stored * (1 if bf16 else 2) / 1024:.1f} KiB held in RAM (budget "
+                    f"{device_budget('cpu') / 2**30:.1f} GiB), 0 B read memory-mapped as stored"]
 
 
 def test_device_budget_is_checked_and_defaults_to_a_quarter_of_the_memory():
