@@ -8,7 +8,8 @@ The bank is built once on the device (build throughput in items/s is printed) an
 memory-mapped from disk (as users load it), with the default VoxelLevel (mirror + shift + bend search), without
 the bend search (``max_bend=0``), also with left-right mirrors only, and with plain NCC (``max_shift=0, flips=(),
 max_bend=0``; all the same rows) to show what each search costs; the breakdown splits a score into embedding the
-samples and searching the bank. The rows are placed within the default ``device_budget`` (on the CPU: held in RAM as
+samples and searching the bank, and the search into the phases the voxel level names (the plain search, the
+thumbnail search, the refinement, the bend search) in one profiled run. The rows are placed within the default ``device_budget`` (on the CPU: held in RAM as
 bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU multiplies bfloat16 in hardware, else as float32;
 placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as float16,
 converted chunk by chunk at every search). Times are the best of 3 runs; each run of a score is paired with a run of
@@ -134,13 +135,27 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         level = bank.levels[0]
         embed, _, query = measure(lambda: _embed(level, samples, device))
         search, _, _ = measure(lambda: bank.nearest(level, query, device, budget=budget))
+        phases = _phases(lambda: bank.nearest(level, query, device, budget=budget))
         caught = sum(r.is_replica for r in report.records[:8])
         faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
         print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
               f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB, "
               f"rows placed: {_placed_mib(bank.rows(level, device, budget)):.0f} MiB | {ratios[1]:.2f}x the bare matmul "
-              f"({ratios[0]:.2f}-{ratios[2]:.2f}x){faster} | mirrored copies flagged {caught}/8")
+              f"({ratios[0]:.2f}-{ratios[2]:.2f}x){faster} | mirrored copies flagged {caught}/8\n"
+              f"  search phases (one profiled run): {phases}")
         bank = scorer = None  # release the memory map before the next bank
+
+
+def _phases(fn) -> str:
+    """Milliseconds of each phase the voxel search names (``relict.voxel.*`` in torch.profiler) in one run of
+    ``fn()``, as the CPU sees them (on CUDA, a phase ends once the CPU has waited for its results)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        fn()
+        _sync()
+    times = {e.key.removeprefix("relict.voxel."): e.cpu_time_total / 1000 for e in profiler.key_averages()
+             if e.key.startswith("relict.voxel.")}
+    return ", ".join(f"{name} {times[name]:.0f} ms" for name in ("search", "thumbnails", "refine", "bend")
+                     if name in times)
 
 
 def _placed_mib(rows: dict) -> float:

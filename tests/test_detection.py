@@ -153,6 +153,19 @@ def test_search_does_not_depend_on_how_many_queries_it_holds_at_once(ndim, monke
     assert any("bend(" in t for t in together.transform)
 
 
+def test_voxel_search_names_its_phases_for_the_profiler():
+    """Each phase of the voxel search is a named range in torch.profiler traces, so that a user's profiler (or
+    Lightning's) shows where a check's time goes."""
+    train = make_phantoms(6, "head_ct", ndim=2, size=24, seed=3)
+    level = rc.VoxelLevel(grid=24)
+    bank = rc.ReferenceBank.build(train, [level], progress=False)
+    query = level.embed([rc.items.Item(torch.from_numpy(train[1]["image"]).flip(2), None, "q")])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        bank.nearest(level, query)
+    named = {event.key for event in profiler.key_averages() if event.key.startswith("relict.")}
+    assert named == {"relict.voxel.search", "relict.voxel.thumbnails", "relict.voxel.refine", "relict.voxel.bend"}
+
+
 def test_bend_search_is_bounded_optional_and_reported():
     """A bent copy scores above its straight-only NCC with ``bend(m)`` in its transform, m within ``max_bend``;
     ``max_bend=0`` turns the search off; bad values and unknown transform strings are refused by name."""

@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..items import Item, ItemError
 from ..search import inner_product_topk, take_rows
@@ -400,27 +401,31 @@ class VoxelLevel(Level):
         n, ndim = len(rows), q.ndim - 2
         grid, device = tuple(q.shape[2:]), q.device
         mask = self._mask(grid, device=device)
-        plain = self._query_form(q, mask)
-        if index is not None:
-            values, indices = index.search(plain, 1)
-        else:
-            values, indices = inner_product_topk(plain, rows.reshape(n, -1), 1, exclude=exclude)
+        with record_function("relict.voxel.search"):  # each phase named in torch.profiler traces
+            plain = self._query_form(q, mask)
+            if index is not None:
+                values, indices = index.search(plain, 1)
+            else:
+                values, indices = inner_product_topk(plain, rows.reshape(n, -1), 1, exclude=exclude)
         best, best_index = values[:, 0].clone(), indices[:, 0].clone()
         flip = torch.zeros(len(q), dtype=torch.long, device=device)
         shift = torch.zeros(len(q), ndim, dtype=torch.long, device=device)
         reach, orientations = self.shift_reach(grid), mirror_orientations(self.flip_axes(ndim))
         chunks = torch.arange(len(q), device=device).split(self._chunk(q))
         if reach > 0 or len(orientations) > 1:
-            candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
-            found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask)
-                     for chunk in chunks]
+            with record_function("relict.voxel.thumbnails"):
+                candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
+            with record_function("relict.voxel.refine"):
+                found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask)
+                         for chunk in chunks]
             sim, m, found_flip, found_shift = (torch.cat(parts) for parts in zip(*found))
             better = sim > best
             best, best_index = torch.where(better, sim, best), torch.where(better, m, best_index)
             flip, shift = torch.where(better, found_flip, flip), torch.where(better[:, None], found_shift, shift)
         transforms = [_describe(orientations[int(f)], tuple(s)) for f, s in zip(flip.tolist(), shift.tolist())]
         if self.bend_reach(grid) > 0:
-            sim, size = self._bend(q, rows, best_index, flip, shift, orientations, mask, chunks)
+            with record_function("relict.voxel.bend"):
+                sim, size = self._bend(q, rows, best_index, flip, shift, orientations, mask, chunks)
             better = sim > best
             best = torch.where(better, sim, best)
             for i in torch.nonzero(better).flatten().tolist():
