@@ -9,10 +9,10 @@ memory-mapped from disk (as users load it), with the default VoxelLevel (mirror 
 the bend search (``max_bend=0``), also with left-right mirrors only, and with plain NCC (``max_shift=0, flips=(),
 max_bend=0``; all the same rows) to show what each search costs; the breakdown splits a score into embedding the
 samples and searching the bank, and the search into the phases the voxel level names (the plain search, the
-thumbnail search, the refinement, the bend search) in one profiled run. The rows are placed within the default ``device_budget`` (on the CPU: held in RAM as
-bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU multiplies bfloat16 in hardware, else as float32;
-placed once by the warm-up score); plain NCC is also run with ``device_budget=0`` (rows memory-mapped as float16,
-converted chunk by chunk at every search). Times are the best of 3 runs; each run of a score is paired with a run of
+thumbnail search, the refinement, the bend search) in one profiled run. The rows are placed within the default
+``device_budget`` (on the CPU: held in RAM as bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU
+multiplies bfloat16 in hardware, else as float32; placed once by the warm-up score); plain NCC is also run with
+``device_budget=0`` (rows memory-mapped as float16, converted chunk by chunk at every search). Times are the best of 3 runs; each run of a score is paired with a run of
 the bare matmul just before it, and its ratio is the median of the 3 paired ratios (their range in brackets), so
 that a slower spell of a shared machine slows both sides of a ratio. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
@@ -33,7 +33,7 @@ import torch
 import relict_callbacks as rc
 from relict_callbacks.data import LR_AXIS
 from relict_callbacks.items import iter_batches
-from relict_callbacks.search import RankedRows, fast_bf16
+from relict_callbacks.search import fast_bf16, placed_bytes
 
 
 def _rss_kib(field: str) -> int:
@@ -137,10 +137,11 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         search, _, _ = measure(lambda: bank.nearest(level, query, device, budget=budget))
         phases = _phases(lambda: bank.nearest(level, query, device, budget=budget))
         caught = sum(r.is_replica for r in report.records[:8])
+        placed, _ = placed_bytes(bank.rows(level, device, budget), device)
         faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
         print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
               f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB, "
-              f"rows placed: {_placed_mib(bank.rows(level, device, budget)):.0f} MiB | {ratios[1]:.2f}x the bare matmul "
+              f"rows placed: {placed / 2**20:.0f} MiB | {ratios[1]:.2f}x the bare matmul "
               f"({ratios[0]:.2f}-{ratios[2]:.2f}x){faster} | mirrored copies flagged {caught}/8\n"
               f"  search phases (one profiled run): {phases}")
         bank = scorer = None  # release the memory map before the next bank
@@ -156,13 +157,6 @@ def _phases(fn) -> str:
              if e.key.startswith("relict.voxel.")}
     return ", ".join(f"{name} {times[name]:.0f} ms" for name in ("search", "thumbnails", "refine", "bend")
                      if name in times)
-
-
-def _placed_mib(rows: dict) -> float:
-    """MiB of the level's rows placed in memory (on the device, or in RAM: as bfloat16 to rank, or float32), not
-    memory-mapped."""
-    held = [a.ranking if isinstance(a, RankedRows) else a for a in rows.values()]
-    return sum(a.nbytes for a in held if isinstance(a, torch.Tensor) and not a.is_pinned()) / 2**20
 
 
 def _embed(level, samples: torch.Tensor, device) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, level_from_config
 from .levels.base import resolve_grid
 from .validation import check_number
-from .search import describe_placement, device_budget, place_rows
+from .search import describe_placement, place_rows
 
 log = logging.getLogger("relict_callbacks")
 
@@ -151,7 +151,7 @@ class ReferenceBank:
             device = torch.device("cuda", torch.cuda.current_device())
         if (device, budget) not in self._placed:
             self._placed = {(device, budget): place_rows(self.arrays, device, budget)}
-            log.info(describe_placement(self._placed[(device, budget)], device, device_budget(device, budget)))
+            log.info(describe_placement(self._placed[(device, budget)], device, budget))
         return self._placed[(device, budget)][level.name]
 
     def nearest(self, level: Level, query: dict[str, np.ndarray], device="cpu", *, exclude=None,

@@ -381,29 +381,35 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
     return placed
 
 
-def describe_placement(placed: dict, device, budget: int) -> str:
-    """Where :func:`place_rows` put a bank's arrays, in one line: the bytes held on ``device`` (on the CPU: in RAM,
-    as bfloat16 or float32), and the bytes left as stored (memory-mapped on the CPU; elsewhere in host memory, read
-    to the device at every search), within ``budget`` bytes.
+def placed_bytes(arrays: dict, device) -> tuple[int, int]:
+    """(bytes held, bytes left as stored) of one level's arrays as :func:`place_rows` put them for ``device``: held
+    on the device (on the CPU: in RAM, as bfloat16 or float32), or left as stored (memory-mapped on the CPU;
+    elsewhere in host memory, read to the device at every search)."""
+    cpu, held, stored = torch.device(device).type == "cpu", 0, 0
+    for array in arrays.values():
+        if isinstance(array, RankedRows):
+            held += array.ranking.nbytes
+        elif isinstance(array, torch.Tensor) and (array.device.type != "cpu" or cpu):
+            held += array.nbytes
+        else:
+            stored += array.nbytes
+    return held, stored
+
+
+def describe_placement(placed: dict, device, budget: int | None = None) -> str:
+    """Where :func:`place_rows` put a bank's arrays for ``device`` within ``budget`` (see :func:`device_budget`), in
+    one line: the bytes held there and the bytes left as stored (:func:`placed_bytes`).
 
     >>> rows = {"voxel": {"rows": np.ones((4, 3), dtype=np.float16), "thumbs": np.ones((4, 1), dtype=np.float16)}}
     >>> describe_placement(place_rows(rows, "meta", budget=24), "meta", 24)
     'bank arrays for search on meta: 24 B held there (budget 24 B), 8 B streamed from host memory at every search'
     """
     device = torch.device(device)
-    held = stored = 0
-    for level_arrays in placed.values():
-        for array in level_arrays.values():
-            if isinstance(array, RankedRows):
-                held += array.ranking.nbytes
-            elif isinstance(array, torch.Tensor) and (array.device.type != "cpu" or device.type == "cpu"):
-                held += array.nbytes
-            else:
-                stored += array.nbytes
+    held, stored = (sum(sizes) for sizes in zip(*(placed_bytes(arrays, device) for arrays in placed.values())))
     where = "held in RAM" if device.type == "cpu" else "held there"
     left = "read memory-mapped as stored" if device.type == "cpu" else "streamed from host memory at every search"
-    return (f"bank arrays for search on {device}: {_size(held)} {where} (budget {_size(budget)}), "
-            f"{_size(stored)} {left}")
+    budget = _size(device_budget(device, budget))
+    return f"bank arrays for search on {device}: {_size(held)} {where} (budget {budget}), {_size(stored)} {left}"
 
 
 def _size(nbytes: int) -> str:
