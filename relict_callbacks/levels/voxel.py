@@ -136,13 +136,9 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return _displace(x, (_centroids(x) - middle).round().long()[:, None])[:, 0]
 
 
-def _orient_(x: torch.Tensor, flips: torch.Tensor, orientations: list[tuple[int, ...]]) -> torch.Tensor:
-    """Each image ``x[b]`` mirrored along ``orientations[flips[b]]`` (a tuple of spatial axes), in place."""
-    for o, axes in enumerate(orientations):
-        chosen = torch.nonzero(flips == o).flatten()
-        if axes and len(chosen):
-            x[chosen] = x[chosen].flip([2 + a for a in axes])
-    return x
+def _mirrored_axes(orientations: list[tuple[int, ...]], flips: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[*flips.shape, ndim]`` (bool): the spatial axes ``orientations[flips]`` mirrors, for :func:`_displace`."""
+    return torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=flips.device)[flips]
 
 
 def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
@@ -444,7 +440,8 @@ class VoxelLevel(Level):
 
         def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame; made again
             # for the full-resolution score rather than held for every query (2 images a query, beyond the chunks)
-            oriented = _orient_(q[chunk], flip[chunk], orientations)  # q[chunk] is a copy: mirrored in place
+            still = torch.zeros(len(chunk), 1, q.ndim - 2, dtype=torch.long, device=q.device)
+            oriented = _displace(q[chunk], still, _mirrored_axes(orientations, flip[chunk], q.ndim - 2))[:, 0]
             return oriented, _displace(take_rows(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
 
         small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
@@ -492,7 +489,7 @@ class VoxelLevel(Level):
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
         pair_flips = flips.flatten()
-        mirror = torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=q.device)[pair_flips]
+        mirror = _mirrored_axes(orientations, pair_flips, ndim)
         refs = take_rows(rows, candidates.flatten(), q.device)
         size = torch.tensor(q.shape[2:], device=q.device)
         centre = _centroids(q).repeat_interleave(npairs, 0)
