@@ -133,8 +133,9 @@ def resample_all(images: list[torch.Tensor], grid: tuple[int, ...], device, *, n
     >>> resample_all([torch.ones(1, 8, 8), torch.ones(1, 8, 8), torch.ones(1, 4, 4)], (4, 4), "cpu").shape
     torch.Size([3, 1, 4, 4])
     """
-    return torch.cat([_resample_batch(torch.stack([images[i] for i in run]).to(device, torch.float32), grid, nearest)
-                      for run in same_shape_runs(images)])
+    runs = [_resample_batch(torch.stack([images[i] for i in run]).to(device, torch.float32), grid, nearest)
+            for run in same_shape_runs(images)]
+    return runs[0] if len(runs) == 1 else torch.cat(runs)  # one run (the usual batch): no second copy
 
 
 @torch.no_grad()

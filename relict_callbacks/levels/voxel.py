@@ -374,8 +374,8 @@ class VoxelLevel(Level):
         mask = self._mask(grid, device=device)
         batch = _smooth(resample_all([item.image for item in items], grid, device), self.smoothing)
         centred, std = _centred(batch, mask)
-        low, high = batch.flatten(2).aminmax(dim=2)  # one pass: the largest magnitude
-        scale = torch.maximum(high, -low).clamp_min(1e-12)
+        flat = batch.flatten(2)  # the largest magnitude; amax and amin reduce 6x faster than aminmax on the CPU
+        scale = torch.maximum(flat.amax(dim=2), -flat.amin(dim=2)).clamp_min(1e-12)
         for item, constant in zip(items, (std.flatten(1) <= 1e-6 * scale).any(dim=1).tolist()):
             if constant:
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
