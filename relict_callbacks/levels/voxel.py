@@ -527,7 +527,9 @@ class VoxelLevel(Level):
             windows = windows * masks.flatten(2)[:, None]
         count = windows.shape[3] if masks is None else masks[0].sum()
         grouped = windows.reshape(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
-        dots = torch.einsum("gkcd,gcd->gkc", grouped, forms.flatten(2)).reshape(windows.shape[:3])
+        forms = forms.flatten(2)  # a matrix-vector product a channel: 2x faster than einsum's, 6x with 2 channels
+        dots = torch.stack([torch.bmm(grouped[:, :, c], forms[:, c : c + 1].mT)[..., 0] for c in range(forms.shape[1])],
+                           -1).reshape(windows.shape[:3])
         mean = windows.sum(dim=3) / count
         std = (torch.linalg.vector_norm(windows, dim=3).square() / count - mean.square()).clamp_min(1e-12).sqrt()
         return (dots / std).mean(dim=2) / count
