@@ -53,7 +53,7 @@ def _centroid(masks: torch.Tensor) -> torch.Tensor:
     """Centroid (voxels, per spatial axis) of the union of ``[L, *spatial]`` masks; mid-grid when empty."""
     points = torch.nonzero(masks.any(0)).float()
     if len(points) == 0:
-        return torch.tensor([(n - 1) / 2 for n in masks.shape[1:]])
+        return torch.tensor([(n - 1) / 2 for n in masks.shape[1:]], device=masks.device)
     return points.mean(0)
 
 
@@ -220,7 +220,7 @@ class SegmentationLevel(Level):
         ``flip`` (within ``reach``), and its neighbours one voxel along each axis."""
         if reach == 0:
             return []
-        oriented = query.flip([1 + a for a in flip])
+        oriented = query.flip([1 + a for a in flip]).cpu()  # a few centroids: on the CPU, where the bank's mask is
         ref = torch.as_tensor(ref).bool().cpu()
         centre = (_centroid(oriented.bool()) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
         steps = [tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(centre))
