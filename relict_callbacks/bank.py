@@ -29,6 +29,7 @@ from .levels import Level, Nearest, level_from_config
 from .levels.base import resolve_grid
 from .validation import check_number
 from .search import describe_placement, place_rows
+from .torch_modes import full_precision
 
 log = logging.getLogger("relict_callbacks")
 
@@ -154,6 +155,7 @@ class ReferenceBank:
             log.info(describe_placement(self._placed[(device, budget)], device, budget))
         return self._placed[(device, budget)][level.name]
 
+    @full_precision()
     def nearest(self, level: Level, query: dict[str, np.ndarray], device="cpu", *, exclude=None,
                 index=None, budget: int | None = None, **options) -> Nearest:
         """``level.nearest`` of embedded query rows against this bank, searched on ``device`` (query rows and
@@ -162,6 +164,7 @@ class ReferenceBank:
         exclude = None if exclude is None else exclude.to(device)
         return level.nearest(tensors, self.rows(level, device, budget), exclude=exclude, index=index, **options)
 
+    @full_precision()
     def nearest_levels(self, queries: dict[str, dict[str, np.ndarray]], device="cpu", *, exclude=None,
                        indexes=None, budget: int | None = None) -> dict[str, Nearest]:
         """:meth:`nearest` at every level for the same queries (``queries[level name]`` are their rows). A level
@@ -180,6 +183,7 @@ class ReferenceBank:
 
     # -- building ------------------------------------------------------------------------------------------
     @classmethod
+    @full_precision()  # scores and nulls in float32, even when called inside autocast
     def build(cls, items, levels: list[Level], holdout=None, cache_dir=None, *, batch_size: int = 16,
               device="cpu", progress: bool = True, null_size: int = 512, seed: int = 0) -> ReferenceBank:
         """Embed ``items`` for every level, compute calibration nulls, and cache the result in ``cache_dir``.

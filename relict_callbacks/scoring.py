@@ -15,6 +15,7 @@ from .bank import ReferenceBank
 from .calibration import RULES, Calibration, combine, p_values
 from .intervals import rate_bounds
 from .search import device_budget as device_budget_bytes
+from .torch_modes import full_precision
 from .items import ItemError, iter_batches, iter_raw
 from .validation import check_number, check_probability
 
@@ -246,6 +247,7 @@ class ReplicaScorer:
             raise batch_error
         yield from alone
 
+    @full_precision()  # float32 scores, even when called inside autocast
     def score(self, samples, labels=None, *, on_error=None) -> ReplicaReport:
         """Score ``samples`` (Tensor ``[N, C, *spatial]`` or iterable of items); ``labels`` are optional masks
         for them (for the segmentation level), aligned with the samples.

@@ -169,6 +169,50 @@ def test_the_engine_scores_reduced_and_double_precision_in_float32(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_scores_in_float32_inside_an_autocast_region(device):
+    """A bank built and samples scored inside a mixed-precision region (bfloat16 on the CPU, float16 on CUDA, where
+    NCC sums overflowed to an NCC of 1) score as outside it."""
+    train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
+    samples[0] = train[2].flip(2) + 0.05 * samples[0]
+    levels = [rc.VoxelLevel(grid=SIZE)]
+    outside = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
+    want = rc.ReplicaScorer(outside, alpha=0.2, device=device).score(samples).similarities("voxel")
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if device == "cpu" else torch.float16):
+        inside = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
+        got = rc.ReplicaScorer(inside, alpha=0.2, device=device).score(samples).similarities("voxel")
+    assert np.array_equal(inside.nulls["voxel"], outside.nulls["voxel"])
+    assert np.array_equal(got, want) and want[0] < 0.999  # bfloat16 rounded this one to 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checks_and_a_copy_encoder_fit_run_in_a_deterministic_lightning_fit(tmp_path, device, monkeypatch):
+    """``Trainer(deterministic=True)`` makes torch refuse backward passes without a deterministic CUDA kernel, among
+    them the bend search's (grid_sample) and the copy encoder's (adaptive pooling): both still run, and the user's
+    setting is as it was after."""
+    from monai.networks.schedulers import DDIMScheduler
+    from lightning_models import SIZE as TINY, TinyDDPM, loader, phantoms, trainer
+
+    from relict_callbacks.integrations.lightning import ReplicaMonitor
+    from relict_callbacks.integrations.samplers import DiffusionSampler
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as Lightning sets it for deterministic cuBLAS
+    sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, TINY, TINY), num_inference_steps=2,
+                               network="unet")
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
+    assert monitor.monitor.levels[0].bend_reach((128, 128)) > 0
+    try:
+        fit = trainer(tmp_path, 1, [monitor], deterministic=True, accelerator="gpu" if device == "cuda" else "cpu")
+        fit.fit(TinyDDPM(), loader(phantoms(6)))
+        assert [entry["error"] for entry in monitor.history] == [None]
+        CopyEncoder(grid=SIZE, width=4, steps=2, batch_size=4).fit(rc.data.make_phantoms(6, ndim=2, size=SIZE),
+                                                                  device=device, progress=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_bf16_feature_extractor_and_segmenter_embed_in_their_own_dtype(device):
     train = smooth_field(6, (SIZE, SIZE), seed=7)
     extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 16)).to(device, torch.bfloat16)

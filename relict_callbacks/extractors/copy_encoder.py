@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
+from ..torch_modes import tolerating_nondeterministic_backward
 from ..items import ItemError, iter_batches
 from ..levels.base import plain_grid, resample
 
@@ -195,8 +196,8 @@ class CopyEncoder(nn.Module):
         return (self.grid,) * spatial_dims if isinstance(self.grid, int) else self.grid
 
     def _build(self, spatial_dims: int, channels: int) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: only its RNG is seeded (and restored)
+            torch.default_generator.manual_seed(self.seed)
             self.network = _Network(spatial_dims, channels, self.width, self.dim)
         self.spatial_dims, self.channels = spatial_dims, channels
 
@@ -213,11 +214,22 @@ class CopyEncoder(nn.Module):
         data = torch.cat(images)
         self._build(data.ndim - 2, data.shape[1])
         network = self.network.to(device).train()
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps, desc="relict copy encoder", unit="step", disable=not progress)
+        with tolerating_nondeterministic_backward("adaptive_avg_pool2d_backward_cuda",
+                                                  "adaptive_avg_pool3d_backward_cuda"):
+            self._train(network, data, device, start, bar)
+        bar.close()
+        network.eval()
+        self.fit_seconds = time.perf_counter() - start
+        return self
+
+    def _train(self, network, data: torch.Tensor, device, start: float, bar) -> None:
+        """Adam steps on pairs of augmented views of ``data`` until ``steps`` or the time budget."""
         optimizer = torch.optim.Adam(network.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         batch = min(self.batch_size, len(data))
-        order, cursor, start = torch.randperm(len(data), generator=gen), 0, time.perf_counter()
-        bar = tqdm(total=self.steps, desc="relict copy encoder", unit="step", disable=not progress)
+        order, cursor = torch.randperm(len(data), generator=gen), 0
         for step in range(1, self.steps + 1):
             if cursor + batch > len(data):
                 order, cursor = torch.randperm(len(data), generator=gen), 0
@@ -234,10 +246,6 @@ class CopyEncoder(nn.Module):
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if time.perf_counter() - start > self.time_budget:
                 break
-        bar.close()
-        network.eval()
-        self.fit_seconds = time.perf_counter() - start
-        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.network is None:

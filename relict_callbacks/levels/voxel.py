@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from ..torch_modes import tolerating_nondeterministic_backward
 from ..items import Item, ItemError
 from ..search import inner_product_topk, take_rows
 from ..validation import check_grid, check_number
@@ -254,7 +255,8 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     """
     grid, ndim = tuple(sample.shape[2:]), sample.ndim - 2
     averaged_over = ndim * int(np.prod([n - 2 for n in grid]))  # BendingEnergyLoss: a mean over components, voxels
-    with torch.inference_mode(False), torch.enable_grad():
+    with (torch.inference_mode(False), torch.enable_grad(),
+          tolerating_nondeterministic_backward("grid_sampler_2d_backward_cuda", "grid_sampler_3d_backward_cuda")):
         form = _bending_form(grid).to(sample.device)
         target, moving = sample.clone(), reference.clone()
         params = torch.zeros(len(sample), ndim, *(BEND_CONTROL,) * ndim, device=sample.device, requires_grad=True)
