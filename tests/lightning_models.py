@@ -64,7 +64,7 @@ class TinyGAN(L.LightningModule):
                                                  torch.nn.LeakyReLU(0.2), torch.nn.Linear(64, 1))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.generator(torch.randn(n, self.latent, generator=generator, device=self.device))
+        return self.generator(torch.randn(n, self.latent, generator=generator).to(self.device))
 
     def training_step(self, batch, batch_index):
         opt_g, opt_d = self.optimizers()

@@ -161,3 +161,31 @@ def test_diffusion_sampler_returns_samples_on_the_networks_device(device, kind):
     sampler = DiffusionSampler(kind(num_train_timesteps=20), (1, 16, 16), num_inference_steps=3)
     images = sampler(unet, 2, torch.Generator(device=device).manual_seed(0))
     assert images.device.type == torch.device(device).type and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("device", [*DEVICES, "meta"])
+def test_checks_draw_with_a_cpu_generator_whatever_the_models_device(device):
+    """A sampler written as the docs show (``torch.rand(..., generator=generator)``, on the CPU) works for a model
+    on any device, and draws there what it draws for a model on the CPU."""
+    def sampler(model, n, generator):
+        return torch.rand(n, 1, 8, 8, generator=generator)
+
+    on_device, _ = draw(sampler, torch.nn.Linear(2, 2).to(device))
+    on_cpu, _ = draw(sampler, torch.nn.Linear(2, 2))
+    assert torch.equal(on_device, on_cpu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_check_leaves_the_rng_of_the_models_device_as_it_was(device):
+    """A scheduler's per-step noise comes from the global RNG of the network's device: seeded for the check (the
+    same samples every time), and training's stream there goes on after the check as if there had been none."""
+    model = torch.nn.Linear(2, 2).to(device)
+    state = (lambda: torch.cuda.get_rng_state(model.weight.device)) if device == "cuda" else torch.get_rng_state
+
+    def sampler(model, n, generator):
+        return torch.randn(n, 1, 8, 8, device=model.weight.device)
+
+    before = state()
+    first, _ = draw(sampler, model)
+    second, _ = draw(sampler, model)
+    assert torch.equal(state(), before) and torch.equal(first, second)

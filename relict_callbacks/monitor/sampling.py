@@ -32,16 +32,28 @@ def sampling_mode(model, seed: int):
     """
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     training = [m.training for m in modules]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = _cuda_devices(model)
     for module in modules:
         module.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
+            for index in devices:  # the devices forked, not every CUDA device (which stays as it was)
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
             yield
     finally:
         for module, was_training in zip(modules, training):
             module.train(was_training)
+
+
+def _cuda_devices(model) -> list[int]:
+    """The CUDA devices whose RNG a sampler of ``model`` may draw from: the current one and those holding its
+    parameters (a MONAI engine on ``cuda:1`` need not make it current); none before CUDA is initialized."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    held = {p.device.index for p in model.parameters() if p.is_cuda} if isinstance(model, torch.nn.Module) else set()
+    return sorted(held | {torch.cuda.current_device()})
 
 
 def default_sampler(model, num_samples: int, generator: torch.Generator):
@@ -58,8 +70,12 @@ def default_sampler(model, num_samples: int, generator: torch.Generator):
 
 def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int]):
     """``sampler(model, num_samples, generator)`` with noise seeded by ``seed``, checked against
-    ``expected_shape`` = ``(channels, spatial_dims)``; ``(images, labels)`` on the CPU. Raises :class:`SamplerError`."""
-    generator = torch.Generator(device=device_of(model)).manual_seed(seed)
+    ``expected_shape`` = ``(channels, spatial_dims)``; ``(images, labels)`` on the CPU. Raises :class:`SamplerError`.
+
+    ``generator`` is a CPU generator whatever the model's device: samplers draw with it on the CPU and move the
+    noise to the model (``torch.randn(shape, generator=generator).to(device)``), so a check draws the same noise on
+    every device."""
+    generator = torch.Generator().manual_seed(seed)
     name = getattr(sampler, "__qualname__", type(sampler).__name__)
     try:
         with sampling_mode(model, seed):
@@ -85,11 +101,3 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
         raise SamplerError(f"sampler {name} returned labels that do not match its images")
     return images.detach().float().cpu(), None if labels is None else labels.detach().cpu()
 
-
-def device_of(model) -> torch.device:
-    """Where ``model``'s parameters live (the CPU for anything else)."""
-    if isinstance(model, torch.nn.Module):
-        parameter = next(model.parameters(), None)
-        if parameter is not None:
-            return parameter.device
-    return torch.device("cpu")
