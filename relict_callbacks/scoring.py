@@ -186,8 +186,8 @@ class ReplicaScorer:
         device_budget: the bytes of bank rows kept resident on ``device`` (default: a quarter of a CUDA device's
             memory, or of the RAM on the CPU, where float16 rows are held as bfloat16 to rank them on CPUs that
             multiply it in hardware, 1.0 GB for 2,000 x 64³, else as float32, 2.1 GB);
-            rows beyond it are streamed from pinned host memory (CUDA) or read memory-mapped and converted
-            (CPU) at every search. 0 keeps nothing resident.
+            rows beyond it are streamed from host memory through two pinned staging buffers (CUDA) or read
+            memory-mapped and converted (CPU) at every search. 0 keeps nothing resident.
 
     >>> import relict_callbacks as rc
     >>> train = rc.data.make_phantoms(10, ndim=2, size=32)

@@ -17,7 +17,8 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
   masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
   resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
-  device's memory, counted in stored bytes); rows beyond it stay in pinned host memory and are streamed to the device chunk by chunk.
+  device's memory, counted in stored bytes); rows beyond it stay in host memory as stored (memory-mapped) and are streamed to the device chunk by chunk
+  through two page-locked staging buffers (:class:`RowStream`; 2 x :data:`DEVICE_CHUNK_BYTES` pinned at most).
   float16 rows are multiplied in half precision with float32 accumulation and output
   (``torch.mm(..., out_dtype=torch.float32)``) where the device has it, the queries scaled to unit range first.
 """
@@ -105,16 +106,46 @@ def take_rows(rows, indices: torch.Tensor, device) -> torch.Tensor:
     return as_tensor(rows[indices.cpu().numpy()], device)
 
 
-def rows_to_tensor(refs, start: int, stop: int, device, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of a numpy array/memmap or tensor on ``device``, in ``buffer``'s dtype (float32 without
-    one): rows already there in that dtype are used in place, others are copied into ``buffer`` (asynchronously
-    from pinned memory)."""
-    chunk = _tensor(refs[start:stop])
-    if buffer is None:
-        return as_tensor(chunk, device)
-    if chunk.device == buffer.device and chunk.dtype == buffer.dtype:
-        return chunk
-    return buffer[: stop - start].copy_(chunk, non_blocking=True)
+def rows_to_tensor(refs, start: int, stop: int, device) -> torch.Tensor:
+    """Rows ``start:stop`` of a numpy array/memmap or tensor as float32 on ``device``."""
+    return as_tensor(_tensor(refs[start:stop]), device)
+
+
+class RowStream:
+    """Rows of a bank array, a chunk at a time, in one reused buffer of ``rows`` rows on ``device`` in ``dtype``:
+    rows already there in that dtype are used in place, others are copied in. Host rows go to CUDA through two
+    page-locked staging buffers used in turn, so that two chunks are pinned whatever the size of the bank, and
+    reading the next chunk from a memory-mapped array overlaps the asynchronous copy of the last one.
+
+    >>> stream = RowStream(np.arange(6, dtype=np.float16).reshape(3, 2), 2, "cpu", torch.float32)
+    >>> stream(2, 3).tolist()
+    [[4.0, 5.0]]
+    """
+
+    def __init__(self, refs, rows: int, device, dtype: torch.dtype) -> None:
+        self.refs, self.device = refs, torch.device(device)
+        shape = (min(rows, len(refs)), *refs.shape[1:])
+        self.buffer = torch.empty(shape, device=self.device, dtype=dtype)
+        self.staging = []
+        if self.device.type == "cuda" and not (isinstance(refs, torch.Tensor) and refs.is_cuda):
+            stored = _tensor(refs[:1]).dtype
+            self.staging = [torch.empty(shape, dtype=stored, pin_memory=True) for _ in range(2)]
+            self.copied: list[torch.cuda.Event | None] = [None, None]
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        chunk, rows = _tensor(self.refs[start:stop]), stop - start
+        if chunk.device == self.device and chunk.dtype == self.buffer.dtype:
+            return chunk
+        if not self.staging:
+            return self.buffer[:rows].copy_(chunk)
+        turn = (start // len(self.buffer)) % 2
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # the copy that read this staging buffer last has finished
+        staged = self.staging[turn][:rows].copy_(chunk)
+        self.buffer[:rows].copy_(staged, non_blocking=True)
+        self.copied[turn] = torch.cuda.Event()
+        self.copied[turn].record()
+        return self.buffer[:rows]
 
 
 def _is_half(rows) -> bool:
@@ -177,13 +208,13 @@ def inner_product_topk(
         scale = queries.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         queries = (queries / scale).half()
     if _in_place(refs, queries):
-        chunk_size, buffer = chunk_size or max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries))), None
+        chunk_size, stream = chunk_size or max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries))), None
     else:
         chunk_size = chunk_size or chunk_rows(refs.shape[1] * (2 if half else 4), device)
-        buffer = torch.empty(min(chunk_size, len(refs)), refs.shape[1], device=device, dtype=queries.dtype)
+        stream = RowStream(refs, chunk_size, device, queries.dtype)
 
     def score_chunk(start: int, stop: int) -> torch.Tensor:
-        rows = refs[start:stop] if buffer is None else rows_to_tensor(refs, start, stop, device, buffer)
+        rows = refs[start:stop] if stream is None else stream(start, stop)
         return torch.mm(queries, rows.T, out_dtype=torch.float32) * scale if half else queries @ rows.T
 
     return chunked_topk(score_chunk, len(refs), k, chunk_size=chunk_size, exclude=exclude)
@@ -352,8 +383,8 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
     On the CPU, float16 arrays are held in RAM while they fit: as :class:`RankedRows` (bfloat16, counted at 2 bytes
     a value) where the CPU has :func:`fast_bf16`, else as float32 tensors (4 bytes a value); the rest stay as they
     are (memory-mapped), converted chunk by chunk at each search. Elsewhere, torch tensors in their
-    stored dtype: on the device while they fit, the rest in host memory (pinned when CUDA is available), from
-    which the search streams them chunk by chunk.
+    stored dtype: on the device while they fit, the rest in host memory as stored (memory-mapped), from which the
+    search streams them chunk by chunk (:class:`RowStream`).
 
     >>> rows = {"voxel": {"rows": np.ones((4, 3), dtype=np.float16)}}
     >>> place_rows(rows, "meta", budget=24)["voxel"]["rows"].device.type
@@ -371,12 +402,10 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
             if device.type == "cpu":
                 placed[name][key], left = _to_host(array, left)
                 continue
-            tensor = _tensor(array)
+            tensor = _tensor(array)  # rows beyond the budget stay where they are (memory-mapped), streamed from there
             if tensor.nbytes <= left:
                 left -= tensor.nbytes
                 tensor = tensor.to(device)
-            elif torch.cuda.is_available():
-                tensor = tensor.pin_memory()
             placed[name][key] = tensor
     return placed
 

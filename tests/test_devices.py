@@ -146,14 +146,26 @@ def test_bank_build_and_scoring_on_the_device_match_the_cpu(device):
 
 
 @pytest.mark.cuda
-def test_rows_streamed_from_pinned_memory_score_as_resident_rows():
+def test_rows_streamed_through_pinned_staging_buffers_score_as_resident_rows():
     train, samples = smooth_field(10, (SIZE, SIZE), seed=11), smooth_field(3, (SIZE, SIZE), seed=12)
     bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device="cuda")
     resident = rc.ReplicaScorer(bank, alpha=0.2, device="cuda").score(samples)
     assert bank.rows(bank.levels[0], "cuda")["rows"].device.type == "cuda"
     streamed = rc.ReplicaScorer(bank, alpha=0.2, device="cuda", device_budget=0).score(samples)
-    assert bank.rows(bank.levels[0], "cuda", 0)["rows"].is_pinned()
+    stored = bank.rows(bank.levels[0], "cuda", 0)["rows"]
+    assert stored.device.type == "cpu" and not stored.is_pinned()  # only the two staging buffers are page-locked
     assert np.allclose(streamed.similarities("voxel"), resident.similarities("voxel"), atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_a_row_stream_to_cuda_reuses_its_staging_buffers_only_once_their_copies_are_done(rng):
+    """Chunks used on the GPU without waiting (their sums queued), more chunks than staging buffers: a staging
+    buffer refilled before its copy had run would put another chunk's rows in a sum."""
+    rows = rng.standard_normal((64, 2**16)).astype(np.float16)
+    stream = search.RowStream(rows, 4, "cuda", torch.float32)
+    sums = [stream(start, start + 4).sum(1) for start in range(0, 64, 4)]
+    assert len(stream.staging) == 2 and all(buffer.is_pinned() for buffer in stream.staging)
+    assert torch.allclose(torch.cat(sums).cpu(), torch.from_numpy(rows).float().sum(1), rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
