@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .heartbeat import beat
 from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, level_from_config
 from .levels.base import resolve_grid
@@ -300,6 +301,7 @@ class ReferenceBank:
             queries = {name: {key: rows[indices] for key, rows in arrays.items()} for name, arrays in self.arrays.items()}
             for name, nearest in self.nearest_levels(queries, device, exclude=exclude).items():
                 nulls[name].append(nearest.similarity)
+            beat()
         return {name: np.concatenate(parts) for name, parts in nulls.items()}
 
     # -- persistence ---------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .heartbeat import beat
+
 
 class ItemError(ValueError):
     """An input item that cannot be scored; the message names the item and the problem."""
@@ -144,6 +146,7 @@ def iter_items(items, *, name: str = "item", check=None, on_error=None) -> Itera
                 raise
             on_error(item_id, error)
             continue
+        beat()  # an item read (from disk, often the slow part of a bank build)
         yield Item(tensor, label_tensor, item_id)
 
 

@@ -60,3 +60,12 @@ def test_monitor_check_through_two_processes(ranks):
     assert rank0["strict"] == "RuntimeError: the sampler failed on process(es) [1], whose log has the error"
     assert rank1["strict"] == ("SamplerError: sampler failing.<locals>.flaky raised RuntimeError: CUDA out of "
                                "memory (pretend)")
+
+
+def test_a_rank_waits_for_a_bank_build_longer_than_its_collectives_may_wait(tmp_path):
+    """Rank 0 reads the training items for 5 s while rank 1 waits in collectives that time out after 2 s (NCCL's
+    watchdog: 10 minutes): rank 0's heartbeats keep rank 1 waiting, and both learn the bank's image shape."""
+    torchrun(Path(__file__).with_name("patience_run.py"), tmp_path)
+    seen = [json.loads((tmp_path / f"patience{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["image_shape"] for rank in seen] == [[1, 2], [1, 2]]
+    assert min(rank["seconds"] for rank in seen) > 4  # twice the timeout

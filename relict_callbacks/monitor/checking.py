@@ -55,16 +55,20 @@ def run_check(draw: Callable[[], tuple], judge: Callable[..., Check], stop: Stop
             error, message = exc, _describe(exc)
     if message is not None:
         return _failed(error, message, epoch, step, comm, strict), None
-    check = outcome = None
-    if comm.rank == 0:
+    check = None
+
+    def judged() -> dict:  # rank 0
+        nonlocal check, error
         try:
             check = judge(images, labels)
-            outcome = {"error": None, "metrics": check.metrics, "samples": check.num_samples, "extra": extra,
-                       "stop_reason": check.stop_reason.name, "stop_message": check.stop_message,
-                       "stop_state": stop.state_dict()}
         except Exception as exc:
-            error, outcome = exc, {"error": _describe(exc)}
-    outcome = comm.broadcast(outcome)
+            error = exc
+            return {"error": _describe(exc)}
+        return {"error": None, "metrics": check.metrics, "samples": check.num_samples, "extra": extra,
+                "stop_reason": check.stop_reason.name, "stop_message": check.stop_message,
+                "stop_state": stop.state_dict()}
+
+    outcome = comm.from_rank_zero(judged)
     if outcome["error"] is not None:
         return _failed(error, outcome["error"], epoch, step, comm, strict), None
     if check is None:  # another process: take over rank 0's check and stop policy

@@ -15,8 +15,15 @@ Every process calls each method together, in the same order.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
+
+from ..heartbeat import beating
+
+HEARTBEAT_SECONDS = 60.0  # rank 0, working alone, tells the waiting processes so at most this often
+STILL_WORKING = "relict: rank 0 is still working"
 
 
 class Communicator:
@@ -53,16 +60,34 @@ class Communicator:
 
     def from_rank_zero(self, function):
         """``function()`` run on rank 0 only; its (picklable) result on every process. If it raises, rank 0 raises
-        that error and the others a ``RuntimeError`` quoting it, so no process waits for an answer forever."""
+        that error and the others a ``RuntimeError`` quoting it, so no process waits for an answer forever.
+
+        While it runs, rank 0 tells the others at most every :data:`HEARTBEAT_SECONDS` that it is still working
+        (at each :func:`~relict_callbacks.heartbeat.beat` of the work: items read, batches searched), so that no
+        process waits in one collective past its backend's timeout, however long the work takes."""
         if self.world_size == 1:
             return function()
         failure = result = None
         if self.rank == 0:
+            last = time.monotonic()
+
+            def still_working() -> None:
+                nonlocal last
+                if time.monotonic() - last >= HEARTBEAT_SECONDS:
+                    self.broadcast(STILL_WORKING)
+                    last = time.monotonic()
+
             try:
-                result = function()
+                with beating(still_working):
+                    result = function()
             except Exception as error:
                 failure = error
-        message, result = self.broadcast((None if failure is None else f"{type(failure).__name__}: {failure}", result))
+            answer = self.broadcast((None if failure is None else f"{type(failure).__name__}: {failure}", result))
+        else:
+            answer = self.broadcast(None)
+            while isinstance(answer, str) and answer == STILL_WORKING:
+                answer = self.broadcast(None)
+        message, result = answer
         if failure is not None:
             raise failure
         if message is not None:
