@@ -181,6 +181,14 @@ def test_the_engine_scores_reduced_and_double_precision_in_float32(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_voxel_mask_may_be_a_tensor_on_the_device(device):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[4:-4, 4:-4] = True
+    on_device = rc.VoxelLevel(grid=SIZE, mask=torch.from_numpy(mask).to(device))
+    assert on_device.config() == rc.VoxelLevel(grid=SIZE, mask=mask).config()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_engine_scores_in_float32_inside_an_autocast_region(device):
     """A bank built and samples scored inside a mixed-precision region (bfloat16 on the CPU, float16 on CUDA, where
     NCC sums overflowed to an NCC of 1) score as outside it."""

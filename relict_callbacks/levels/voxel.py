@@ -310,6 +310,8 @@ class VoxelLevel(Level):
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
         self.grid = check_grid("grid", grid)
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach().cpu()  # kept on the CPU, moved with each search (a CUDA mask is welcome)
         self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
         self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
         self.flips = flips if isinstance(flips, str) else tuple(check_number("flips", a, low=0, high=2, integer=True)
