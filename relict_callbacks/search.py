@@ -17,7 +17,7 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
   masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
   resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
-  device's memory, counted in stored bytes); rows beyond it stay in host memory as stored (memory-mapped) and are streamed to the device chunk by chunk
+  device's memory and at most :data:`FREE_MEMORY_FRACTION` of what is free on it, counted in stored bytes); rows beyond it stay in host memory as stored (memory-mapped) and are streamed to the device chunk by chunk
   through two page-locked staging buffers (:class:`RowStream`; 2 x :data:`DEVICE_CHUNK_BYTES` pinned at most).
   float16 rows are multiplied in half precision with float32 accumulation and output
   (``torch.mm(..., out_dtype=torch.float32)``) where the device has it, the queries scaled to unit range first.
@@ -41,6 +41,7 @@ BF16_UNIT = 2.0**-8  # largest relative rounding error of a bfloat16 value (8 si
 RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per query, deeper until the top-k is proven
 SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
 DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
+FREE_MEMORY_FRACTION = 0.5  # and at most this share of a CUDA device's free memory, so that a full one still trains
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
 RESCORE_BYTES = 4 * 2**20  # float32 rows read at a time to re-score bfloat16-ranked rows exactly (cache-sized)
 
@@ -360,8 +361,9 @@ def host_memory() -> int:
 
 def device_budget(device, budget: int | None = None) -> int:
     """Bytes of bank rows that may stay resident on ``device``: ``budget`` when given; else
-    :data:`DEVICE_BUDGET_FRACTION` of a CUDA device's total memory or, on the CPU, of the machine's RAM; 0 on other
-    devices.
+    :data:`DEVICE_BUDGET_FRACTION` of a CUDA device's total memory, and at most :data:`FREE_MEMORY_FRACTION` of the
+    memory free on it now (outside torch's cache, which the training run holds for itself) or, on the CPU,
+    :data:`DEVICE_BUDGET_FRACTION` of the machine's RAM; 0 on other devices.
 
     >>> device_budget("cpu") > 0, device_budget("meta"), device_budget("meta", 2**20)
     (True, 0, 1048576)
@@ -373,7 +375,8 @@ def device_budget(device, budget: int | None = None) -> int:
         return int(DEVICE_BUDGET_FRACTION * host_memory())
     if device.type != "cuda":
         return 0
-    return int(DEVICE_BUDGET_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    free, total = torch.cuda.mem_get_info(device)
+    return int(min(DEVICE_BUDGET_FRACTION * total, FREE_MEMORY_FRACTION * free))
 
 
 def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | None = None) -> dict:

@@ -125,6 +125,16 @@ def test_device_budget_is_checked_and_defaults_to_a_quarter_of_the_memory():
                                                 progress=False), device_budget=0.5)
 
 
+@pytest.mark.cuda
+def test_the_cuda_budget_leaves_a_full_device_to_training():
+    """At most half of the memory free outside torch's cache: memory the training run holds is not offered."""
+    free_before = device_budget("cuda")
+    held = torch.empty(int(torch.cuda.mem_get_info()[0] * 0.6), dtype=torch.uint8, device="cuda")
+    assert device_budget("cuda") <= torch.cuda.mem_get_info()[0] * search.FREE_MEMORY_FRACTION < free_before
+    del held
+    torch.cuda.empty_cache()
+
+
 # -- the engine: bank, samples and models on different devices, any dtype -------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_bank_build_and_scoring_on_the_device_match_the_cpu(device):
