@@ -1,9 +1,11 @@
 """Trust: the monitor never kills a fit it only observes, calls a checkpoint safe only if the file holds weights
 certified (upper bound <= limit) before memorization was detected (lower bound > limit), and certifies on demand."""
 
+import gc
 import logging
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -62,6 +64,29 @@ def test_lightning_fit_survives_a_failed_first_check_and_last_ckpt_is_judged_by_
     assert monitor.safe_checkpoint() is None
     assert "no checkpoint file holds the weights of a check before memorization was detected at epoch 3" in \
         monitor.monitor.safe_checkpoint_reason
+
+
+def test_a_failed_check_lets_go_of_the_failed_samplers_tensors_at_once():
+    """A sampler that ran out of memory mid-sampling leaves tensors in the frames of its traceback (a UNet's
+    activations): freed when the check returns, not when Python's cyclic collector gets to them, after the next
+    training step may have run out of memory too."""
+    held = []
+
+    def sampler(model, n, generator):
+        activations = torch.ones(1000)
+        held.append(weakref.ref(activations))
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+    monitor = Monitor(levels=[rc.VoxelLevel(grid=16)], train_items=phantoms(4), num_samples=2, sampler=sampler,
+                      alpha=0.2, progress=False)
+    monitor.prepare()
+    gc.disable()
+    try:
+        check = monitor.check(None, epoch=0, step=0)
+        assert not check.ok and "CUDA out of memory" in check.error
+        assert held[0]() is None
+    finally:
+        gc.enable()
 
 
 def test_every_checkpoint_is_known_and_small_checks_need_certification(tmp_path, caplog):

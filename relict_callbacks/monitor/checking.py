@@ -54,7 +54,10 @@ def run_check(draw: Callable[[], tuple], judge: Callable[..., Check], stop: Stop
         except ValueError as exc:  # shapes differ between processes: every process raised the same
             error, message = exc, _describe(exc)
     if message is not None:
-        return _failed(error, message, epoch, step, comm, strict), None
+        try:
+            return _failed(error, message, epoch, step, comm, strict), None
+        finally:
+            error = None  # let go of the error's traceback (see _failed)
     check = None
 
     def judged() -> dict:  # rank 0
@@ -70,7 +73,10 @@ def run_check(draw: Callable[[], tuple], judge: Callable[..., Check], stop: Stop
 
     outcome = comm.from_rank_zero(judged)
     if outcome["error"] is not None:
-        return _failed(error, outcome["error"], epoch, step, comm, strict), None
+        try:
+            return _failed(error, outcome["error"], epoch, step, comm, strict), None
+        finally:
+            error = None  # let go of the error's traceback (see _failed)
     if check is None:  # another process: take over rank 0's check and stop policy
         stop.load_state_dict(outcome["stop_state"])
         check = Check(epoch, step, outcome["metrics"], num_samples=outcome["samples"],
@@ -92,7 +98,10 @@ def _agree_on_failure(error: BaseException | None, comm: Communicator) -> str | 
 
 def _failed(error: BaseException | None, message: str, epoch: int, step: int, comm: Communicator,
             strict: bool) -> Check:
-    """The failed check every process records; raised instead when ``strict``."""
+    """The failed check every process records; raised instead when ``strict``. The caller then lets go of
+    ``error``: its traceback holds the frames of the sampler that raised, with their tensors (a UNet's activations,
+    when CUDA ran out of memory mid-sampling), and the caller's frame, which held ``error``, made a cycle with it that
+    kept them until Python's cyclic collector ran, maybe after the next training step had run out of memory too."""
     if strict:
         raise error if error is not None else RuntimeError(message)
     if comm.rank == 0:
