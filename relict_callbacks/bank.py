@@ -157,6 +157,22 @@ class ReferenceBank:
             log.info(describe_placement(self._placed[(device, budget)], device, budget))
         return self._placed[(device, budget)][level.name]
 
+    def release_rows(self) -> None:
+        """Forget where :meth:`rows` placed the arrays, freeing what they held on a device; the next search places
+        them again (on a GPU, within the memory free then).
+
+        >>> import relict_callbacks as rc
+        >>> bank = rc.ReferenceBank.build(rc.data.make_phantoms(3, ndim=2, size=16), [rc.VoxelLevel(grid=16)],
+        ...                               progress=False)
+        >>> placed = bank.rows(bank.levels[0])["rows"]
+        >>> bank.rows(bank.levels[0])["rows"] is placed  # kept
+        True
+        >>> bank.release_rows()
+        >>> bank.rows(bank.levels[0])["rows"] is placed  # placed again
+        False
+        """
+        self._placed = {}
+
     @full_precision()
     def nearest(self, level: Level, query: dict[str, np.ndarray], device="cpu", *, exclude=None,
                 index=None, budget: int | None = None, **options) -> Nearest:

@@ -15,6 +15,7 @@ from monai.networks.nets import resnet10
 import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
+from relict_callbacks.monitor import Monitor
 from relict_callbacks import search
 from relict_callbacks.search import (RankedRows, describe_placement, device_budget, host_memory,
                                      inner_product_topk, place_rows)
@@ -133,6 +134,19 @@ def test_the_cuda_budget_leaves_a_full_device_to_training():
     assert device_budget("cuda") <= torch.cuda.mem_get_info()[0] * search.FREE_MEMORY_FRACTION < free_before
     del held
     torch.cuda.empty_cache()
+
+
+@pytest.mark.cuda
+def test_the_monitor_places_rows_on_the_gpu_at_the_first_check_not_before_training():
+    """The nulls' search placed the bank's rows before training took its memory: they are let go after the build,
+    and placed again, within the memory free then, at the first check."""
+    train = rc.data.make_phantoms(8, ndim=2, size=SIZE)
+    monitor = Monitor(levels=[rc.VoxelLevel(grid=SIZE)], train_items=train, num_samples=2, alpha=0.2, progress=False,
+                      sampler=lambda model, n, generator: torch.rand(n, 1, SIZE, SIZE, generator=generator))
+    monitor.prepare(device="cuda")
+    assert monitor.bank._placed == {}
+    assert monitor.check(None, epoch=0, step=0).ok
+    assert next(iter(monitor.bank._placed.values()))["voxel"]["rows"].device.type == "cuda"
 
 
 # -- the engine: bank, samples and models on different devices, any dtype -------------------------------------------

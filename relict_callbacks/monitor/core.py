@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from ..bank import ReferenceBank
 from ..gallery import GalleryRow
 from ..scoring import ReplicaScorer
@@ -65,6 +67,8 @@ class Monitor(MonitorOptions, CheckpointSelection):
                 raise ValueError("no bank and no training items to build one from")
             self.bank = ReferenceBank.build(items, self.levels, holdout=self.holdout, cache_dir=self.cache_dir,
                                             device=device, progress=self.progress)
+            if torch.device(device).type != "cpu":  # placed for the nulls before training took its memory: at the
+                self.bank.release_rows()  # first check, the rows are placed within the memory free then
             log.info("relict: %s", self.bank.cache_message or f"reference bank of {len(self.bank)} images built")
         if self.scorer is None:
             self.scorer = ReplicaScorer(self.bank, **self.scorer_options, device=device)
