@@ -66,6 +66,28 @@ def test_lightning_fit_survives_a_failed_first_check_and_last_ckpt_is_judged_by_
         monitor.monitor.safe_checkpoint_reason
 
 
+class ValidatedCopier(TurnsCopier):
+    def validation_step(self, batch, batch_index):
+        self.log("val_loss", self.layer(batch["image"].flatten(1)[:, :4]).pow(2).mean(), batch_size=4)
+
+
+def test_monitoring_callbacks_run_at_validation_end_find_the_metrics_and_are_told_they_lag(tmp_path):
+    """Validation twice an epoch runs EarlyStopping and ModelCheckpoint (at their defaults: strict, no missing key)
+    at validation end, before the epoch's check: they find the metrics from the start and are warned they lag."""
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, max_replica_rate=LIMIT,
+                             progress=False)
+    stop = EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=LIMIT, patience=10**6)
+    keep = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="relict/replica_rate", mode="min", save_top_k=2)
+    fit = trainer(tmp_path, 2, [monitor, stop, keep], val_check_interval=0.5)
+    with pytest.warns(UserWarning, match="one check late") as warned:
+        fit.fit(ValidatedCopier(train, copy_from=10), loader(train), loader(phantoms(4, seed=1)))
+    lagging = sorted(str(w.message).split(" runs at")[0] for w in warned if "one check late" in str(w.message))
+    assert lagging == ["relict: EarlyStopping(monitor='relict/replica_rate_low') (pass check_on_train_epoch_end=True)",
+                       "relict: ModelCheckpoint(monitor='relict/replica_rate') (pass save_on_train_epoch_end=True)"]
+    assert fit.current_epoch == 2 and len(monitor.history) == 2 and keep.best_model_path
+
+
 def test_a_failed_check_lets_go_of_the_failed_samplers_tensors_at_once():
     """A sampler that ran out of memory mid-sampling leaves tensors in the frames of its traceback (a UNet's
     activations): freed when the check returns, not when Python's cyclic collector gets to them, after the next

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -19,6 +19,7 @@ from relict_callbacks.integrations.wandb import WandbSink
 from relict_callbacks.monitor import Check, Monitor, StopReason
 from relict_callbacks.monitor.communicator import Communicator
 
+
 class ReplicaMonitor(MonitorAdapter, Callback):
     r"""Draw samples every few epochs, score them for replicas of training patients, log, and stop if they copy.
 
@@ -28,7 +29,10 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     check, never NaN; before the first, rate 1.0 with bounds 0-1 and ``relict/checked`` = 0; after a failed check
     the last good values with ``relict/check_failed`` = 1), so ``ModelCheckpoint(monitor="relict/replica_rate",
     mode="min")`` and ``EarlyStopping(monitor="relict/replica_rate_low", mode="min", divergence_threshold=0.05)``
-    find them on every epoch (Lightning runs those monitoring callbacks after this one). Every
+    find them on every epoch (Lightning runs those monitoring callbacks after this one at training epoch end). Where
+    they run at validation end instead (validation more than once an epoch, or not every epoch), they find the
+    previous check's values (before the first, those above), one check late: a warning says so, and names the
+    argument (``check_on_train_epoch_end=True``, ``save_on_train_epoch_end=True``) that moves them to epoch end. Every
     ``ModelCheckpoint``'s folder is known to :meth:`safe_checkpoint`, which reads each file's ``global_step``.
     Nothing is checked under ``fast_dev_run`` or during the sanity check.
 
@@ -89,6 +93,11 @@ class ReplicaMonitor(MonitorAdapter, Callback):
                    if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
         self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
         self._add_logger_sinks(trainer)
+        # there from the start: a monitoring callback run at validation end may read them before the first check
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in self.monitor.published().items()})
+        for reader in _reading_at_validation_end(trainer):
+            rank_zero_warn(f"relict: {reader} runs at validation end, before the check of its epoch (run at training "
+                           "epoch end), so it reads the previous check's values, one check late")
 
     def _add_logger_sinks(self, trainer: Trainer) -> None:
         """Galleries and histograms for the attached W&B and TensorBoard loggers (rank 0, once)."""
@@ -140,6 +149,27 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
+
+
+def _reading_at_validation_end(trainer: Trainer) -> list[str]:
+    """The ``EarlyStopping``/``ModelCheckpoint`` callbacks monitoring a ``relict/`` metric that run at validation end
+    (validation more than once an epoch, or not every epoch), each with the argument that moves it to epoch end."""
+    sparse = (trainer.val_check_interval != 1.0 or trainer.check_val_every_n_epoch != 1
+              or getattr(trainer, "_val_check_time_interval", None) is not None)  # as Lightning decides it
+    found = []
+    for callback in trainer.callbacks:
+        key = getattr(callback, "monitor", None)
+        if not (isinstance(key, str) and key.startswith("relict/")):
+            continue
+        if isinstance(callback, EarlyStopping):
+            at_epoch_end, argument = getattr(callback, "_check_on_train_epoch_end", None), "check_on_train_epoch_end"
+        elif isinstance(callback, ModelCheckpoint):
+            at_epoch_end, argument = getattr(callback, "_save_on_train_epoch_end", None), "save_on_train_epoch_end"
+        else:
+            continue
+        if at_epoch_end is False or (at_epoch_end is None and sparse):
+            found.append(f"{type(callback).__name__}(monitor={key!r}) (pass {argument}=True)")
+    return found
 
 
 def _skipped(trainer: Trainer) -> bool:
