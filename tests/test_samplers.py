@@ -65,6 +65,22 @@ def test_latent_diffusion_sampler_decodes_latents(package):
     assert images.shape == (2, 1, 16, 16) and labels is None and model.vae.training
 
 
+@pytest.mark.parametrize("unet_dtype, autoencoder_dtype", [(torch.bfloat16, torch.float32),
+                                                             (torch.float32, torch.bfloat16)])
+def test_latent_diffusion_decodes_with_an_autoencoder_in_another_precision(unet_dtype, autoencoder_dtype):
+    """An autoencoder kept outside the LightningModule keeps its own precision (and device) when the diffusion
+    network is cast: the latents are moved to it to be decoded (a dtype mismatch raised before)."""
+    options, unet_class, autoencoder_class, _, _ = nets("monai")
+    autoencoder = autoencoder_class(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
+                                    attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    unet = unet_class(in_channels=2, out_channels=2, **options).to(unet_dtype)
+    sampler = LatentDiffusionSampler(autoencoder.to(autoencoder_dtype), DDIMScheduler(num_train_timesteps=20),
+                                     (2, 8, 8), num_inference_steps=2)
+    images, _ = draw(sampler, unet)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    assert "decode_stage_2_outputs" not in vars(autoencoder)  # its own method again
+
+
 def test_generated_masks_come_back_as_labels():
     generator = torch.nn.Sequential(torch.nn.Linear(4, 2 * 16 * 16), torch.nn.Unflatten(1, (2, 16, 16)))
     images, labels = draw(GANSampler(4, label_channels=1), generator)

@@ -16,6 +16,7 @@ region the caller opens. Scheduler timesteps stay on the CPU, as MONAI's inferer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -149,11 +150,30 @@ class LatentDiffusionSampler(_SchedulerSampler):
         autoencoder.eval()
         try:
             noise = _noise((num_samples, *self.latent_shape), generator, _placement(unet))
-            images = self.inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet,
-                                         scheduler=self.scheduler, verbose=False)
+            with _decoding_where_it_is(autoencoder):
+                images = self.inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet,
+                                             scheduler=self.scheduler, verbose=False)
         finally:
             autoencoder.train(was_training)
         return _split_labels(images, self.label_channels)
+
+
+@contextlib.contextmanager
+def _decoding_where_it_is(autoencoder):
+    """Inside, ``autoencoder.decode_stage_2_outputs`` takes latents from anywhere: they are moved to its own device
+    and dtype first. The diffusion network's may differ: an autoencoder kept outside the LightningModule (training on
+    precomputed latents) stays on the CPU in float32 under ``bf16-true``. The inferer still gets the autoencoder
+    itself (it checks its class, e.g. for SPADE)."""
+    decode, placement = autoencoder.decode_stage_2_outputs, _placement(autoencoder)
+
+    def moved(latents, *args, **kwargs):
+        return decode(latents.to(*placement), *args, **kwargs)
+
+    autoencoder.decode_stage_2_outputs = moved
+    try:
+        yield
+    finally:
+        del autoencoder.decode_stage_2_outputs  # the class's method again
 
 
 class GANSampler:
