@@ -309,6 +309,20 @@ def test_monai_handler_checks_a_network_on_the_device(device):
     assert torch.device(relict.monitor.scorer.device).type == torch.device(device).type
 
 
+@pytest.mark.cuda
+def test_the_lightning_monitor_refuses_fsdp_which_it_cannot_sample(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning_models import TurnsCopier, loader, phantoms, trainer
+
+    from relict_callbacks.integrations.lightning import ReplicaMonitor
+
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=2, progress=False)
+    fit = trainer(tmp_path, 1, [monitor], accelerator="gpu", strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="cannot check a model trained with FSDPStrategy"):
+        fit.fit(TurnsCopier(train, copy_from=10), loader(train))
+
+
 # -- extractors ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_copy_encoder_trains_and_embeds_on_the_device(device):

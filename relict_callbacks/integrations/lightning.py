@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from relict_callbacks.bank import ReferenceBank
@@ -83,6 +84,10 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         return self._generate_state_key(num_samples=monitor.num_samples, every_n_epochs=monitor.every_n_epochs)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(_FSDP_REFUSED)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _skipped(trainer):
             rank_zero_info("ReplicaMonitor: no replica checks under fast_dev_run")
@@ -149,6 +154,12 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
+
+
+_FSDP_REFUSED = (
+    "ReplicaMonitor cannot check a model trained with FSDPStrategy: it wraps the whole LightningModule, whose weights "
+    "are gathered only inside its own forward, so a sampler calling its networks would run on shards and every check "
+    "would fail. Train with DDP, or audit samples drawn from the saved model with `relict audit`")
 
 
 def _reading_at_validation_end(trainer: Trainer) -> list[str]:
