@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from faults import failing
+from monai.data import Dataset
 
 import relict_callbacks as rc
 from relict_callbacks.monitor import Monitor
@@ -52,6 +53,8 @@ if __name__ == "__main__":
         "from_rank_zero": outcome(lambda: comm.from_rank_zero(lambda: f"built on {rank}")),
         "rank_zero_fails": outcome(lambda: comm.from_rank_zero(lambda: 1 / 0)),
         "too_few_samples": outcome(lambda: Monitor(levels=[rc.VoxelLevel()], num_samples=1).prepare(comm=comm)),
+        "partitioned": outcome(lambda: Monitor(levels=[rc.VoxelLevel()], num_samples=2).prepare(
+            Dataset([{"image": f"patient{i}.nii.gz"} for i in range(rank, 8, 2)]), comm=comm)),  # a half each
         "check": check(comm, sampler=copier()),
         "failed_check": check(comm, sampler=copier(fails_here=rank == 1))["history"],
         "strict": outcome(lambda: check(comm, sampler=copier(fails_here=rank == 1), strict=True)),

@@ -33,7 +33,11 @@ def test_two_processes_gather_unequal_shares_and_agree_on_failures(ranks):
               "mismatch": "ValueError: cannot gather tensors whose shapes differ beyond dim 0: [[1, 2], [1, 3]] by "
                           "rank",
               "too_few_samples": "ValueError: num_samples=1 is fewer than the 2 processes, each of which draws at "
-                                 "least one sample: set num_samples >= 2"}
+                                 "least one sample: set num_samples >= 2",
+              "partitioned": "ValueError: the 2 processes load different training sets (each its own part of it?): "
+                             "a bank built from rank 0's would miss the other processes' patients, and their copies "
+                             "would go unflagged; pass train_items=<the whole training set> (the same on every "
+                             "process)"}
     assert {key: rank0[key] for key in shared} == {key: rank1[key] for key in shared} == shared
     assert (rank0["rank"], rank0["rank_zero_fails"]) == (0, "ZeroDivisionError: division by zero")
     assert (rank1["rank"], rank1["rank_zero_fails"]) == (1, "RuntimeError: rank 0 failed: ZeroDivisionError: "

@@ -9,6 +9,7 @@ are declared in :mod:`.options`, the checkpoint views in :mod:`.selection`. The 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -58,6 +59,8 @@ class Monitor(MonitorOptions, CheckpointSelection):
         if comm.world_size > self.num_samples:
             raise ValueError(f"num_samples={self.num_samples} is fewer than the {comm.world_size} processes, each of "
                              f"which draws at least one sample: set num_samples >= {comm.world_size}")
+        if comm.world_size > 1 and self.bank is None and self.train_items is None:
+            _check_one_training_set(train_items, comm)
         self.image_shape = comm.from_rank_zero(lambda: self._build(train_items, self.device or device or "cpu"))
 
     def _build(self, train_items, device) -> tuple[int, int]:
@@ -159,3 +162,25 @@ class Monitor(MonitorOptions, CheckpointSelection):
         self.stop.load_state_dict(state)
         self.seed = state.get("seed", self.seed)
 
+
+def _check_one_training_set(train_items, comm: Communicator) -> None:
+    """Raise on every process when the processes were handed different training sets: each loads its own part
+    (MONAI's ``partition_dataset`` per rank), and a bank built from rank 0's would miss the others' patients."""
+    digests = comm.all_gather(torch.tensor([_training_set_digest(train_items)])).flatten().tolist()
+    if len(set(digests)) > 1:
+        raise ValueError(f"the {comm.world_size} processes load different training sets (each its own part of it?): "
+                         "a bank built from rank 0's would miss the other processes' patients, and their copies would "
+                         "go unflagged; pass train_items=<the whole training set> (the same on every process)")
+
+
+def _training_set_digest(items) -> int:
+    """The size of a training set and, for a dataset of file names (a MONAI ``Dataset``'s ``.data``: paths, or dicts
+    of paths and numbers), the names: the same on every process handed the same set."""
+    digest = hashlib.blake2b(str(len(items) if hasattr(items, "__len__") else -1).encode(), digest_size=7)
+    data = getattr(items, "data", None)
+    plain = (str, int, float, os.PathLike)
+    if isinstance(data, (list, tuple)) and all(isinstance(entry, plain) or (isinstance(entry, dict) and all(
+            isinstance(value, plain) for value in entry.values())) for entry in data):
+        digest.update(repr([sorted((str(k), str(v)) for k, v in entry.items()) if isinstance(entry, dict)
+                            else str(entry) for entry in data]).encode())
+    return int.from_bytes(digest.digest(), "big")
