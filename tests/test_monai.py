@@ -34,6 +34,16 @@ def test_public_name_resolves():
     assert rc.ReplicaMonitorHandler is ReplicaMonitorHandler
 
 
+def test_the_handler_samples_the_network_inside_its_wrappers():
+    """``SupervisedTrainer(compile=True)`` compiles the (DDP- or DataParallel-wrapped) network: the sampler gets the
+    network itself, so sampling runs no collective and no graph compiled for training is compiled again."""
+    from relict_callbacks.integrations.monai import _unwrapped
+
+    network = torch.nn.Linear(2, 2)
+    assert _unwrapped(torch.compile(torch.nn.DataParallel(torch.compile(network)))) is network
+    assert _unwrapped(network) is network
+
+
 def test_ddpm_supervised_trainer_publishes_metrics_every_epoch(tmp_path):
     relict = ReplicaMonitorHandler(
         levels=[rc.VoxelLevel()], holdout=phantoms(8, seed=1, prefix="holdout"), num_samples=4, interval=2,

@@ -172,10 +172,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
     def _network(self, engine: Engine) -> torch.nn.Module:
         for attribute in ("network", "g_network"):
             network = getattr(engine, attribute, None)
-            if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-                return network.module  # sampling runs no collective of DDP's
             if network is not None:
-                return network
+                return _unwrapped(network)
         raise ValueError(f"ReplicaMonitorHandler: {type(engine).__name__} has neither .network nor .g_network to "
                          "sample from")
 
@@ -191,6 +189,19 @@ class ReplicaMonitorHandler(MonitorAdapter):
             notify_sinks(self.sinks, check, self.monitor, engine, "ReplicaMonitorHandler",
                          f"engine epoch {engine.state.epoch}", self.logger)
         return check
+
+
+def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    """The network inside its DDP, DataParallel and ``torch.compile`` wrappers (``SupervisedTrainer(compile=True)``
+    compiles a DDP-wrapped network), in any nesting: sampling runs none of DDP's collectives, and no graph compiled for
+    training is compiled again for sampling."""
+    while True:
+        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            network = network.module
+        elif isinstance(network, torch._dynamo.OptimizedModule):
+            network = network._orig_mod
+        else:
+            return network
 
 
 def _handlers(engine: Engine) -> list:
