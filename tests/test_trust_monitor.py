@@ -88,6 +88,32 @@ def test_monitoring_callbacks_run_at_validation_end_find_the_metrics_and_are_tol
     assert fit.current_epoch == 2 and len(monitor.history) == 2 and keep.best_model_path
 
 
+def test_samples_are_drawn_in_batches_of_sample_batch_size_each_seeded_alone():
+    """A check and a certification draw at most ``sample_batch_size`` samples per sampler call; without it, a
+    process's whole share (a check) or ``num_samples`` (a certification) at once."""
+    calls = []
+
+    def sampler(model, n, generator):
+        calls.append(n)
+        return torch.rand(n, 1, 16, 16, generator=generator)
+
+    def monitor(**options):
+        made = Monitor(levels=[rc.VoxelLevel(grid=16)], train_items=phantoms(4), num_samples=5, sampler=sampler,
+                       alpha=0.2, progress=False, **options)
+        made.prepare()
+        return made
+
+    batched, whole = monitor(sample_batch_size=2), monitor()
+    calls.clear()
+    assert batched.check(None, epoch=0, step=0).ok and calls == [2, 2, 1]
+    calls.clear()
+    assert whole.check(None, epoch=0, step=0).ok and calls == [5]
+    calls.clear()
+    assert batched.certify(None, num_samples=7).num_samples == 7 and calls == [2, 2, 2, 1]
+    calls.clear()
+    assert whole.certify(None, num_samples=7).num_samples == 7 and calls == [5, 2]
+
+
 def test_a_failed_check_lets_go_of_the_failed_samplers_tensors_at_once():
     """A sampler that ran out of memory mid-sampling leaves tensors in the frames of its traceback (a UNet's
     activations): freed when the check returns, not when Python's cyclic collector gets to them, after the next

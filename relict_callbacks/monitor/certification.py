@@ -25,16 +25,17 @@ from ..intervals import rate_bounds, samples_to_certify
 from ..validation import check_number
 from . import checkpoints
 from .ledger import HIGH, RATE, Check
-from .sampling import draw_samples
+from .sampling import draw_in_batches
 
 log = logging.getLogger("relict_callbacks")
 SEED_OFFSET = 100_003  # certification noise differs from the routine checks'
 
 
 def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
-    """Score ``num_samples`` fresh samples of ``model`` (drawn ``monitor.num_samples`` at a time), or of
-    ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights are in the file; default
-    ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI ``CheckpointSaver``)).
+    """Score ``num_samples`` fresh samples of ``model`` (drawn the monitor's ``sample_batch_size``, or else its
+    ``num_samples``, at a time), or of ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights
+    are in the file; default ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI
+    ``CheckpointSaver``)).
 
     A checkpoint's certification is recorded in the monitor's history (``kind="certify"``) for the step the file
     holds, and outweighs that step's routine check in ``safe_checkpoint``. Single process: call it on rank 0."""
@@ -44,14 +45,9 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
         content = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once: its step and weights
         step = checkpoints.step_of(content)
         model.load_state_dict(_weights(content, model, key))
-    images, labels = [], []
-    for first in range(0, num_samples, monitor.num_samples):
-        count = min(monitor.num_samples, num_samples - first)
-        drawn, drawn_labels = draw_samples(monitor.sampler, model, count, monitor.seed + SEED_OFFSET + first,
-                                           monitor.image_shape)
-        images.append(drawn)
-        labels.append(drawn_labels)
-    report = monitor.scorer.score(torch.cat(images), None if labels[0] is None else torch.cat(labels))
+    images, labels = draw_in_batches(monitor.sampler, model, num_samples, monitor.seed + SEED_OFFSET,
+                                     monitor.image_shape, monitor.sample_batch_size or monitor.num_samples)
+    report = monitor.scorer.score(images, labels)
     epoch = max((e["epoch"] for e in monitor.history if step is not None and e["step"] <= step), default=-1)
     check = Check(epoch, -1 if step is None else step, report.metrics(), report, num_samples=num_samples,
                   kind="certify")

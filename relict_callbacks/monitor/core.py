@@ -23,7 +23,7 @@ from .checking import run_check
 from .communicator import SINGLE_PROCESS, Communicator
 from .ledger import LOW, RATE, Check
 from .options import MonitorOptions
-from .sampling import draw_samples
+from .sampling import draw_in_batches
 from .selection import CheckpointSelection
 from .stop import StopReason
 
@@ -102,7 +102,8 @@ class Monitor(MonitorOptions, CheckpointSelection):
         returned :class:`Check` says what happened.
         """
         share, seed = self.samples_for_rank(comm.rank, comm.world_size), self.seed + comm.rank
-        check, extra = run_check(lambda: draw_samples(self.sampler, model, share, seed, self.image_shape),
+        check, extra = run_check(lambda: draw_in_batches(self.sampler, model, share, seed, self.image_shape,
+                                                         self.sample_batch_size),
                                  lambda images, labels: self._judge(images, labels, epoch, step), self.stop, comm,
                                  epoch=epoch, step=step, extra=extra, strict=self.strict)
         self._record(check, extra, comm)

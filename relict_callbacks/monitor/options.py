@@ -40,6 +40,9 @@ class MonitorOptions:
             :class:`~relict_callbacks.integrations.samplers.DiffusionSampler`; default: the model's
             ``sample(n)``/``generate(n)``.
         num_samples: samples drawn per check (split over processes in distributed training, scored once).
+        sample_batch_size: samples drawn per sampler call, each batch moved to the CPU before the next is drawn
+            (default: a process's whole share at once); lower it where sampling them all at once would run the GPU
+            out of memory (3D diffusion, latent decoding). Each batch has its own seed, so it changes the samples.
         every_n_epochs: check after the first epoch, then every ``every_n_epochs`` epochs (epochs ``N-1, 2N-1, ...``).
         alpha: false-positive rate that sets each level's threshold (see :class:`ReplicaScorer`).
         confidence: level of the one-sided bounds ``relict/replica_rate_low`` / ``_high``.
@@ -69,7 +72,8 @@ class MonitorOptions:
     def __init__(self, bank: ReferenceBank | None = None, *, levels: list[Level] | None = None,
                  train_items: Any = None, holdout: Any = None, cache_dir: str | os.PathLike | None = None,
                  sampler: Callable | None = None,
-                 num_samples: int = 16, every_n_epochs: int = 1, alpha: float = 0.01, confidence: float = 0.95,
+                 num_samples: int = 16, sample_batch_size: int | None = None, every_n_epochs: int = 1,
+                 alpha: float = 0.01, confidence: float = 0.95,
                  rule: str = "any", thresholds: dict[str, float] | None = None, search: str = "exact",
                  max_replica_rate: float | None = None, patience: int = 1, min_delta: float = 0.0,
                  stop_on: str | list[str] | None = None, seed: int = 0, strict: bool = False,
@@ -85,6 +89,8 @@ class MonitorOptions:
         self.cache_dir = cache_dir
         self.sampler = sampler or default_sampler
         self.num_samples = check_number("num_samples", num_samples, low=1, integer=True)
+        self.sample_batch_size = None if sample_batch_size is None else check_number(
+            "sample_batch_size", sample_batch_size, low=1, integer=True)
         self.every_n_epochs = check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
         self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, confidence=confidence)
         self.seed, self.strict = check_number("seed", seed, low=0, integer=True), strict

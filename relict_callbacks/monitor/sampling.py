@@ -101,3 +101,21 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
         raise SamplerError(f"sampler {name} returned labels that do not match its images")
     return images.detach().float().cpu(), None if labels is None else labels.detach().cpu()
 
+
+def draw_in_batches(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int],
+                    batch_size: int | None = None):
+    """:func:`draw_samples` in calls of at most ``batch_size`` samples (all at once without one), each seeded with
+    ``seed`` plus the index of its first sample and on the CPU before the next is drawn; ``(images, labels)``.
+
+    >>> import torch
+    >>> def noise(model, n, generator):
+    ...     return torch.randn(n, 1, 8, 8, generator=generator)
+    >>> images, _ = draw_in_batches(noise, None, 5, seed=0, expected_shape=(1, 2), batch_size=2)
+    >>> images.shape, torch.equal(images[2:4], draw_samples(noise, None, 2, seed=2, expected_shape=(1, 2))[0])
+    (torch.Size([5, 1, 8, 8]), True)
+    """
+    step = batch_size or num_samples
+    drawn = [draw_samples(sampler, model, min(step, num_samples - first), seed + first, expected_shape)
+             for first in range(0, num_samples, step)]
+    images, labels = zip(*drawn)
+    return torch.cat(images), None if labels[0] is None else torch.cat(labels)
