@@ -114,6 +114,25 @@ def test_samples_are_drawn_in_batches_of_sample_batch_size_each_seeded_alone():
     assert whole.certify(None, num_samples=7).num_samples == 7 and calls == [5, 2]
 
 
+def test_checks_sample_the_averaged_weights_that_an_ema_callback_puts_in_checkpoints(tmp_path):
+    """EMAWeightAveraging saves the averaged weights in every checkpoint: checks sample that averaged model, so that
+    a checkpoint is judged by the weights it holds, not by the raw ones being trained."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    train, sampled = phantoms(8), []
+
+    def sampler(model, n, generator):
+        sampled.append(model)
+        return torch.rand(n, 1, 16, 16, generator=generator)
+
+    ema = EMAWeightAveraging()
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
+    module = TurnsCopier(train, copy_from=10)
+    trainer(tmp_path, 2, [monitor, ema]).fit(module, loader(train))
+    assert len(sampled) == 2 and all(model is ema._average_model.module for model in sampled)
+    assert sampled[0] is not module
+
+
 def test_a_failed_check_lets_go_of_the_failed_samplers_tensors_at_once():
     """A sampler that ran out of memory mid-sampling leaves tensors in the frames of its traceback (a UNet's
     activations): freed when the check returns, not when Python's cyclic collector gets to them, after the next

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -38,7 +38,8 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     Nothing is checked under ``fast_dev_run`` or during the sanity check.
 
     The bank is built at the start of training on rank 0 from the ``train_items`` option or else the train
-    dataloader's whole dataset. The sampler gets the ``LightningModule`` as its model.
+    dataloader's whole dataset. The sampler gets the ``LightningModule`` as its model; with a ``WeightAveraging``
+    callback (``EMAWeightAveraging``), whose checkpoints hold the averaged weights, its averaged copy.
 
     Args:
         bank: a ready :class:`~relict_callbacks.ReferenceBank`; or ``None`` and the ``levels`` option.
@@ -149,7 +150,7 @@ class ReplicaMonitor(MonitorAdapter, Callback):
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> Check:
         extra = scalar_metrics(trainer.callback_metrics)
-        check = self.monitor.check(pl_module, trainer.current_epoch, trainer.global_step, extra,
+        check = self.monitor.check(_averaged(trainer) or pl_module, trainer.current_epoch, trainer.global_step, extra,
                                    StrategyCommunicator(trainer, pl_module.device))
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
@@ -160,6 +161,16 @@ _FSDP_REFUSED = (
     "ReplicaMonitor cannot check a model trained with FSDPStrategy: it wraps the whole LightningModule, whose weights "
     "are gathered only inside its own forward, so a sampler calling its networks would run on shards and every check "
     "would fail. Train with DDP, or audit samples drawn from the saved model with `relict audit`")
+
+
+def _averaged(trainer: Trainer) -> LightningModule | None:
+    """The averaged copy of the LightningModule that a ``WeightAveraging`` callback (``EMAWeightAveraging``) keeps,
+    if any: its checkpoints hold those weights, so checks sample them and a checkpoint is judged by what it holds."""
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+        if average is not None:
+            return average.module
+    return None
 
 
 def _reading_at_validation_end(trainer: Trainer) -> list[str]:
