@@ -6,6 +6,7 @@ import logging
 import os
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,30 @@ def test_checks_sample_the_averaged_weights_that_an_ema_callback_puts_in_checkpo
     trainer(tmp_path, 2, [monitor, ema]).fit(module, loader(train))
     assert len(sampled) == 2 and all(model is ema._average_model.module for model in sampled)
     assert sampled[0] is not module
+
+
+class CopierWithSettings(TurnsCopier):
+    """Saves a hyper-parameter torch's safe loading does not allow (a Path), as ``save_hyperparameters()`` does."""
+
+    def __init__(self, train, copy_from: int, out_dir: Path) -> None:
+        super().__init__(train, copy_from)
+        self.save_hyperparameters("out_dir")
+
+
+def test_checkpoints_holding_hyperparameters_torch_will_not_load_safely_are_still_read(tmp_path):
+    """A checkpoint whose hyper-parameters torch's weights-only loading refuses (a Path, a Namespace, a scheduler)
+    is still matched to its step (it was ignored: no safe checkpoint) and certified (it raised)."""
+    train = phantoms(8)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=SAMPLES, alpha=0.1, max_replica_rate=LIMIT,
+                             progress=False)
+    keep = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    module = CopierWithSettings(train, copy_from=10, out_dir=tmp_path)
+    trainer(tmp_path, 2, [monitor, keep]).fit(module, loader(train))
+    first = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(first, weights_only=True)
+    assert saved_step(first) == 2
+    assert monitor.monitor.certify(module, num_samples=SAMPLES, checkpoint=first).num_samples == SAMPLES
 
 
 def test_a_failed_check_lets_go_of_the_failed_samplers_tensors_at_once():

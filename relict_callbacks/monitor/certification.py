@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from ..intervals import rate_bounds, samples_to_certify
 from ..validation import check_number
@@ -42,7 +41,7 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
     check_number("num_samples", num_samples, low=1, integer=True)
     step = None
     if checkpoint is not None:
-        content = torch.load(checkpoint, map_location="cpu", weights_only=True)  # read once: its step and weights
+        content = checkpoints.read_checkpoint(checkpoint, mmap=False)  # read once: its step and weights
         step = checkpoints.step_of(content)
         model.load_state_dict(_weights(content, model, key))
     images, labels = draw_in_batches(monitor.sampler, model, num_samples, monitor.seed + SEED_OFFSET,

@@ -17,6 +17,7 @@ A Lightning checkpoint carries ``global_step``; a MONAI ``CheckpointSaver`` file
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
 import torch
@@ -28,7 +29,7 @@ _known: dict[str, tuple[tuple[int, int, int], int | None]] = {}  # path -> (mtim
 
 def saved_step(path) -> int | None:
     """The training step whose weights the checkpoint at ``path`` holds, or ``None`` when the file does not say
-    (or cannot be read with ``torch.load(weights_only=True)``).
+    (or cannot be read, see :func:`read_checkpoint`).
 
     A file is read once per version: while its modification time, size and inode are unchanged, the step read
     before is used; a rewritten file is read again. A file written in the last ``RACY_NS`` is read every time (a
@@ -43,22 +44,64 @@ def saved_step(path) -> int | None:
     known = _known.get(path)
     if known is not None and known[0] == version:
         return known[1]
-    step = step_of(_load(path))
+    try:
+        step = step_of(read_checkpoint(path))
+    except Exception:
+        step = None
     if time.time_ns() - stat.st_mtime_ns > RACY_NS:
         _known[path] = (version, step)
     return step
 
 
-def _load(path: str):
-    """The checkpoint's content, memory-mapped where possible; ``None`` when ``torch.load(weights_only=True)``
-    cannot read it."""
+def read_checkpoint(path, *, mmap: bool = True):
+    """A checkpoint's content on the CPU as ``torch.load(weights_only=True)`` reads it (memory-mapped with ``mmap``,
+    where the file allows: weights are then read only where used), except that objects of classes it does not
+    allow, which a file may hold beside its weights (hyper-parameters saved as an ``argparse.Namespace`` or a
+    ``Path``, a scheduler module), come back as inert placeholders instead of failing the whole file. No code a
+    file names is run.
+
+    >>> import argparse, tempfile, os, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "epoch=0.ckpt")
+    >>> torch.save({"global_step": 8, "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}}, path)
+    >>> content = read_checkpoint(path)
+    >>> content["global_step"], type(content["hyper_parameters"]["args"]).__name__
+    (8, 'Inert')
+    """
     try:
+        return _load(path, mmap)
+    except pickle.UnpicklingError:  # a class torch does not allow: stand in for each
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(Inert, name) for name in unknown]):
+            return _load(path, mmap)
+
+
+def _load(path, mmap: bool):
+    if mmap:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # an old, non-zip file cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Inert:
+    """What :func:`read_checkpoint` makes of an object of a class torch does not allow: it takes whatever the file
+    gives it and keeps nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
 
 
 def step_of(content) -> int | None:
