@@ -126,8 +126,9 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     def started(self, engine: Engine) -> None:
         """Build or load the reference bank (unless given) on the engine's device (rank 0 of a distributed run)."""
-        self._comm = current_communicator()
-        self.monitor.prepare(self._train_items(engine), device=getattr(engine.state, "device", None), comm=self._comm)
+        device = getattr(engine.state, "device", None)
+        self._comm = current_communicator(device)  # NCCL on the engine's own GPU, current or not
+        self.monitor.prepare(self._train_items(engine), device=device, comm=self._comm)
         folders = [str(saver.save_dir) for saver in _handlers(engine) if type(saver).__name__ == "CheckpointSaver"]
         self.monitor.checkpoint_dirs = list(dict.fromkeys(self.monitor.checkpoint_dirs + folders))
 

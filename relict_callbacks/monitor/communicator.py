@@ -96,12 +96,19 @@ class Communicator:
 
 
 class DistributedCommunicator(Communicator):
-    """The processes of ``torch.distributed``'s default group; tensors travel on the GPU for NCCL, else the CPU."""
+    """The processes of ``torch.distributed``'s default group; tensors travel on the GPU for NCCL (``device``, this
+    process's CUDA device, e.g. a MONAI engine's ``cuda:<local rank>``, which a script need not make current; else
+    the current one), else on the CPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, device=None) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        nccl = dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        device = None if device is None else torch.device(device)
+        if dist.get_backend() != "nccl":
+            self.device = torch.device("cpu")
+        elif device is not None and device.type == "cuda" and device.index is not None:
+            self.device = device
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device).contiguous()
@@ -118,8 +125,9 @@ class DistributedCommunicator(Communicator):
 SINGLE_PROCESS = Communicator()
 
 
-def current_communicator() -> Communicator:
-    """:class:`DistributedCommunicator` while ``torch.distributed`` runs several processes, else the single process."""
+def current_communicator(device=None) -> Communicator:
+    """:class:`DistributedCommunicator` (on ``device``) while ``torch.distributed`` runs several processes, else the
+    single process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DistributedCommunicator()
+        return DistributedCommunicator(device)
     return SINGLE_PROCESS
