@@ -157,13 +157,20 @@ def test_diffusion_sampler_runs_under_autocast():
 def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, device, precision):
     from relict_callbacks.integrations.lightning import ReplicaMonitor
 
-    sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, SIZE, SIZE), num_inference_steps=3,
-                               network="unet")
+    diffusion = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, SIZE, SIZE), num_inference_steps=3,
+                                 network="unet")
+    autocast = []
+
+    def sampler(model, n, generator):  # records whether it samples as mixed precision trains: under autocast
+        autocast.append(torch.is_autocast_enabled(torch.device(device).type))
+        return diffusion(model, n, generator)
+
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
     model = TinyDDPM()
     accelerator = "gpu" if device == "cuda" else "cpu"
     trainer(tmp_path, 1, [monitor], precision=precision, accelerator=accelerator).fit(model, loader(phantoms(6)))
     assert next(model.unet.parameters()).dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert autocast == [precision == "bf16-mixed"]
     assert [entry["error"] for entry in monitor.history] == [None]
     assert monitor.history[0]["samples"] == 2  # both bf16 samples were scored
     assert 0 <= monitor.history[0]["relict/replica_rate"] <= 1

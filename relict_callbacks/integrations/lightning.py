@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -150,8 +151,10 @@ class ReplicaMonitor(MonitorAdapter, Callback):
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> Check:
         extra = scalar_metrics(trainer.callback_metrics)
+        precision = trainer.precision_plugin  # under 16-mixed/bf16-mixed, the networks sample as they train
+        autocast = precision.forward_context if isinstance(precision, MixedPrecision) else None
         check = self.monitor.check(_averaged(trainer) or pl_module, trainer.current_epoch, trainer.global_step, extra,
-                                   StrategyCommunicator(trainer, pl_module.device))
+                                   StrategyCommunicator(trainer, pl_module.device), sampling_context=autocast)
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check

@@ -180,7 +180,8 @@ class ReplicaMonitorHandler(MonitorAdapter):
 
     def _check(self, engine: Engine, epoch: int) -> Check:
         extra = scalar_metrics(engine.state.metrics)
-        check = self.monitor.check(self._network(engine), epoch, engine.state.iteration, extra, self._comm)
+        check = self.monitor.check(self._network(engine), epoch, engine.state.iteration, extra, self._comm,
+                                   sampling_context=_autocast(engine))
         if check.ok and self._comm.rank == 0:
             self.logger.info(f"ReplicaMonitorHandler: engine epoch {engine.state.epoch}: replica rate "
                              f"{check.metrics['relict/replica_rate']:.3f} of {check.num_samples} samples")
@@ -190,6 +191,14 @@ class ReplicaMonitorHandler(MonitorAdapter):
             notify_sinks(self.sinks, check, self.monitor, engine, "ReplicaMonitorHandler",
                          f"engine epoch {engine.state.epoch}", self.logger)
         return check
+
+
+def _autocast(engine: Engine):
+    """The autocast an ``amp=True`` engine runs its iterations in (``torch.autocast("cuda", **amp_kwargs)``), for the
+    network to sample in the precision it trains in; ``None`` without ``amp``."""
+    if not (getattr(engine, "amp", False) and torch.cuda.is_available()):
+        return None
+    return lambda: torch.autocast("cuda", **(getattr(engine, "amp_kwargs", None) or {}))
 
 
 def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:

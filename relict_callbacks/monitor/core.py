@@ -93,8 +93,11 @@ class Monitor(MonitorOptions, CheckpointSelection):
         """
         return self.num_samples // world_size + (rank < self.num_samples % world_size)
 
-    def check(self, model, epoch: int, step: int, extra=None, comm: Communicator = SINGLE_PROCESS) -> Check:
+    def check(self, model, epoch: int, step: int, extra=None, comm: Communicator = SINGLE_PROCESS,
+              sampling_context=None) -> Check:
         """Run one check: draw samples (each process its share), score them once (rank 0), decide, record.
+        ``sampling_context()`` is entered around each sampler call (the adapters pass their framework's autocast
+        under mixed precision; scores are float32 whatever the context).
 
         ``extra`` are the framework's other scalar metrics, kept in the history. Every process of ``comm`` must call
         this together and records rank 0's outcome, so histories and stop decisions are the same everywhere (see
@@ -103,7 +106,7 @@ class Monitor(MonitorOptions, CheckpointSelection):
         """
         share, seed = self.samples_for_rank(comm.rank, comm.world_size), self.seed + comm.rank
         check, extra = run_check(lambda: draw_in_batches(self.sampler, model, share, seed, self.image_shape,
-                                                         self.sample_batch_size),
+                                                         self.sample_batch_size, sampling_context),
                                  lambda images, labels: self._judge(images, labels, epoch, step), self.stop, comm,
                                  epoch=epoch, step=step, extra=extra, strict=self.strict)
         self._record(check, extra, comm)

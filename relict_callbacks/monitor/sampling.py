@@ -68,17 +68,18 @@ def default_sampler(model, num_samples: int, generator: torch.Generator):
                        "(see relict_callbacks.integrations.samplers)")
 
 
-def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int]):
+def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int], context=None):
     """``sampler(model, num_samples, generator)`` with noise seeded by ``seed``, checked against
     ``expected_shape`` = ``(channels, spatial_dims)``; ``(images, labels)`` on the CPU. Raises :class:`SamplerError`.
 
     ``generator`` is a CPU generator whatever the model's device: samplers draw with it on the CPU and move the
     noise to the model (``torch.randn(shape, generator=generator).to(device)``), so a check draws the same noise on
-    every device."""
+    every device. ``context()`` is entered around the sampler call (a framework's autocast for mixed-precision
+    training, so that the networks sample in the precision they train in)."""
     generator = torch.Generator().manual_seed(seed)
     name = getattr(sampler, "__qualname__", type(sampler).__name__)
     try:
-        with sampling_mode(model, seed):
+        with sampling_mode(model, seed), (context or contextlib.nullcontext)():
             out = sampler(model, num_samples, generator)
     except SamplerError:
         raise
@@ -103,7 +104,7 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
 
 
 def draw_in_batches(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int],
-                    batch_size: int | None = None):
+                    batch_size: int | None = None, context=None):
     """:func:`draw_samples` in calls of at most ``batch_size`` samples (all at once without one), each seeded with
     ``seed`` plus the index of its first sample and on the CPU before the next is drawn; ``(images, labels)``.
 
@@ -115,7 +116,7 @@ def draw_in_batches(sampler, model, num_samples: int, seed: int, expected_shape:
     (torch.Size([5, 1, 8, 8]), True)
     """
     step = batch_size or num_samples
-    drawn = [draw_samples(sampler, model, min(step, num_samples - first), seed + first, expected_shape)
+    drawn = [draw_samples(sampler, model, min(step, num_samples - first), seed + first, expected_shape, context)
              for first in range(0, num_samples, step)]
     images, labels = zip(*drawn)
     return torch.cat(images), None if labels[0] is None else torch.cat(labels)
