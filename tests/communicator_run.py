@@ -13,6 +13,7 @@ from monai.data import Dataset
 
 import relict_callbacks as rc
 from relict_callbacks.monitor import Monitor
+from relict_callbacks.monitor import communicator
 from relict_callbacks.monitor.communicator import current_communicator
 
 
@@ -31,6 +32,15 @@ def check(comm, **options) -> dict:
             "has_bank": monitor.bank is not None, "has_report": done.report is not None}
 
 
+def gathered_row_by_row(comm, tensor: torch.Tensor) -> torch.Tensor:
+    """``comm.gather`` with room for one row a process per all-gather."""
+    kept, communicator.GATHER_BYTES = communicator.GATHER_BYTES, tensor[0].numel() * tensor.element_size()
+    try:
+        return comm.gather(tensor)
+    finally:
+        communicator.GATHER_BYTES = kept
+
+
 def outcome(call) -> str:
     try:
         return repr(call())
@@ -47,6 +57,7 @@ if __name__ == "__main__":
     seen = {
         "kind": type(comm).__name__, "rank": rank, "world_size": comm.world_size,
         "gather": comm.gather(torch.full((3 - rank, 2), rank)).tolist(),  # 3 rows from rank 0, 2 from rank 1
+        "gather_row_by_row": gathered_row_by_row(comm, torch.full((3 - rank, 2), rank)).tolist(),
         "ranks_where": comm.ranks_where(rank == 1),
         "broadcast": comm.broadcast({"from": rank}),
         "mismatch": outcome(lambda: comm.gather(torch.zeros(1, 2 + rank))),

@@ -29,6 +29,7 @@ def ranks(tmp_path_factory):
 def test_two_processes_gather_unequal_shares_and_agree_on_failures(ranks):
     (rank0, rank1), _ = ranks
     shared = {"kind": "DistributedCommunicator", "world_size": 2, "gather": [[0, 0]] * 3 + [[1, 1]] * 2,
+              "gather_row_by_row": [[0, 0]] * 3 + [[1, 1]] * 2,
               "ranks_where": [1], "broadcast": {"from": 0}, "from_rank_zero": "'built on 0'",
               "mismatch": "ValueError: cannot gather tensors whose shapes differ beyond dim 0: [[1, 2], [1, 3]] by "
                           "rank",

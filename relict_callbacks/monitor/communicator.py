@@ -24,6 +24,7 @@ from ..heartbeat import beating
 
 HEARTBEAT_SECONDS = 60.0  # rank 0, working alone, tells the waiting processes so at most this often
 STILL_WORKING = "relict: rank 0 is still working"
+GATHER_BYTES = 256 * 2**20  # rows a process sends per all-gather; each process receives world size times that
 
 
 class Communicator:
@@ -46,17 +47,25 @@ class Communicator:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's ``tensor`` concatenated along dim 0 in rank order, on the CPU. Dim 0 may differ between
-        processes (the tensors travel padded to the longest and are trimmed); the other dims may not."""
+        processes (the tensors travel padded to the longest and are trimmed); the other dims may not. They travel
+        :data:`GATHER_BYTES` of rows a process at a time, each part on the CPU before the next is sent: an
+        all-gather puts every process's rows on every process (on the GPU, under NCCL)."""
         if self.world_size == 1:
             return tensor
         shapes = self.all_gather(torch.tensor(tensor.shape)).cpu()
         if (shapes[:, 1:] != shapes[:1, 1:]).any():
             raise ValueError(f"cannot gather tensors whose shapes differ beyond dim 0: {shapes.tolist()} by rank")
-        rows = shapes[:, 0].tolist()
-        padded = tensor.new_zeros(max(rows), *tensor.shape[1:])
-        padded[: len(tensor)] = tensor
-        gathered = self.all_gather(padded).cpu()
-        return torch.cat([part[:count] for part, count in zip(gathered, rows)])
+        rows, row_bytes = shapes[:, 0].tolist(), tensor[0].numel() * tensor.element_size() if len(tensor) else 1
+        step = max(1, GATHER_BYTES // max(row_bytes, 1))
+        parts: list[list[torch.Tensor]] = [[] for _ in rows]
+        for start in range(0, max(rows), step):
+            chunk = tensor.new_zeros(min(step, max(rows) - start), *tensor.shape[1:])
+            mine = tensor[start : start + len(chunk)]
+            chunk[: len(mine)] = mine
+            gathered = self.all_gather(chunk).cpu()
+            for rank, count in enumerate(rows):
+                parts[rank].append(gathered[rank, : max(0, min(count - start, len(chunk)))])
+        return torch.cat([part for rank_parts in parts for part in rank_parts])
 
     def from_rank_zero(self, function):
         """``function()`` run on rank 0 only; its (picklable) result on every process. If it raises, rank 0 raises
