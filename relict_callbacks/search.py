@@ -130,7 +130,8 @@ class RowStream:
         self.staging = []
         if self.device.type == "cuda" and not (isinstance(refs, torch.Tensor) and refs.is_cuda):
             stored = _tensor(refs[:1]).dtype
-            self.staging = [torch.empty(shape, dtype=stored, pin_memory=True) for _ in range(2)]
+            with torch.cuda.device(self.device):  # pinned in that device's context, not the current device's
+                self.staging = [torch.empty(shape, dtype=stored, pin_memory=True) for _ in range(2)]
             self.copied: list[torch.cuda.Event | None] = [None, None]
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
@@ -143,9 +144,9 @@ class RowStream:
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()  # the copy that read this staging buffer last has finished
         staged = self.staging[turn][:rows].copy_(chunk)
-        self.buffer[:rows].copy_(staged, non_blocking=True)
+        self.buffer[:rows].copy_(staged, non_blocking=True)  # on the stream of the buffer's device, current or not
         self.copied[turn] = torch.cuda.Event()
-        self.copied[turn].record()
+        self.copied[turn].record(torch.cuda.current_stream(self.device))
         return self.buffer[:rows]
 
 

@@ -184,12 +184,14 @@ def test_rows_streamed_through_pinned_staging_buffers_score_as_resident_rows():
 @pytest.mark.cuda
 def test_a_row_stream_to_cuda_reuses_its_staging_buffers_only_once_their_copies_are_done(rng):
     """Chunks used on the GPU without waiting (their sums queued), more chunks than staging buffers: a staging
-    buffer refilled before its copy had run would put another chunk's rows in a sum."""
+    buffer refilled before its copy had run would put another chunk's rows in a sum. Also on the last GPU while the
+    first is current (a script that never calls set_device), where the copies run on the last one's stream."""
     rows = rng.standard_normal((64, 2**16)).astype(np.float16)
-    stream = search.RowStream(rows, 4, "cuda", torch.float32)
-    sums = [stream(start, start + 4).sum(1) for start in range(0, 64, 4)]
-    assert len(stream.staging) == 2 and all(buffer.is_pinned() for buffer in stream.staging)
-    assert torch.allclose(torch.cat(sums).cpu(), torch.from_numpy(rows).float().sum(1), rtol=1e-4, atol=1e-2)
+    for device in dict.fromkeys(["cuda:0", f"cuda:{torch.cuda.device_count() - 1}"]):
+        stream = search.RowStream(rows, 4, device, torch.float32)
+        sums = [stream(start, start + 4).sum(1) for start in range(0, 64, 4)]
+        assert len(stream.staging) == 2 and all(buffer.is_pinned() for buffer in stream.staging)
+        assert torch.allclose(torch.cat(sums).cpu(), torch.from_numpy(rows).float().sum(1), rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
