@@ -15,6 +15,7 @@ from monai.networks.nets import resnet10
 import relict_callbacks as rc
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
+from relict_callbacks.levels.base import call_model
 from relict_callbacks.monitor import Monitor
 from relict_callbacks import search
 from relict_callbacks.search import (RankedRows, describe_placement, device_budget, host_memory,
@@ -333,6 +334,29 @@ def test_copy_encoder_trains_and_embeds_on_the_device(device):
     assert next(encoder.parameters()).device.type == torch.device(device).type
     features = encoder(torch.rand(2, 1, SIZE, SIZE, device=device))
     assert features.shape == (2, 512) and features.device.type == torch.device(device).type
+
+
+def test_a_float16_extractor_embeds_intensities_float16_cannot_hold():
+    """The extractors get float32 images and cast them for their network after windowing or z-scoring: a float16
+    copy encoder embeds raw intensities past 65,504 (MR, PET) as the float32 one does. Cast first, they became inf
+    and every image the same embedding: every sample a replica of every patient."""
+    train = rc.data.make_phantoms(4, ndim=2, size=16)
+    encoder = CopyEncoder(grid=16, width=4, steps=1, batch_size=2).fit(train, progress=False)
+    items = [rc.items.Item(torch.as_tensor(item["image"]) * 2e5 + 1000, None, str(i)) for i, item in enumerate(train)]
+    full = rc.FeatureLevel(encoder).embed(items)["rows"]
+    half = rc.FeatureLevel(encoder.to(torch.float16)).embed(items)["rows"]
+    assert np.abs(half - full).max() < 1e-2 and np.abs(half[0] - half[1]).max() > 1e-2
+
+
+def test_an_extractor_left_elsewhere_than_the_device_asked_says_so_once(caplog):
+    extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    with caplog.at_level(logging.WARNING, logger="relict_callbacks"):
+        for _ in range(2):
+            call_model(extractor, torch.rand(2, 1, 4, 4), "meta")
+        call_model(extractor, torch.rand(2, 1, 4, 4), "cpu")
+    said = [r.getMessage() for r in caplog.records if "where its weights are" in r.getMessage()]
+    assert said == ["relict: Sequential runs on cpu, where its weights are, not on meta: move it there (.to('meta')) "
+                    "to embed there"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

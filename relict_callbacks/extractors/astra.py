@@ -65,6 +65,8 @@ class AstraEncoder(nn.Module):
     torch.Size([2, 2048])
     """
 
+    casts_inputs = True  # gets float32 images (call_model) and casts them for its network itself
+
     def __init__(self, spatial_dims: int = 3, window: tuple[float, float] | None = None, grid=None) -> None:
         super().__init__()
         from monai.networks.nets import resnet152

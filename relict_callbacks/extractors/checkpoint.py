@@ -104,6 +104,8 @@ class CheckpointEncoder(nn.Module):
     torch.Size([2, 256])
     """
 
+    casts_inputs = True  # gets float32 images (call_model) and casts them for its network itself
+
     def __init__(self, network: nn.Module, weights=None, layer: str = "", prefix: str | None = None,
                  strict: bool = True) -> None:
         super().__init__()

@@ -170,6 +170,8 @@ class CopyEncoder(nn.Module):
     (torch.Size([3, 512]), 2)
     """
 
+    casts_inputs = True  # gets float32 images (call_model) and casts them for its network itself
+
     def __init__(self, grid=None, width: int = 16, dim: int = 128, steps: int = 400, batch_size: int = 32,
                  time_budget: float = 120.0, temperature: float = 0.1, lr: float = 3e-3, seed: int = 0) -> None:
         super().__init__()

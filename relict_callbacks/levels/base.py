@@ -9,6 +9,8 @@ scores query rows against bank rows, **larger = more similar**, as matrix produc
 from __future__ import annotations
 
 import hashlib
+import logging
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 
 from ..items import Item
 from ..search import FaissIndex
+
+log = logging.getLogger("relict_callbacks")
 
 DEFAULT_GRID = {2: (128, 128), 3: (64, 64, 64)}
 
@@ -141,14 +145,17 @@ def resample_all(images: list[torch.Tensor], grid: tuple[int, ...], device, *, n
 @torch.no_grad()
 def call_model(model, images: torch.Tensor, device) -> torch.Tensor:
     """Run a user model (``nn.Module`` in eval mode, restored afterwards; or any callable) without gradients, on
-    the device and in the floating dtype of its parameters (``device`` and float32 without any)."""
+    the device and in the floating dtype of its parameters (``device`` and float32 without any). A module with
+    ``casts_inputs = True`` (the extractors here) gets float32 images on that device: it windows or z-scores them
+    in float32 and casts them for its network itself (float16 would turn intensities past 65,504 into inf)."""
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module is not None and module.training
     parameter = next((p for p in module.parameters() if p.is_floating_point()), None) if module else None
+    dtype = torch.float32
     if parameter is not None:
-        device, dtype = parameter.device, parameter.dtype
-    else:
-        dtype = torch.float32
+        _say_where_it_runs(module, parameter.device, device)
+        device = parameter.device
+        dtype = torch.float32 if getattr(model, "casts_inputs", False) else parameter.dtype
     if module is not None:
         module.eval()
     try:
@@ -160,6 +167,20 @@ def call_model(model, images: torch.Tensor, device) -> torch.Tensor:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{type(model).__name__} returned {shape} for a batch of {images.shape[0]} images")
     return out
+
+
+_told: weakref.WeakSet = weakref.WeakSet()  # modules whose device was said
+
+
+def _say_where_it_runs(module: torch.nn.Module, where: torch.device, asked) -> None:
+    """Warn once per module that runs elsewhere than the device asked for (a feature extractor left on the CPU by
+    a scorer on CUDA embeds every image on the CPU, about 100x slower for a 3D backbone)."""
+    asked = torch.device(asked)
+    if module in _told or (asked.type == where.type and asked.index in (None, where.index)):
+        return
+    _told.add(module)
+    log.warning("relict: %s runs on %s, where its weights are, not on %s: move it there (.to(%r)) to embed there",
+                type(module).__name__, where, asked, str(asked))
 
 
 def model_digest(model) -> dict:
