@@ -17,7 +17,8 @@ from pathlib import Path
 
 LEVEL_NAMES = ("voxel", "feature", "segmentation")
 EXIT_CODES = ("exit status: 0 done (with --fail-above: within the limit); 1 the replica rate is above --fail-above; "
-              "2 usage error or bad input (named; nothing written to --out)")
+              "2 usage error or bad input (named; nothing written to --out); 3 the run failed (e.g. the GPU ran out "
+              "of memory): no verdict")
 
 
 class UsageError(ValueError):
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BankError, OSError) as err:  # ItemError, ReadError, BankError, UsageError: bad input
         print(f"relict: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch's, e.g. out of memory: not a verdict, so not 1, which gates pipelines
+        hint = " (a smaller --grid, or --device cpu)" if "out of memory" in str(err).lower() else ""
+        print(f"relict: error: the run failed, no verdict: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return 3
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -188,6 +193,8 @@ def _device(name: str):
         device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name!r}: not a device name ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: relict runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is false)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

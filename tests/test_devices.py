@@ -401,7 +401,8 @@ def test_audit_runs_on_the_chosen_device(npy_set, tmp_path, device):
     assert json.loads((out / "summary.json").read_text())["inputs"]["device"].startswith(device)
 
 
-@pytest.mark.parametrize("device, problem", [("gpu0", "not a device name"), ("cuda:7", "CUDA")])
+@pytest.mark.parametrize("device, problem", [("gpu0", "not a device name"), ("cuda:7", "CUDA"),
+                                             ("meta", "relict runs on cpu or cuda")])
 def test_audit_refuses_a_device_it_cannot_use(npy_set, tmp_path, capsys, device, problem):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -411,3 +412,18 @@ def test_audit_refuses_a_device_it_cannot_use(npy_set, tmp_path, capsys, device,
     error = capsys.readouterr().err
     assert error.startswith(f"relict: error: --device {device}") or f"--device {device!r}" in error, error
     assert problem in error and not (tmp_path / "out").exists()
+
+
+def test_an_audit_that_runs_out_of_memory_exits_3_not_1(npy_set, tmp_path, capsys, monkeypatch):
+    """A run that fails (the GPU out of memory, faked here) is no verdict: status 3, never the 1 that gates a
+    pipeline on replicas found."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rc.ReplicaScorer, "score", out_of_memory)
+    argv = ["audit", "--train", str(npy_set / "train"), "--synthetic", str(npy_set / "synthetic"),
+            "--out", str(tmp_path / "out"), "--fail-above", "0.5"]
+    assert main(argv) == 3
+    error = capsys.readouterr().err
+    assert "relict: error: the run failed, no verdict: OutOfMemoryError: CUDA out of memory" in error
+    assert "(a smaller --grid, or --device cpu)" in error
