@@ -71,6 +71,23 @@ def test_without_a_voxel_level_the_level_searches_mirror_and_shift_itself():
     assert found["plain"].similarity < 0.6
 
 
+def test_own_search_walks_the_bank_in_chunks_of_bounded_bytes(monkeypatch):
+    """The Dice search holds at most DEVICE_CHUNK_BYTES of float32 masks at once (2.1 GB a chunk of 256 at 128³
+    before): one mask a chunk finds what the whole bank at once finds."""
+    import relict_callbacks.levels.segmentation as segmentation
+
+    items = [{"image": torch.rand(1, 32, 32), "label": (torch.rand(1, 32, 32) > 0.7).to(torch.uint8), "id": f"m{i}"}
+             for i in range(6)]
+    query = {"image": items[2]["image"].flip(2), "label": items[2]["label"].flip(2), "id": "q"}
+    bank = rc.ReferenceBank.build(items, [rc.SegmentationLevel(grid=32)], progress=False)
+    whole = rc.ReplicaScorer(bank, alpha=0.2).score([query]).records[0].levels["segmentation"]
+    monkeypatch.setattr(segmentation, "DEVICE_CHUNK_BYTES", 4 * 32 * 32)  # one mask a chunk
+    chunked = rc.ReplicaScorer(bank, alpha=0.2).score([query]).records[0].levels["segmentation"]
+    assert (chunked.nearest_id, chunked.similarity, chunked.transform) == (whole.nearest_id, whole.similarity,
+                                                                           whole.transform)
+    assert whole.nearest_id == "m2" and whole.similarity == 1.0
+
+
 def test_own_search_finds_small_mirrored_and_shifted_lesions_in_3d():
     train = make_phantoms(8, "head_ct", ndim=3, size=32, seed=5)
     bank = rc.ReferenceBank.build(train, [rc.SegmentationLevel(grid=32)], progress=False)

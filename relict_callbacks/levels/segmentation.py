@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import as_tensor, chunked_topk, rows_to_tensor
+from ..search import DEFAULT_CHUNK, DEVICE_CHUNK_BYTES, as_tensor, chunked_topk, rows_to_tensor
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
 from .voxel import REFINE_CANDIDATES, _describe, mirror_orientations, rigid_part, shift_reach, undo_match
@@ -212,7 +212,9 @@ class SegmentationLevel(Level):
             small, large = torch.minimum(*sizes), torch.maximum(*sizes)
             return mean_dice(overlap * small / large.clamp_min(1), 2 * large)  # fraction within reach x size ratio
 
-        return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, exclude=exclude)
+        row_bytes = 4 * int(np.prod(refs.shape[1:]))  # a mask as float32
+        rows = max(1, min(DEFAULT_CHUNK, DEVICE_CHUNK_BYTES // row_bytes))  # 256 MiB of them at most at 128³
+        return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, chunk_size=rows, exclude=exclude)
 
     @staticmethod
     def _shifts(query: torch.Tensor, ref, flip: tuple, reach: int) -> list[tuple[int, ...]]:
