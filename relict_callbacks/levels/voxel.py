@@ -146,11 +146,11 @@ def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
     """``[n, n]`` matrix ``m`` with ``m @ v`` the Gaussian blur of a length-``n`` vector ``v`` by ``sigma`` voxels,
     edges replicated, truncated at 3 sigma (as ``scipy.ndimage.gaussian_filter(mode="nearest", truncate=3)``)."""
     radius = max(1, int(3 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, device=like.device)
+    offsets = torch.arange(-radius, radius + 1)
     kernel = torch.exp(-0.5 * (offsets.to(like.dtype) / sigma) ** 2)
-    source = (torch.arange(n, device=like.device)[:, None] + offsets).clamp(0, n - 1)  # [n, taps], edges replicated
-    matrix = torch.zeros(n, n, device=like.device, dtype=like.dtype)
-    return matrix.scatter_add_(1, source, (kernel / kernel.sum()).expand(n, -1))
+    source = (torch.arange(n)[:, None] + offsets).clamp(0, n - 1)  # [n, taps], edges replicated
+    matrix = torch.zeros(n, n, dtype=like.dtype)  # on the CPU: CUDA's scatter_add_ adds edge taps in any order
+    return matrix.scatter_add_(1, source, (kernel / kernel.sum()).expand(n, -1)).to(like.device)
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
