@@ -175,9 +175,9 @@ class SegmentationLevel(Level):
 
         def candidates(tolerance):  # per query: [(Dice, bank index, mirror)], mirror by mirror, best first
             values, indices = self._dice_topk(oriented, bank, exclude, tolerance)
-            values, indices = (t.view(len(mirrors), len(q), -1) for t in (values, indices))
-            return [[(float(v), int(m), axes) for axes, vs, ms in zip(mirrors, values[:, i], indices[:, i])
-                     for v, m in zip(vs, ms)] for i in range(len(q))]
+            values, indices = (t.view(len(mirrors), len(q), -1).tolist() for t in (values, indices))  # one copy
+            return [[(v, m, axes) for axes, vs, ms in zip(mirrors, values, indices) for v, m in zip(vs[i], ms[i])]
+                    for i in range(len(q))]
 
         exact, near = candidates(0), candidates(reach) if reach else [[] for _ in range(len(q))]
         pairs = []
