@@ -41,6 +41,22 @@ def gathered_row_by_row(comm, tensor: torch.Tensor) -> torch.Tensor:
         communicator.GATHER_BYTES = kept
 
 
+def seeds_drawn(comm) -> list[int]:
+    """The seeds of a check's sampler calls, one sample a call, after preparing twice (a second fit)."""
+    seeds = []
+
+    def sampler(model, n, generator):
+        seeds.append(generator.initial_seed())
+        return torch.rand(n, 1, 16, 16, generator=generator)
+
+    monitor = Monitor(levels=[rc.VoxelLevel()], num_samples=4, sample_batch_size=1, sampler=sampler, alpha=0.1,
+                      progress=False)
+    monitor.prepare(TRAIN, comm=comm)
+    monitor.prepare(TRAIN, comm=comm)  # rank 0 holds the bank now, the others not: the same collectives on all
+    assert monitor.check(None, epoch=0, step=0, comm=comm).ok
+    return seeds
+
+
 def outcome(call) -> str:
     try:
         return repr(call())
@@ -67,6 +83,7 @@ if __name__ == "__main__":
         "partitioned": outcome(lambda: Monitor(levels=[rc.VoxelLevel()], num_samples=2).prepare(
             Dataset([{"image": f"patient{i}.nii.gz"} for i in range(rank, 8, 2)]), comm=comm)),  # a half each
         "check": check(comm, sampler=copier()),
+        "seeds": seeds_drawn(comm),
         "failed_check": check(comm, sampler=copier(fails_here=rank == 1))["history"],
         "strict": outcome(lambda: check(comm, sampler=copier(fails_here=rank == 1), strict=True)),
     }

@@ -41,6 +41,7 @@ def test_two_processes_gather_unequal_shares_and_agree_on_failures(ranks):
                              "process)"}
     assert {key: rank0[key] for key in shared} == {key: rank1[key] for key in shared} == shared
     assert (rank0["rank"], rank0["rank_zero_fails"]) == (0, "ZeroDivisionError: division by zero")
+    assert (rank0["seeds"], rank1["seeds"]) == ([0, 2], [1, 3])  # one sample a call: no two share a seed
     assert (rank1["rank"], rank1["rank_zero_fails"]) == (1, "RuntimeError: rank 0 failed: ZeroDivisionError: "
                                                              "division by zero")
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 
+import numpy as np
 import torch
 
 from ..bank import ReferenceBank
@@ -59,8 +60,9 @@ class Monitor(MonitorOptions, CheckpointSelection):
         if comm.world_size > self.num_samples:
             raise ValueError(f"num_samples={self.num_samples} is fewer than the {comm.world_size} processes, each of "
                              f"which draws at least one sample: set num_samples >= {comm.world_size}")
-        if comm.world_size > 1 and self.bank is None and self.train_items is None:
-            _check_one_training_set(train_items, comm)
+        if comm.world_size > 1:  # every process takes part, whatever it holds (a second prepare, a bank on one)
+            handed = None if self.bank is not None or self.train_items is not None else train_items
+            _check_one_training_set(handed, comm)
         self.image_shape = comm.from_rank_zero(lambda: self._build(train_items, self.device or device or "cpu"))
 
     def _build(self, train_items, device) -> tuple[int, int]:
@@ -106,7 +108,7 @@ class Monitor(MonitorOptions, CheckpointSelection):
         """
         share, seed = self.samples_for_rank(comm.rank, comm.world_size), self.seed + comm.rank
         check, extra = run_check(lambda: draw_in_batches(self.sampler, model, share, seed, self.image_shape,
-                                                         self.sample_batch_size, sampling_context),
+                                                         self.sample_batch_size, sampling_context, comm.world_size),
                                  lambda images, labels: self._judge(images, labels, epoch, step), self.stop, comm,
                                  epoch=epoch, step=step, extra=extra, strict=self.strict)
         self._record(check, extra, comm)
@@ -169,22 +171,50 @@ class Monitor(MonitorOptions, CheckpointSelection):
 
 def _check_one_training_set(train_items, comm: Communicator) -> None:
     """Raise on every process when the processes were handed different training sets: each loads its own part
-    (MONAI's ``partition_dataset`` per rank), and a bank built from rank 0's would miss the others' patients."""
-    digests = comm.all_gather(torch.tensor([_training_set_digest(train_items)])).flatten().tolist()
-    if len(set(digests)) > 1:
+    (MONAI's ``partition_dataset`` per rank), and a bank built from rank 0's would miss the others' patients.
+    Every process calls it; those handed none (``None``) take part without a say."""
+    digest = 0 if train_items is None else _training_set_digest(train_items)
+    digests = {d for d in comm.all_gather(torch.tensor([digest])).flatten().tolist() if d != 0}
+    if len(digests) > 1:
         raise ValueError(f"the {comm.world_size} processes load different training sets (each its own part of it?): "
                          "a bank built from rank 0's would miss the other processes' patients, and their copies would "
                          "go unflagged; pass train_items=<the whole training set> (the same on every process)")
 
 
 def _training_set_digest(items) -> int:
-    """The size of a training set and, for a dataset of file names (a MONAI ``Dataset``'s ``.data``: paths, or dicts
-    of paths and numbers), the names: the same on every process handed the same set."""
+    """A digest (never 0) of a training set's size and, where it lists plain data (a MONAI ``Dataset``'s ``.data``
+    of file names, nested lists and dicts of paths and numbers; a ``Subset``'s indices into such a dataset), of that
+    list: the same on every process handed the same set.
+
+    >>> from monai.data import Dataset
+    >>> _training_set_digest(Dataset([{"image": ["a.nii", "b.nii"]}])) == _training_set_digest(
+    ...     Dataset([{"image": ["a.nii", "c.nii"]}]))
+    False
+    """
     digest = hashlib.blake2b(str(len(items) if hasattr(items, "__len__") else -1).encode(), digest_size=7)
+    while isinstance(items, torch.utils.data.Subset):
+        digest.update(repr([int(i) for i in items.indices]).encode())
+        items = items.dataset
     data = getattr(items, "data", None)
-    plain = (str, int, float, os.PathLike)
-    if isinstance(data, (list, tuple)) and all(isinstance(entry, plain) or (isinstance(entry, dict) and all(
-            isinstance(value, plain) for value in entry.values())) for entry in data):
-        digest.update(repr([sorted((str(k), str(v)) for k, v in entry.items()) if isinstance(entry, dict)
-                            else str(entry) for entry in data]).encode())
-    return int.from_bytes(digest.digest(), "big")
+    if isinstance(data, (list, tuple)):
+        try:
+            digest.update(repr(_plain(data)).encode())
+        except TypeError:  # arrays, tensors, objects: the size alone
+            pass
+    return int.from_bytes(digest.digest(), "big") or 1
+
+
+def _plain(value):
+    """``value`` as plain, comparable Python data (paths as strings, numpy numbers as Python's, dicts as sorted
+    pairs); a ``TypeError`` where it holds anything else (arrays, tensors, objects)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return sorted((str(k), _plain(v)) for k, v in value.items())
+    raise TypeError(f"not plain data: {type(value).__name__}")

@@ -104,9 +104,10 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
 
 
 def draw_in_batches(sampler, model, num_samples: int, seed: int, expected_shape: tuple[int, int],
-                    batch_size: int | None = None, context=None):
-    """:func:`draw_samples` in calls of at most ``batch_size`` samples (all at once without one), each seeded with
-    ``seed`` plus the index of its first sample and on the CPU before the next is drawn; ``(images, labels)``.
+                    batch_size: int | None = None, context=None, processes: int = 1):
+    """:func:`draw_samples` in calls of at most ``batch_size`` samples (all at once without one), each on the CPU
+    before the next is drawn; ``(images, labels)``. The batch starting at sample ``first`` is seeded with ``seed +
+    first * processes``: the ``processes`` of a distributed check, seeded ``base + rank``, never share a seed.
 
     >>> import torch
     >>> def noise(model, n, generator):
@@ -116,7 +117,7 @@ def draw_in_batches(sampler, model, num_samples: int, seed: int, expected_shape:
     (torch.Size([5, 1, 8, 8]), True)
     """
     step = batch_size or num_samples
-    drawn = [draw_samples(sampler, model, min(step, num_samples - first), seed + first, expected_shape, context)
-             for first in range(0, num_samples, step)]
+    drawn = [draw_samples(sampler, model, min(step, num_samples - first), seed + first * processes, expected_shape,
+                          context) for first in range(0, num_samples, step)]
     images, labels = zip(*drawn)
     return torch.cat(images), None if labels[0] is None else torch.cat(labels)
