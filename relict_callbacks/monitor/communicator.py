@@ -15,6 +15,7 @@ Every process calls each method together, in the same order.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -55,8 +56,10 @@ class Communicator:
         shapes = self.all_gather(torch.tensor(tensor.shape)).cpu()
         if (shapes[:, 1:] != shapes[:1, 1:]).any():
             raise ValueError(f"cannot gather tensors whose shapes differ beyond dim 0: {shapes.tolist()} by rank")
-        rows, row_bytes = shapes[:, 0].tolist(), tensor[0].numel() * tensor.element_size() if len(tensor) else 1
-        step = max(1, GATHER_BYTES // max(row_bytes, 1))
+        rows, row_bytes = shapes[:, 0].tolist(), math.prod(tensor.shape[1:]) * tensor.element_size()
+        if max(rows) == 0:
+            return tensor.new_zeros(0, *tensor.shape[1:])
+        step = max(1, GATHER_BYTES // max(row_bytes, 1))  # the same on every process: only dim 0 differs
         parts: list[list[torch.Tensor]] = [[] for _ in rows]
         for start in range(0, max(rows), step):
             chunk = tensor.new_zeros(min(step, max(rows) - start), *tensor.shape[1:])
@@ -127,7 +130,7 @@ class DistributedCommunicator(Communicator):
 
     def broadcast(self, value):
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, device=self.device)  # NCCL: this process's GPU, not the current one
         return box[0]
 
 
