@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BankError, OSError) as err:  # ItemError, ReadError, BankError, UsageError: bad input
         print(f"relict: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # torch's, e.g. out of memory: not a verdict, so not 1, which gates pipelines
+    except Exception as err:  # e.g. out of memory (torch's or the host's): no verdict, so not 1, which gates pipelines
         hint = " (a smaller --grid, or --device cpu)" if "out of memory" in str(err).lower() else ""
         print(f"relict: error: the run failed, no verdict: {type(err).__name__}: {err}{hint}", file=sys.stderr)
         return 3

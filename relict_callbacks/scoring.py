@@ -13,6 +13,7 @@ from scipy import stats
 from .atomic import atomic_csv, atomic_write
 from .bank import ReferenceBank
 from .calibration import RULES, Calibration, combine, p_values
+from .heartbeat import beat
 from .intervals import rate_bounds
 from .search import device_budget as device_budget_bytes
 from .torch_modes import full_precision
@@ -288,6 +289,7 @@ class ReplicaScorer:
             for name, nearest in self.bank.nearest_levels(block, self.device, indexes=self.indexes,
                                                              budget=self.device_budget).items():
                 found[name].append(nearest)
+            beat()
         sims = {name: np.concatenate([f.similarity for f in parts]) for name, parts in found.items()}
         indices = {name: np.concatenate([f.index for f in parts]) for name, parts in found.items()}
         transforms = {name: [t for f in parts for t in f.transform] for name, parts in found.items()}

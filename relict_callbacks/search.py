@@ -176,7 +176,7 @@ def chunk_rows(row_bytes: int, device) -> int:
     an accelerator."""
     if torch.device(device).type == "cpu":
         return DEFAULT_CHUNK
-    return max(DEFAULT_CHUNK, DEVICE_CHUNK_BYTES // max(row_bytes, 1))
+    return max(1, DEVICE_CHUNK_BYTES // max(row_bytes, 1))  # large rows too: two pinned staging chunks of 256 MiB
 
 
 def _in_place(refs, queries: torch.Tensor) -> bool:

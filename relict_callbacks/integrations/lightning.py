@@ -87,7 +87,7 @@ class ReplicaMonitor(MonitorAdapter, Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(_FSDP_REFUSED)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -153,8 +153,10 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         extra = scalar_metrics(trainer.callback_metrics)
         precision = trainer.precision_plugin  # under 16-mixed/bf16-mixed, the networks sample as they train
         autocast = precision.forward_context if isinstance(precision, MixedPrecision) else None
-        check = self.monitor.check(_averaged(trainer) or pl_module, trainer.current_epoch, trainer.global_step, extra,
-                                   StrategyCommunicator(trainer, pl_module.device), sampling_context=autocast)
+        averaged = _averaged(trainer)
+        check = self.monitor.check(pl_module if averaged is None else averaged, trainer.current_epoch,
+                                   trainer.global_step, extra, StrategyCommunicator(trainer, pl_module.device),
+                                   sampling_context=autocast)
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check

@@ -208,7 +208,7 @@ def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             network = network.module
-        elif isinstance(network, torch._dynamo.OptimizedModule):
+        elif isinstance(getattr(network, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
             network = network._orig_mod
         else:
             return network

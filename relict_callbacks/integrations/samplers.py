@@ -165,6 +165,7 @@ def _decoding_where_it_is(autoencoder):
     precomputed latents) stays on the CPU in float32 under ``bf16-true``. The inferer still gets the autoencoder
     itself (it checks its class, e.g. for SPADE)."""
     decode, placement = autoencoder.decode_stage_2_outputs, _placement(autoencoder)
+    own = vars(autoencoder).get("decode_stage_2_outputs")  # one the user set on the instance, kept
 
     def moved(latents, *args, **kwargs):
         return decode(latents.to(*placement), *args, **kwargs)
@@ -173,7 +174,10 @@ def _decoding_where_it_is(autoencoder):
     try:
         yield
     finally:
-        del autoencoder.decode_stage_2_outputs  # the class's method again
+        if own is None:
+            del autoencoder.decode_stage_2_outputs  # the class's method again
+        else:
+            autoencoder.decode_stage_2_outputs = own
 
 
 class GANSampler:

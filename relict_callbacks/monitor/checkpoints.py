@@ -57,8 +57,8 @@ def read_checkpoint(path, *, mmap: bool = True):
     """A checkpoint's content on the CPU as ``torch.load(weights_only=True)`` reads it (memory-mapped with ``mmap``,
     where the file allows: weights are then read only where used), except that objects of classes it does not
     allow, which a file may hold beside its weights (hyper-parameters saved as an ``argparse.Namespace`` or a
-    ``Path``, a scheduler module), come back as inert placeholders instead of failing the whole file. No code a
-    file names is run.
+    ``Path``, a scheduler module), come back as inert placeholders instead of failing the whole file (subclasses of
+    dict or list still fail it: torch fills only those types). No code a file names is run.
 
     >>> import argparse, tempfile, os, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "epoch=0.ckpt")
@@ -92,15 +92,6 @@ class Inert:
         pass
 
     def __setstate__(self, state) -> None:
-        pass
-
-    def __setitem__(self, key, value) -> None:
-        pass
-
-    def append(self, value) -> None:
-        pass
-
-    def extend(self, values) -> None:
         pass
 
 
