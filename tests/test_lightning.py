@@ -169,3 +169,20 @@ def test_fast_dev_run_builds_nothing_and_checks_nothing(tmp_path):
     fit.fit(TurnsCopier(phantoms(8), copy_from=0), loader(phantoms(8)))
     assert monitor.monitor.bank is None and monitor.history == []
     assert not (tmp_path / "relict").exists() and "relict/replica_rate" not in fit.callback_metrics
+
+
+@pytest.mark.parametrize("strategy, spawned", [("ddp_spawn", True), ("ddp_fork", True), ("ddp", False)])
+def test_fits_in_spawned_processes_are_told_the_monitor_records_stay_there(strategy, spawned):
+    """Under ddp_spawn/ddp_fork (and notebooks with several devices), setup warns that what the monitor records
+    stays in the worker processes."""
+    import warnings
+
+    import lightning as L
+
+    fit = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=2, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.setup(fit, torch.nn.Linear(1, 1), "fit")
+    told = [str(w.message) for w in caught if "stays in" in str(w.message)]
+    assert len(told) == spawned and all("set save_dir=" in message for message in told)

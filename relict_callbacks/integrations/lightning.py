@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAv
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from relict_callbacks.bank import ReferenceBank
@@ -89,6 +90,11 @@ class ReplicaMonitor(MonitorAdapter, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(_FSDP_REFUSED)
+        if stage == "fit" and _in_spawned_processes(trainer):
+            rank_zero_warn("relict: this fit runs in processes that ddp_spawn/ddp_fork started (notebooks with several "
+                           "devices too): what the monitor records (history, stop reason, safe checkpoint) stays in "
+                           "them, and this ReplicaMonitor in the launching process sees none of it; set save_dir= to "
+                           "keep history.json and the reports, or launch with torchrun (strategy='ddp')")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _skipped(trainer):
@@ -160,6 +166,12 @@ class ReplicaMonitor(MonitorAdapter, Callback):
         if trainer.is_global_zero and check.ok:
             notify_sinks(self.sinks, check, self.monitor, trainer, "relict", f"epoch {check.epoch}")
         return check
+
+
+def _in_spawned_processes(trainer: Trainer) -> bool:
+    """Whether the fit runs in processes the trainer spawned or forked, whose state the launching process never
+    sees (Lightning sends back only the weights and ``callback_metrics``)."""
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 _FSDP_REFUSED = (
