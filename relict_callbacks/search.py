@@ -107,11 +107,6 @@ def take_rows(rows, indices: torch.Tensor, device) -> torch.Tensor:
     return as_tensor(rows[indices.cpu().numpy()], device)
 
 
-def rows_to_tensor(refs, start: int, stop: int, device) -> torch.Tensor:
-    """Rows ``start:stop`` of a numpy array/memmap or tensor as float32 on ``device``."""
-    return as_tensor(_tensor(refs[start:stop]), device)
-
-
 class RowStream:
     """Rows of a bank array, a chunk at a time, in one reused buffer of ``rows`` rows on ``device`` in ``dtype``:
     rows already there in that dtype are used in place, others are copied in. Host rows go to CUDA through two

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import DEFAULT_CHUNK, DEVICE_CHUNK_BYTES, as_tensor, chunked_topk, rows_to_tensor
+from ..search import DEFAULT_CHUNK, DEVICE_CHUNK_BYTES, as_tensor, chunked_topk
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
 from .voxel import REFINE_CANDIDATES, _describe, mirror_orientations, rigid_part, shift_reach, undo_match
@@ -204,7 +204,7 @@ class SegmentationLevel(Level):
         ref_sizes = torch.as_tensor(bank["sizes"]).to(q.device, torch.float32)
 
         def score_chunk(start: int, stop: int) -> torch.Tensor:
-            r = rows_to_tensor(refs, start, stop, q.device).flatten(2)
+            r = as_tensor(refs[start:stop], q.device).flatten(2)
             overlap = torch.einsum("qld,rld->qrl", q, r)
             sizes = q_sizes[:, None, :], ref_sizes[None, start:stop, :]
             if reach == 0:
