@@ -60,15 +60,11 @@ class Communicator:
         if max(rows) == 0:
             return tensor.new_zeros(0, *tensor.shape[1:])
         step = max(1, GATHER_BYTES // max(row_bytes, 1))  # the same on every process: only dim 0 differs
-        parts: list[list[torch.Tensor]] = [[] for _ in rows]
-        for start in range(0, max(rows), step):
-            chunk = tensor.new_zeros(min(step, max(rows) - start), *tensor.shape[1:])
-            mine = tensor[start : start + len(chunk)]
-            chunk[: len(mine)] = mine
-            gathered = self.all_gather(chunk).cpu()
-            for rank, count in enumerate(rows):
-                parts[rank].append(gathered[rank, : max(0, min(count - start, len(chunk)))])
-        return torch.cat([part for rank_parts in parts for part in rank_parts])
+        padded = tensor.new_zeros(max(rows), *tensor.shape[1:])
+        padded[: len(tensor)] = tensor
+        gathered = torch.cat([self.all_gather(padded[start : start + step]).cpu()  # [world, rows, ...]
+                              for start in range(0, max(rows), step)], dim=1)
+        return torch.cat([part[:count] for part, count in zip(gathered, rows)])
 
     def from_rank_zero(self, function):
         """``function()`` run on rank 0 only; its (picklable) result on every process. If it raises, rank 0 raises
