@@ -17,8 +17,9 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
   masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
   resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
-  device's memory and at most :data:`FREE_MEMORY_FRACTION` of what is free on it, counted in stored bytes); rows beyond it stay in host memory as stored (memory-mapped) and are streamed to the device chunk by chunk
-  through two page-locked staging buffers (:class:`RowStream`; 2 x :data:`DEVICE_CHUNK_BYTES` pinned at most).
+  device's memory and at most :data:`FREE_MEMORY_FRACTION` of what is free on it, counted in stored bytes); rows
+  beyond it stay in host memory as stored (memory-mapped) and are streamed to the device chunk by chunk through two
+  page-locked staging buffers (:class:`RowStream`; 2 x :data:`DEVICE_CHUNK_BYTES` pinned at most).
   float16 rows are multiplied in half precision with float32 accumulation and output
   (``torch.mm(..., out_dtype=torch.float32)``) where the device has it, the queries scaled to unit range first.
 """

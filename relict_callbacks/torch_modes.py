@@ -5,12 +5,12 @@ matrix products in float16/bfloat16 inside an autocast region. Scores computed t
 NCC off by 1e-3) or overflow (float16 sums of 262,144 products past 65,504: ``inf``, clamped to an NCC of 1, a
 replica). The engine turns autocast off for what it computes (:func:`full_precision`).
 
-**Deterministic algorithms.** Lightning's ``Trainer(deterministic=True)`` and MONAI's ``set_determinism(..., use_deterministic_algorithms=True)``
-turn on ``torch.use_deterministic_algorithms(True)``, under which torch refuses, on CUDA, the backward passes it has
-no deterministic kernel for. Two of ours are among them: ``grid_sample``'s (the voxel level's bend search, which
-differentiates only the sampling grid, a gradient torch computes point by point, so it stays reproducible) and
-adaptive average pooling's (the copy encoder's training). Refused, every check would fail on the GPU
-(:func:`tolerating_nondeterministic_backward`).
+**Deterministic algorithms.** Lightning's ``Trainer(deterministic=True)`` and MONAI's
+``set_determinism(..., use_deterministic_algorithms=True)`` turn on ``torch.use_deterministic_algorithms(True)``,
+under which torch refuses, on CUDA, the backward passes it has no deterministic kernel for. Two of ours are among
+them: ``grid_sample``'s (the voxel level's bend search, which differentiates only the sampling grid, a gradient
+torch computes point by point, so it stays reproducible) and adaptive average pooling's (the copy encoder's
+training). Refused, every check would fail on the GPU (:func:`tolerating_nondeterministic_backward`).
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
-from ..torch_modes import tolerating_nondeterministic_backward
 from ..items import ItemError, iter_batches
 from ..levels.base import plain_grid, resample
+from ..torch_modes import tolerating_nondeterministic_backward
 
 DEFAULT_GRID = {2: (64, 64), 3: (32, 32, 32)}
 POOL = {2: (4, 4), 3: (2, 2, 2)}  # the features keep this coarse layout

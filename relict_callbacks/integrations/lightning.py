@@ -88,9 +88,11 @@ class ReplicaMonitor(MonitorAdapter, Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(_FSDP_REFUSED)
-        if stage == "fit" and _in_spawned_processes(trainer):
+        if _in_spawned_processes(trainer):
             rank_zero_warn("relict: this fit runs in processes that ddp_spawn/ddp_fork started (notebooks with several "
                            "devices too): what the monitor records (history, stop reason, safe checkpoint) stays in "
                            "them, and this ReplicaMonitor in the launching process sees none of it; set save_dir= to "

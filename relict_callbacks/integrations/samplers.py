@@ -10,8 +10,9 @@ Devices and precision: noise is drawn with the check's generator on its device (
 the same noise whatever the model's device) in float32 (the same noise whatever the model's precision), then moved
 to the network's device and cast to its dtype, so ``bf16-true``/``16-true`` networks get bf16/fp16 noise;
 ``*-mixed`` networks keep float32 weights and sample in reduced precision inside the autocast region the monitor
-opens, as their training step does (Lightning's ``16-mixed``/``bf16-mixed``, MONAI's ``amp=True``). Scheduler timesteps stay on the CPU, as MONAI's inferers expect
-(``DiffusionInferer.sample`` concatenates them with a CPU tensor); the network gets each one on its device.
+opens, as their training step does (Lightning's ``16-mixed``/``bf16-mixed``, MONAI's ``amp=True``). Scheduler
+timesteps stay on the CPU, as MONAI's inferers expect (``DiffusionInferer.sample`` concatenates them with a CPU
+tensor); the network gets each one on its device.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from ..torch_modes import tolerating_nondeterministic_backward
 from ..items import Item, ItemError
 from ..search import inner_product_topk, take_rows
+from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
 
