@@ -182,7 +182,6 @@ class ReferenceBank:
         exclude = None if exclude is None else exclude.to(device)
         return level.nearest(tensors, self.rows(level, device, budget), exclude=exclude, index=index, **options)
 
-    @full_precision()
     def nearest_levels(self, queries: dict[str, dict[str, np.ndarray]], device="cpu", *, exclude=None,
                        indexes=None, budget: int | None = None) -> dict[str, Nearest]:
         """:meth:`nearest` at every level for the same queries (``queries[level name]`` are their rows). A level
