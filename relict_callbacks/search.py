@@ -8,10 +8,12 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
 
 - CPU: float16 rows held in RAM while they fit a host memory budget (``device_budget``: default
   :data:`DEVICE_BUDGET_FRACTION` of the machine's RAM). On CPUs that multiply bfloat16 in hardware (AMX or
-  AVX512-BF16, :func:`fast_bf16`) they are held as bfloat16 (:class:`RankedRows`, 2 bytes a value: a 2,000 x 64³
-  voxel bank takes 1.0 GB): a search ranks every row in one bfloat16 matmul, about 3x faster than float32, then
-  re-scores the best ranked rows exactly in float32 from the stored rows, as many as it takes to prove that no
-  other row can be in the top-k (:func:`ranked_topk`), so it returns the float32 search's neighbours and scores.
+  AVX512-BF16, :func:`fast_bf16`) they are ranked in bfloat16 (:class:`RankedRows`, 2 bytes a value): a search
+  ranks every row in one bfloat16 matmul, about 3x faster than float32, then re-scores the best ranked rows exactly
+  in float32 from the stored rows, as many as it takes to prove that no other row can be in the top-k
+  (:func:`ranked_topk`), so it returns the float32 search's neighbours and scores. Smooth images (the voxel level's
+  rows) are ranked by their lower half of frequencies along each axis only, a quarter of a 2D image's values and an
+  eighth of a 3D one's (a 2,000 x 64³ voxel bank takes 128 MiB), their bound counting what the rest can add.
   Elsewhere they are held as float32 (4 bytes a value), one float32 matmul. Rows beyond the budget stay
   memory-mapped as stored and are converted chunk by chunk into one reused float32 buffer. Other rows (float32,
   masks) stay memory-mapped.
@@ -32,8 +34,10 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import scipy.fft
 import torch
 
+from .separable import along_axes
 from .validation import check_number
 
 DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
@@ -41,6 +45,8 @@ DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (f
 BF16_UNIT = 2.0**-8  # largest relative rounding error of a bfloat16 value (8 significant bits)
 RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per query, deeper until the top-k is proven
 SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
+LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
+LOW_PASS_ERROR = 4 * 2.0**-14  # of |q| max|r|: float32 transforms of both sides and their rests' norms (2e-5 each)
 DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
 FREE_MEMORY_FRACTION = 0.5  # and at most this share of a CUDA device's free memory, so that a full one still trains
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
@@ -228,27 +234,41 @@ def fast_bf16() -> bool:
 
 
 class RankedRows:
-    """Stored float16 bank rows ``[N, ...]`` for the CPU search, held in RAM a second time as bfloat16 ``[N, D]``
+    """Stored float16 bank rows ``[N, ...]`` for the CPU search, held in RAM a second time as bfloat16 ``[N, K]``
     (``ranking``) to rank every row fast; indexing, ``len``, ``shape`` and ``reshape`` give the stored rows
     (``exact``), from which :func:`ranked_topk` re-scores the best ranked ones in float32.
+
+    Rows of images (``[N, C, *grid]``) are ranked by their low frequencies only where ``bases`` are given
+    (:func:`ranking_bases`: where those hold all but :data:`LOW_PASS_RESIDUAL` of them): their orthonormal DCT-II
+    coefficients of the lower half of frequencies along each spatial axis, a quarter of a 2D image's values, an
+    eighth of a 3D one's. The transform is orthonormal, so a product is that of the low frequencies plus that of the rest, at
+    most ``|q_rest| |r_rest|``; :meth:`slack` counts it. The voxel level's rows are smoothed: their rest is 0.7-4%
+    of them on the phantoms and the benchmark rows, and the ranking a quarter or an eighth of the work.
 
     >>> rows = RankedRows(np.arange(6, dtype=np.float16).reshape(3, 1, 2))
     >>> len(rows), rows.shape, rows.ranking.dtype, rows.reshape(3, -1)[[2]].tolist()
     (3, (3, 1, 2), torch.bfloat16, [[4.0, 5.0]])
     """
 
-    def __init__(self, exact: np.ndarray) -> None:
-        self.exact = exact
+    def __init__(self, exact: np.ndarray, bases: list[torch.Tensor] | None = None) -> None:
+        self.exact, self.image_shape, self.bases = exact, exact.shape[1:], bases
         flat = exact.reshape(len(exact), -1)
-        self.ranking = torch.empty(flat.shape, dtype=torch.bfloat16)
-        self.largest_norm = self.largest_rounding = 0.0  # of the stored rows and of their bfloat16 rounding errors
+        self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=torch.bfloat16)
+        # of the stored rows, of what is ranked of them, of its bfloat16 rounding errors and of what is not ranked
+        self.largest_norm = self.largest_ranked = self.largest_rounding = self.largest_rest = 0.0
         for start in range(0, len(flat), DEFAULT_CHUNK):
             chunk = as_tensor(flat[start : start + DEFAULT_CHUNK], "cpu")
+            ranked, rest = self._split(chunk)
             rounded = self.ranking[start : start + len(chunk)]
-            rounded.copy_(chunk)
-            self.largest_norm = max(self.largest_norm, float(torch.linalg.vector_norm(chunk, dim=1).max()))
-            rounding = torch.linalg.vector_norm(chunk - rounded.float(), dim=1).max()
-            self.largest_rounding = max(self.largest_rounding, float(rounding))
+            rounded.copy_(ranked)
+            self.largest_norm = max(self.largest_norm, _largest_norm(chunk))
+            self.largest_ranked = max(self.largest_ranked, _largest_norm(ranked))
+            self.largest_rounding = max(self.largest_rounding, _largest_norm(ranked - rounded.float()))
+            self.largest_rest = max(self.largest_rest, _largest_norm(rest))
+
+    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, D]`` float32 rows as ranked (``[B, K]``) and the part of them not ranked (None: none)."""
+        return _split(rows, self.image_shape, self.bases)
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -265,22 +285,75 @@ class RankedRows:
         return self.exact.dtype
 
     def reshape(self, *shape) -> RankedRows:
-        """The same rows, the stored ones reshaped (row by row: the ranking rows stay ``[N, D]``)."""
+        """The same rows, the stored ones reshaped (row by row: the ranking rows stay ``[N, K]``)."""
         reshaped = copy.copy(self)
         reshaped.exact = self.exact.reshape(*shape)
         if len(reshaped.exact) != len(self.ranking):
             raise ValueError(f"cannot reshape {len(self)} bank rows to {reshaped.exact.shape}: rows stay rows")
         return reshaped
 
-    def bound(self, scores: torch.Tensor, query_norms: torch.Tensor) -> torch.Tensor:
-        """The most the exact products of queries (norms ``query_norms`` ``[Q]``) with these rows can be, given
-        their bfloat16 products ``scores`` ``[Q]``. A bfloat16 product ``s`` is rounded from the product of the
-        rounded ``q~ = q + dq`` and ``r~ = r - dr``, summed in float32, so the exact one is at most
-        ``s + u |s| / (1 - u) + |q~| max|dr| + |dq| max|r|`` with ``u = BF16_UNIT``, ``|q~| <= (1 + u) |q|`` and
-        ``|dq| <= u |q|``; plus ``SUM_ORDER_ERROR |q| max|r|`` for the order float32 sums in."""
-        rounding = query_norms * ((1 + BF16_UNIT) * self.largest_rounding
-                                  + (BF16_UNIT + SUM_ORDER_ERROR) * self.largest_norm)
-        return scores + scores.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + rounding
+    def rank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (bfloat16 ``[Q, K]``), and the slack
+        ``[Q]`` of :meth:`bound` for each."""
+        ranked, rest = self._split(queries)
+        return ranked.bfloat16(), self.slack(queries, ranked, rest)
+
+    def slack(self, queries: torch.Tensor, ranked: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
+        """``[Q]``: the most the exact products of ``queries`` (as :meth:`_split` splits them) with these rows can
+        exceed their ranking products, beyond the rounding of the products themselves (:meth:`bound`).
+
+        The ranking multiplies the rounded ``q~ = q + dq`` and ``r~ = r - dr`` of the ranked parts, summed in
+        float32, so the ranked parts' product is at most the rounded one plus ``|q~| max|dr| + |dq| max|r|``, with
+        ``|q~| <= (1 + u) |q|`` and ``|dq| <= u |q|`` (``u = BF16_UNIT``); plus ``SUM_ORDER_ERROR |q| max|r|`` for the
+        order float32 sums in. Rows ranked by their low frequencies add the product of the rest,
+        ``|q_rest| max|r_rest|`` (Cauchy-Schwarz), and ``LOW_PASS_ERROR |q| max|r|`` for the float32 transforms."""
+        norms, ranked_norms = (torch.linalg.vector_norm(x, dim=1) for x in (queries, ranked))
+        slack = (ranked_norms * ((1 + BF16_UNIT) * self.largest_rounding + BF16_UNIT * self.largest_ranked)
+                 + norms * SUM_ORDER_ERROR * self.largest_norm)
+        if rest is not None:
+            slack += torch.linalg.vector_norm(rest, dim=1) * self.largest_rest + norms * LOW_PASS_ERROR * self.largest_norm
+        return slack
+
+    @staticmethod
+    def bound(scores: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+        """The most the exact products of queries with rows can be, given their ranking products ``scores``
+        ``[Q]`` and the queries' ``slack`` ``[Q]`` (:meth:`rank`): a bfloat16 product ``s`` is rounded from one at
+        most ``s + u |s| / (1 - u)``."""
+        return scores + scores.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + slack
+
+
+def _largest_norm(rows: torch.Tensor | None) -> float:
+    return 0.0 if rows is None or not len(rows) else float(torch.linalg.vector_norm(rows, dim=1).max())
+
+
+def ranking_bases(rows: np.ndarray) -> list[torch.Tensor] | None:
+    """The bases :class:`RankedRows` ranks ``rows`` ``[N, C, *grid]`` by: per spatial axis, the orthonormal DCT-II
+    basis ``[n // 2, n]`` of its lower half of frequencies, where the rows are images of two or more spatial axes of
+    at least 8 voxels and all but :data:`LOW_PASS_RESIDUAL` of each of the first :data:`DEFAULT_CHUNK` is in those;
+    else None (rows are ranked whole)."""
+    grid = rows.shape[2:]
+    if len(grid) < 2 or min(grid) < 8:
+        return None
+    bases = [torch.from_numpy(scipy.fft.dct(np.eye(n), norm="ortho", axis=0)[: n // 2]).float() for n in grid]
+    first = as_tensor(rows[:DEFAULT_CHUNK], "cpu").flatten(1)
+    _, rest = _split(first, rows.shape[1:], bases)
+    held = torch.linalg.vector_norm(rest, dim=1) <= LOW_PASS_RESIDUAL * torch.linalg.vector_norm(first, dim=1)
+    return bases if bool(held.all()) else None
+
+
+def ranking_width(rows: np.ndarray, bases: list[torch.Tensor] | None) -> int:
+    """Values a row of ``rows`` is ranked by, with ``bases`` (:func:`ranking_bases`)."""
+    return int(np.prod(rows.shape[1:])) if bases is None else rows.shape[1] * int(np.prod([len(b) for b in bases]))
+
+
+def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, D]`` float32 rows of ``[C, *grid]`` images as ranked (``[B, K]``: their low frequencies along
+    ``bases``, or themselves where None) and the part of them not ranked (``[B, D]``; None where ranked whole)."""
+    if bases is None:
+        return rows, None
+    images = rows.view(-1, *image_shape)
+    low = along_axes(images, bases)
+    return low.flatten(1), (images - along_axes(low, [b.T for b in bases])).flatten(1)
 
 
 def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
@@ -296,14 +369,13 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
     [[1, 2]]
     """
     queries, n = queries.float(), len(refs)
-    rounded = queries.bfloat16()
+    rounded, slack = refs.rank(queries)
     chunk = max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries)))
     ranked_values, ranked_indices = chunked_topk(lambda a, b: rounded @ refs.ranking[a:b].T, n,
                                                  max(k, RESCORE_DEPTHS[-1]) + 1, chunk_size=chunk, exclude=exclude)
     ranked = ranked_values.shape[1]  # one more than the rows re-scored, where there are that many
     k = min(k, ranked)
     left = torch.full((len(queries),), n) if exclude is None else n - (exclude.cpu() >= 0).long()  # rows to match
-    norms = torch.linalg.vector_norm(queries, dim=1)
     exact = torch.full_like(ranked_values, -torch.inf)
     values = torch.empty(len(queries), k)
     indices = torch.empty(len(queries), k, dtype=torch.long)
@@ -314,9 +386,9 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
         scored = stop
         best, order = exact[pending, :stop].topk(k, dim=1)
         if stop < ranked:  # every row not scored ranks at most as the next one
-            proven = best[:, -1] > refs.bound(ranked_values[pending, stop], norms[pending])
+            proven = best[:, -1] > refs.bound(ranked_values[pending, stop], slack[pending])
         else:  # every ranked row scored; rows not ranked (where there are any) rank at most as the last one
-            proven = (left[pending] <= ranked) | (best[:, -1] > refs.bound(ranked_values[pending, -1], norms[pending]))
+            proven = (left[pending] <= ranked) | (best[:, -1] > refs.bound(ranked_values[pending, -1], slack[pending]))
         done = pending[proven]
         values[done], indices[done] = best[proven], ranked_indices[done].gather(1, order[proven])
         pending = pending[~proven]
@@ -452,10 +524,13 @@ def _to_host(array: np.ndarray, left: int) -> tuple:
     """``array`` held in RAM when it is float16 and fits in ``left`` bytes (as :class:`RankedRows` where the CPU
     has :func:`fast_bf16`, else as a float32 tensor), else as it is; and the bytes left."""
     ranked = fast_bf16()
-    nbytes = array.size * (2 if ranked else 4)
-    if array.dtype != np.float16 or nbytes > left:
+    if array.dtype != np.float16:
         return array, left
-    held = RankedRows(array) if ranked else torch.from_numpy(np.asarray(array, dtype=np.float32))
+    bases = ranking_bases(array) if ranked else None
+    nbytes = len(array) * ranking_width(array, bases) * 2 if ranked else array.size * 4
+    if nbytes > left:
+        return array, left
+    held = RankedRows(array, bases) if ranked else torch.from_numpy(np.asarray(array, dtype=np.float32))
     return held, left - nbytes
 
 

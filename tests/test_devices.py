@@ -108,12 +108,14 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
     assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
                                                                        for r in mapped.records]
     assert np.allclose(resident.similarities("voxel"), mapped.similarities("voxel"), atol=1e-6)
-    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored
+    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored; held as
+    # float32, or as bfloat16 where the rows are ranked by their lowest 16² frequencies
     stored = 12 * (SIZE * SIZE + 8 * 8) * 2
+    held = 12 * (SIZE * SIZE // 4 + 8 * 8) * 2 if bf16 else 2 * stored
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
     assert said == [f"bank arrays for search on cpu: 0 B held in RAM (budget 0 B), {stored / 1024:.1f} KiB read "
                     "memory-mapped as stored",
-                    f"bank arrays for search on cpu: {stored * (1 if bf16 else 2) / 1024:.1f} KiB held in RAM (budget "
+                    f"bank arrays for search on cpu: {held / 1024:.1f} KiB held in RAM (budget "
                     f"{device_budget('cpu') / 2**30:.1f} GiB), 0 B read memory-mapped as stored"]
 
 

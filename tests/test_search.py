@@ -6,7 +6,7 @@ import torch
 
 import relict_callbacks as rc
 from relict_callbacks import search
-from relict_callbacks.search import FaissIndex, RankedRows, inner_product_topk
+from relict_callbacks.search import FaissIndex, RankedRows, inner_product_topk, ranking_bases
 
 from conftest import smooth_field
 
@@ -87,6 +87,15 @@ def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_mat
         assert torch.allclose(values, expected_values, atol=1e-6, rtol=0)
 
 
+def image_rows(n: int, shape: tuple[int, ...], seed: int, smoothing: int = 3) -> np.ndarray:
+    """``n`` z-scored float16 images ``[n, 1, *shape]``, blurred ``smoothing`` times (0: white noise)."""
+    x = torch.randn(n, 1, *shape, generator=torch.Generator().manual_seed(seed))
+    pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
+    for _ in range(smoothing):
+        x = pool(x, 5, 1, 2)
+    return ncc_rows(x.numpy()).reshape(n, 1, *shape)
+
+
 def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
     """The bound is a proof: no exact product (float64, and float32 as the search sums it) exceeds it, for random
     queries, queries equal to a row, queries aligned with a row's bfloat16 rounding error (and rounding to
@@ -98,14 +107,62 @@ def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
     half_step_up = refs.ranking[:8].double() + 0.49 * torch.ldexp(torch.ones(1), exponent - 8) * stored[:8].sign()
     for queries in (torch.from_numpy(rng.standard_normal((8, 65536))), stored[:8],
                     stored[:8] + 40 * rounding[:8], (1e3 * rounding[:8]).bfloat16().double(), half_step_up):
-        queries = (queries / 65536).float()
-        scores = (queries.bfloat16() @ refs.ranking.T).float()
-        norms = torch.linalg.vector_norm(queries, dim=1)[:, None]
-        rounded_products = queries.bfloat16().double() @ refs.ranking.double().T  # before the product's own rounding
-        assert (queries.double() @ stored.T - rounded_products <= refs.bound(torch.zeros_like(scores), norms)).all()
-        bound = refs.bound(scores, norms)
-        assert (queries.double() @ stored.T <= bound).all()
-        assert (queries @ stored.float().T <= bound).all()
+        assert_bound_holds(refs, (queries / 65536).float())
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (32, 32, 32)], ids=["2d", "3d"])
+def test_low_frequency_bound_holds_for_every_row_whatever_the_query(shape, rng):
+    """Smooth images are ranked by their low frequencies, and the bound still proves: for white-noise queries (all
+    but a quarter or an eighth of them outside the ranking), queries equal to a row, queries that are a row's
+    high frequencies only (the part of the product the ranking does not see) and rows with those amplified."""
+    rows = image_rows(40, shape, seed=1)
+    refs = RankedRows(rows, ranking_bases(rows))
+    assert refs.bases is not None and refs.ranking.shape[1] == np.prod(shape) // 2 ** len(shape)
+    stored = torch.from_numpy(refs.exact).double().flatten(1)
+    _, rest = refs._split(stored[:8].float())
+    voxels = stored.shape[1]
+    for queries in (torch.from_numpy(rng.standard_normal((8, voxels))), stored[:8], rest.double(),
+                    stored[:8] + 30 * rest.double()):
+        assert_bound_holds(refs, (queries / voxels).float())
+
+
+def assert_bound_holds(refs: RankedRows, queries: torch.Tensor) -> None:
+    stored = torch.from_numpy(refs.exact).double().flatten(1)
+    ranked, slack = refs.rank(queries)
+    exact = queries.double() @ stored.T
+    rounded_products = ranked.double() @ refs.ranking.double().T  # before the product's own rounding
+    assert (exact - rounded_products <= slack[:, None]).all()
+    bound = refs.bound((ranked @ refs.ranking.T).float(), slack[:, None])
+    assert (exact <= bound).all()
+    assert (queries @ stored.float().T <= bound).all()
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (64, 64, 64)], ids=["2d", "3d"])
+def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from_few_rows(shape, monkeypatch):
+    """Ranked by a quarter (2D) or an eighth (3D) of their values, smooth images give the float32 search's top-k,
+    and each query's best 4 rows prove its nearest neighbour, mirrored, noisy and unrelated queries included."""
+    rows = image_rows(60, shape, seed=2)
+    refs = RankedRows(rows, ranking_bases(rows))
+    assert refs.bases is not None
+    exact = torch.from_numpy(rows).float()
+    queries = torch.cat([exact[:4], exact[4:8].flip(-1), exact[8:12] + torch.randn(4, *exact.shape[1:]),
+                         torch.from_numpy(image_rows(4, shape, seed=3)).float()]).flatten(1) / np.prod(shape)
+    calls = []
+    monkeypatch.setattr(search, "_exact_scores", lambda *a: calls.append(a[2].shape) or exact_scores(*a))
+    for k, exclude in ((1, None), (3, torch.arange(16))):
+        calls.clear()
+        values, indices = inner_product_topk(queries, refs.reshape(60, -1), k, exclude=exclude)
+        expected_values, expected_indices = inner_product_topk(queries, rows.reshape(60, -1), k, exclude=exclude)
+        assert torch.equal(indices, expected_indices)
+        assert torch.allclose(values, expected_values, atol=1e-5, rtol=0)  # sums of 262,144 in another order
+        if k == 1:
+            assert calls == [(16, 4)]
+
+
+def test_images_mostly_outside_their_low_frequencies_are_ranked_whole():
+    """White-noise images would leave most of each product to the bound: they are ranked by all their values."""
+    assert ranking_bases(image_rows(20, (64, 64), seed=4, smoothing=0)) is None
+    assert ranking_bases(image_rows(20, (64, 64), seed=4)) is not None
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

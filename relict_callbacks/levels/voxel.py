@@ -35,6 +35,7 @@ from torch.profiler import record_function
 
 from ..items import Item, ItemError
 from ..search import inner_product_topk, take_rows
+from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
 from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
@@ -156,7 +157,7 @@ def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of ``[B, C, *spatial]`` by ``sigma`` voxels along every spatial axis (edges replicated), one
     matrix product per axis."""
-    return x if sigma == 0 else _along_axes(x, [_blur_matrix(n, sigma, x) for n in x.shape[2:]])
+    return x if sigma == 0 else along_axes(x, [_blur_matrix(n, sigma, x) for n in x.shape[2:]])
 
 
 def _standardize(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -174,17 +175,6 @@ def _ncc_pairs(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> t
     return product.flatten(2).sum(2).mean(1) / count
 
 
-def _along_axes(x: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
-    """``x`` ``[B, C, *spatial]`` with each spatial axis multiplied by its matrix (``[m, n]``: length n to m), one
-    matrix product per axis."""
-    shape = list(x.shape)
-    for axis, matrix in enumerate(matrices):
-        n, after = shape[2 + axis], int(np.prod(shape[3 + axis :]))
-        x = x.reshape(-1, n) @ matrix.T if after == 1 else matrix @ x.reshape(-1, n, after)
-        shape[2 + axis] = matrix.shape[0]
-    return x.reshape(shape)
-
-
 def _linear_matrix(n: int, points: int, like: torch.Tensor) -> torch.Tensor:
     """``[n, points]`` matrix that interpolates ``points`` evenly spaced values linearly onto ``n`` (corners on
     corners, as ``F.interpolate(..., align_corners=True)``)."""
@@ -196,7 +186,7 @@ def bend_field(controls: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """A bend's displacement field ``[B, ndim, *grid]``: its control-point displacements ``[B, ndim, *control]``
     interpolated (bi/trilinearly, corners on corners) onto ``grid``, so no voxel moves further than its farthest
     control point; one small matrix product per axis."""
-    return _along_axes(controls, [_linear_matrix(n, c, controls) for n, c in zip(grid, controls.shape[2:])])
+    return along_axes(controls, [_linear_matrix(n, c, controls) for n, c in zip(grid, controls.shape[2:])])
 
 
 @functools.lru_cache(maxsize=8)
