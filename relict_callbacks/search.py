@@ -43,6 +43,7 @@ from .validation import check_number
 DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
 DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (few, large matmuls)
 BF16_UNIT = 2.0**-8  # largest relative rounding error of a bfloat16 value (8 significant bits)
+FLOAT32_UNIT = 2.0**-24  # and of a float32 value (24)
 RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per query, deeper until the top-k is proven
 SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
 LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
@@ -234,41 +235,39 @@ def fast_bf16() -> bool:
 
 
 class RankedRows:
-    """Stored float16 bank rows ``[N, ...]`` for the CPU search, held in RAM a second time as bfloat16 ``[N, K]``
-    (``ranking``) to rank every row fast; indexing, ``len``, ``shape`` and ``reshape`` give the stored rows
-    (``exact``), from which :func:`ranked_topk` re-scores the best ranked ones in float32.
+    """Stored float16 bank rows ``[N, ...]`` for the CPU search, held in RAM a second time as ``dtype`` (bfloat16 by
+    default) ``[N, K]`` (``ranking``) to rank every row fast; indexing, ``len``, ``shape`` and ``reshape`` give the
+    stored rows (``exact``), from which :func:`ranked_topk` re-scores the best ranked ones in float32.
 
     Rows of images (``[N, C, *grid]``) are ranked by their low frequencies only where ``bases`` are given
     (:func:`ranking_bases`: where those hold all but :data:`LOW_PASS_RESIDUAL` of them): their orthonormal DCT-II
     coefficients of the lower half of frequencies along each spatial axis, a quarter of a 2D image's values, an
-    eighth of a 3D one's. The transform is orthonormal, so a product is that of the low frequencies plus that of the rest, at
-    most ``|q_rest| |r_rest|``; :meth:`slack` counts it. The voxel level's rows are smoothed: their rest is 0.7-4%
-    of them on the phantoms and the benchmark rows, and the ranking a quarter or an eighth of the work.
+    eighth of a 3D one's. The transform is orthonormal, so a product is that of the low frequencies plus that of the
+    rest, at most ``|q_rest| |r_rest|``; :meth:`slack` counts it. The voxel level's rows are smoothed: their rest is
+    0.7-4% of them on the phantoms and the benchmark rows, and the ranking a quarter or an eighth of the work.
 
     >>> rows = RankedRows(np.arange(6, dtype=np.float16).reshape(3, 1, 2))
     >>> len(rows), rows.shape, rows.ranking.dtype, rows.reshape(3, -1)[[2]].tolist()
     (3, (3, 1, 2), torch.bfloat16, [[4.0, 5.0]])
     """
 
-    def __init__(self, exact: np.ndarray, bases: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, exact: np.ndarray, bases: list[torch.Tensor] | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         self.exact, self.image_shape, self.bases = exact, exact.shape[1:], bases
+        self.unit = BF16_UNIT if dtype == torch.bfloat16 else FLOAT32_UNIT  # of a value's rounding, relative
         flat = exact.reshape(len(exact), -1)
-        self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=torch.bfloat16)
-        # of the stored rows, of what is ranked of them, of its bfloat16 rounding errors and of what is not ranked
+        self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=dtype)
+        # of the stored rows, of what is ranked of them, of its rounding errors and of what is not ranked
         self.largest_norm = self.largest_ranked = self.largest_rounding = self.largest_rest = 0.0
         for start in range(0, len(flat), DEFAULT_CHUNK):
             chunk = as_tensor(flat[start : start + DEFAULT_CHUNK], "cpu")
-            ranked, rest = self._split(chunk)
+            ranked, rest = _split(chunk, self.image_shape, self.bases)
             rounded = self.ranking[start : start + len(chunk)]
             rounded.copy_(ranked)
             self.largest_norm = max(self.largest_norm, _largest_norm(chunk))
             self.largest_ranked = max(self.largest_ranked, _largest_norm(ranked))
             self.largest_rounding = max(self.largest_rounding, _largest_norm(ranked - rounded.float()))
             self.largest_rest = max(self.largest_rest, _largest_norm(rest))
-
-    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, D]`` float32 rows as ranked (``[B, K]``) and the part of them not ranked (None: none)."""
-        return _split(rows, self.image_shape, self.bases)
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -293,33 +292,38 @@ class RankedRows:
         return reshaped
 
     def rank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (bfloat16 ``[Q, K]``), and the slack
+        """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (``[Q, K]`` in its dtype), and the slack
         ``[Q]`` of :meth:`bound` for each."""
-        ranked, rest = self._split(queries)
-        return ranked.bfloat16(), self.slack(queries, ranked, rest)
+        if self.bases is None:
+            return queries.to(self.ranking.dtype), self.slack(queries, queries, None)
+        ranked = along_axes(queries.view(-1, *self.image_shape), self.bases).flatten(1)
+        norms, ranked_norms = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) for x in (queries, ranked))
+        # Pythagoras (the bases are orthonormal), in float64; LOW_PASS_ERROR |q|² more for the float32 transform
+        rest = (norms.square() - ranked_norms.square()).clamp_min(0).add(LOW_PASS_ERROR * norms.square()).sqrt()
+        return ranked.to(self.ranking.dtype), self.slack(queries, ranked, rest.float())
 
-    def slack(self, queries: torch.Tensor, ranked: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
-        """``[Q]``: the most the exact products of ``queries`` (as :meth:`_split` splits them) with these rows can
-        exceed their ranking products, beyond the rounding of the products themselves (:meth:`bound`).
+    def slack(self, queries: torch.Tensor, ranked: torch.Tensor, rest_norms: torch.Tensor | None) -> torch.Tensor:
+        """``[Q]``: the most the exact products of ``queries`` (their ``ranked`` part, and the norms of the rest)
+        with these rows can exceed their ranking products, beyond the rounding of the products themselves
+        (:meth:`bound`).
 
         The ranking multiplies the rounded ``q~ = q + dq`` and ``r~ = r - dr`` of the ranked parts, summed in
         float32, so the ranked parts' product is at most the rounded one plus ``|q~| max|dr| + |dq| max|r|``, with
-        ``|q~| <= (1 + u) |q|`` and ``|dq| <= u |q|`` (``u = BF16_UNIT``); plus ``SUM_ORDER_ERROR |q| max|r|`` for the
-        order float32 sums in. Rows ranked by their low frequencies add the product of the rest,
+        ``|q~| <= (1 + u) |q|`` and ``|dq| <= u |q|`` (``u``: the ranking dtype's unit rounding); plus
+        ``SUM_ORDER_ERROR |q| max|r|`` for the order float32 sums in. Rows ranked by their low frequencies add the product of the rest,
         ``|q_rest| max|r_rest|`` (Cauchy-Schwarz), and ``LOW_PASS_ERROR |q| max|r|`` for the float32 transforms."""
         norms, ranked_norms = (torch.linalg.vector_norm(x, dim=1) for x in (queries, ranked))
-        slack = (ranked_norms * ((1 + BF16_UNIT) * self.largest_rounding + BF16_UNIT * self.largest_ranked)
+        slack = (ranked_norms * ((1 + self.unit) * self.largest_rounding + self.unit * self.largest_ranked)
                  + norms * SUM_ORDER_ERROR * self.largest_norm)
-        if rest is not None:
-            slack += torch.linalg.vector_norm(rest, dim=1) * self.largest_rest + norms * LOW_PASS_ERROR * self.largest_norm
+        if rest_norms is not None:
+            slack += rest_norms * self.largest_rest + norms * LOW_PASS_ERROR * self.largest_norm
         return slack
 
-    @staticmethod
-    def bound(scores: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    def bound(self, scores: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
         """The most the exact products of queries with rows can be, given their ranking products ``scores``
-        ``[Q]`` and the queries' ``slack`` ``[Q]`` (:meth:`rank`): a bfloat16 product ``s`` is rounded from one at
-        most ``s + u |s| / (1 - u)``."""
-        return scores + scores.abs() * (BF16_UNIT / (1 - BF16_UNIT)) + slack
+        ``[Q]`` and the queries' ``slack`` ``[Q]`` (:meth:`rank`): a product ``s`` in the ranking dtype is rounded
+        from one at most ``s + u |s| / (1 - u)``."""
+        return scores + scores.abs() * (self.unit / (1 - self.unit)) + slack
 
 
 def _largest_norm(rows: torch.Tensor | None) -> float:
@@ -359,7 +363,7 @@ def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.
 def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``k`` of ``queries @ refs.T`` in float32, as :func:`inner_product_topk` finds it, found by ranking
-    every row in bfloat16 and re-scoring exactly the ``RESCORE_DEPTHS`` best ranked rows of each query, deeper
+    every row (:class:`RankedRows`) and re-scoring exactly the ``RESCORE_DEPTHS`` best ranked rows of each query, deeper
     until :meth:`RankedRows.bound` proves it: once the k-th best exact score beats the bound of the next ranked
     score, no row left unscored can enter the top-k. Queries it cannot prove within ``RESCORE_DEPTHS[-1]`` rows are
     searched in full in float32.
@@ -521,16 +525,17 @@ def _size(nbytes: int) -> str:
 
 
 def _to_host(array: np.ndarray, left: int) -> tuple:
-    """``array`` held in RAM when it is float16 and fits in ``left`` bytes (as :class:`RankedRows` where the CPU
-    has :func:`fast_bf16`, else as a float32 tensor), else as it is; and the bytes left."""
-    ranked = fast_bf16()
+    """``array`` held in RAM when it is float16 and fits in ``left`` bytes, else as it is; and the bytes left. Held
+    as :class:`RankedRows`: in bfloat16 where the CPU has :func:`fast_bf16`; elsewhere in float32 where they are
+    ranked by their low frequencies (:func:`ranking_bases`), else as a float32 tensor, searched in one product."""
     if array.dtype != np.float16:
         return array, left
-    bases = ranking_bases(array) if ranked else None
-    nbytes = len(array) * ranking_width(array, bases) * 2 if ranked else array.size * 4
+    bases, dtype = ranking_bases(array), torch.bfloat16 if fast_bf16() else torch.float32
+    ranked = dtype == torch.bfloat16 or bases is not None
+    nbytes = len(array) * ranking_width(array, bases) * dtype.itemsize if ranked else array.size * 4
     if nbytes > left:
         return array, left
-    held = RankedRows(array, bases) if ranked else torch.from_numpy(np.asarray(array, dtype=np.float32))
+    held = RankedRows(array, bases, dtype) if ranked else torch.from_numpy(np.asarray(array, dtype=np.float32))
     return held, left - nbytes
 
 

@@ -102,16 +102,17 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
     assert isinstance(bank.rows(bank.levels[0], "cpu", 0)["rows"], np.memmap)
     resident = rc.ReplicaScorer(bank, alpha=0.2).score(samples)
     rows = bank.rows(bank.levels[0], "cpu")
-    assert isinstance(rows["rows"], RankedRows) if bf16 else rows["rows"].dtype == torch.float32
+    assert isinstance(rows["rows"], RankedRows)  # smooth images: ranked by their low frequencies, both ways
+    assert rows["rows"].ranking.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert bank.rows(bank.levels[0], "cpu") is rows  # placed once
     assert [r.levels["voxel"].nearest_id for r in resident.records][:2] == ["4", "7"]
     assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
                                                                        for r in mapped.records]
     assert np.allclose(resident.similarities("voxel"), mapped.similarities("voxel"), atol=1e-6)
-    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored; held as
-    # float32, or as bfloat16 where the rows are ranked by their lowest 16² frequencies
+    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored; held in
+    # bfloat16 or float32, the rows ranked by their lowest 16² frequencies, the thumbnails whole
     stored = 12 * (SIZE * SIZE + 8 * 8) * 2
-    held = 12 * (SIZE * SIZE // 4 + 8 * 8) * 2 if bf16 else 2 * stored
+    held = 12 * (SIZE * SIZE // 4 + 8 * 8) * (2 if bf16 else 4)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
     assert said == [f"bank arrays for search on cpu: 0 B held in RAM (budget 0 B), {stored / 1024:.1f} KiB read "
                     "memory-mapped as stored",

@@ -110,16 +110,17 @@ def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
         assert_bound_holds(refs, (queries / 65536).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("shape", [(128, 128), (32, 32, 32)], ids=["2d", "3d"])
-def test_low_frequency_bound_holds_for_every_row_whatever_the_query(shape, rng):
+def test_low_frequency_bound_holds_for_every_row_whatever_the_query(shape, dtype, rng):
     """Smooth images are ranked by their low frequencies, and the bound still proves: for white-noise queries (all
     but a quarter or an eighth of them outside the ranking), queries equal to a row, queries that are a row's
     high frequencies only (the part of the product the ranking does not see) and rows with those amplified."""
     rows = image_rows(40, shape, seed=1)
-    refs = RankedRows(rows, ranking_bases(rows))
+    refs = RankedRows(rows, ranking_bases(rows), dtype)
     assert refs.bases is not None and refs.ranking.shape[1] == np.prod(shape) // 2 ** len(shape)
     stored = torch.from_numpy(refs.exact).double().flatten(1)
-    _, rest = refs._split(stored[:8].float())
+    _, rest = search._split(stored[:8].float(), refs.image_shape, refs.bases)
     voxels = stored.shape[1]
     for queries in (torch.from_numpy(rng.standard_normal((8, voxels))), stored[:8], rest.double(),
                     stored[:8] + 30 * rest.double()):
@@ -137,12 +138,14 @@ def assert_bound_holds(refs: RankedRows, queries: torch.Tensor) -> None:
     assert (queries @ stored.float().T <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("shape", [(128, 128), (64, 64, 64)], ids=["2d", "3d"])
-def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from_few_rows(shape, monkeypatch):
-    """Ranked by a quarter (2D) or an eighth (3D) of their values, smooth images give the float32 search's top-k,
-    and each query's best 4 rows prove its nearest neighbour, mirrored, noisy and unrelated queries included."""
+def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from_few_rows(shape, dtype, monkeypatch):
+    """Ranked by a quarter (2D) or an eighth (3D) of their values, in bfloat16 or (CPUs without it) in float32,
+    smooth images give the float32 search's top-k, and each query's best 4 rows prove its nearest neighbour,
+    mirrored, noisy and unrelated queries included."""
     rows = image_rows(60, shape, seed=2)
-    refs = RankedRows(rows, ranking_bases(rows))
+    refs = RankedRows(rows, ranking_bases(rows), dtype)
     assert refs.bases is not None
     exact = torch.from_numpy(rows).float()
     queries = torch.cat([exact[:4], exact[4:8].flip(-1), exact[8:12] + torch.randn(4, *exact.shape[1:]),
