@@ -10,9 +10,10 @@ the bend search (``max_bend=0``), also with left-right mirrors only, and with pl
 max_bend=0``; all the same rows) to show what each search costs; the breakdown splits a score into embedding the
 samples and searching the bank, and the search into the phases the voxel level names (the plain search, the
 thumbnail search, the refinement, the bend search) in one profiled run. The rows are placed within the default
-``device_budget`` (on the CPU: held in RAM as bfloat16, ranked in bfloat16 and re-scored exactly, where the CPU
-multiplies bfloat16 in hardware, else as float32; placed once by the warm-up score); plain NCC is also run with
-``device_budget=0`` (rows memory-mapped as float16, converted chunk by chunk at every search). Times are the best of 3 runs; each run of a score is paired with a run of
+``device_budget`` (on the CPU: ranked in RAM by their low frequencies, in bfloat16 where the CPU multiplies
+it in hardware, else in float32, and re-scored exactly from the stored rows; placed once by the warm-up score);
+plain NCC is also run with ``device_budget=0`` (rows memory-mapped as float16, converted chunk by chunk at every
+search). Times are the best of 3 runs; each run of a score is paired with a run of
 the bare matmul just before it, and its ratio is the median of the 3 paired ratios (their range in brackets), so
 that a slower spell of a shared machine slows both sides of a ratio. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
@@ -176,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     large = args.items_2d_large if args.items_2d_large is not None else (100_000 if args.device == "cuda" else 0)
     where = (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads, "
-             + ("bfloat16 ranking (the CPU multiplies bfloat16 in hardware)" if fast_bf16() else "float32 search"))
+             + ("bfloat16 ranking (the CPU multiplies bfloat16 in hardware)" if fast_bf16() else "float32 ranking"))
     print(f"torch {torch.__version__}, {args.device}: {where}")
     cases = [("3D", (64, 64, 64), args.items_3d), ("2D", (128, 128), args.items_2d), ("2D", (128, 128), large)]
     with tempfile.TemporaryDirectory() as workdir:

@@ -146,7 +146,7 @@ class ReferenceBank:
     def rows(self, level: Level, device="cpu", budget: int | None = None) -> dict:
         """The bank arrays of ``level`` ready for search on ``device`` (see :func:`~relict_callbacks.search.place_rows`):
         resident within ``budget`` bytes (default: a quarter of a CUDA device's memory and at most half of what is
-        free on it, or a quarter of the RAM for the CPU, where float16 rows are held as bfloat16 or float32), beyond
+        free on it, or a quarter of the RAM for the CPU, where float16 rows are ranked in bfloat16 or float32), beyond
         it streamed from host memory through pinned staging buffers (CUDA) or read memory-mapped (CPU). Placed once
         per device and budget, and kept until another is asked for."""
         device = torch.device(device)

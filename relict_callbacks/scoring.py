@@ -186,8 +186,9 @@ class ReplicaScorer:
         query_block: samples searched together in one pass over the bank (memory: block x row size).
         device_budget: the bytes of bank rows kept resident on ``device`` (default: a quarter of a CUDA device's
             memory and at most half of what is free on it, or a quarter of the RAM on the CPU, where float16 rows
-            are held as bfloat16 to rank them on CPUs that multiply it in hardware, 1.0 GB for 2,000 x 64³, else as
-            float32, 2.1 GB);
+            are ranked in bfloat16 on CPUs that multiply it in hardware, else in float32, and smooth images by
+            their low frequencies only: 128 MiB in bfloat16 for 2,000 x 64³, rows of other kinds 2 or 4 bytes a
+            value);
             rows beyond it are streamed from host memory through two pinned staging buffers (CUDA) or read
             memory-mapped and converted (CPU) at every search. 0 keeps nothing resident.
 

@@ -87,13 +87,13 @@ def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_mat
         assert torch.allclose(values, expected_values, atol=1e-6, rtol=0)
 
 
-def image_rows(n: int, shape: tuple[int, ...], seed: int, smoothing: int = 3) -> np.ndarray:
-    """``n`` z-scored float16 images ``[n, 1, *shape]``, blurred ``smoothing`` times (0: white noise)."""
-    x = torch.randn(n, 1, *shape, generator=torch.Generator().manual_seed(seed))
+def image_rows(n: int, shape: tuple[int, ...], seed: int, smoothing: int = 3, channels: int = 1) -> np.ndarray:
+    """``n`` z-scored float16 images ``[n, channels, *shape]``, blurred ``smoothing`` times (0: white noise)."""
+    x = torch.randn(n, channels, *shape, generator=torch.Generator().manual_seed(seed))
     pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
     for _ in range(smoothing):
         x = pool(x, 5, 1, 2)
-    return ncc_rows(x.numpy()).reshape(n, 1, *shape)
+    return ncc_rows(x.numpy()).reshape(n, channels, *shape)
 
 
 def test_bfloat16_bound_holds_for_every_row_whatever_the_query(rng):
@@ -139,17 +139,20 @@ def assert_bound_holds(refs: RankedRows, queries: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
-@pytest.mark.parametrize("shape", [(128, 128), (64, 64, 64)], ids=["2d", "3d"])
-def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from_few_rows(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("shape, channels", [((128, 128), 1), ((64, 64), 2), ((64, 64, 64), 1)],
+                         ids=["2d", "2d-two-channels", "3d"])
+def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from_few_rows(shape, channels, dtype,
+                                                                                          monkeypatch):
     """Ranked by a quarter (2D) or an eighth (3D) of their values, in bfloat16 or (CPUs without it) in float32,
     smooth images give the float32 search's top-k, and each query's best 4 rows prove its nearest neighbour,
     mirrored, noisy and unrelated queries included."""
-    rows = image_rows(60, shape, seed=2)
+    rows = image_rows(60, shape, seed=2, channels=channels)
     refs = RankedRows(rows, ranking_bases(rows), dtype)
-    assert refs.bases is not None
+    assert refs.bases is not None and refs.ranking.shape[1] == channels * np.prod(shape) // 2 ** len(shape)
     exact = torch.from_numpy(rows).float()
     queries = torch.cat([exact[:4], exact[4:8].flip(-1), exact[8:12] + torch.randn(4, *exact.shape[1:]),
-                         torch.from_numpy(image_rows(4, shape, seed=3)).float()]).flatten(1) / np.prod(shape)
+                         torch.from_numpy(image_rows(4, shape, seed=3, channels=channels)).float()])
+    queries = queries.flatten(1) / exact[0].numel()
     calls = []
     monkeypatch.setattr(search, "_exact_scores", lambda *a: calls.append(a[2].shape) or exact_scores(*a))
     for k, exclude in ((1, None), (3, torch.arange(16))):
