@@ -70,7 +70,7 @@ def main() -> None:
                              sampler=DiffusionSampler(DDIMScheduler(1000, prediction_type="sample"), (1, 32, 32),
                                                       num_inference_steps=25, network="unet"),
                              num_samples=args.samples, every_n_epochs=5, progress=False)
-    timings = {"prepare": (Monitor, "prepare"), "draw": (core, "draw_samples"), "evaluate": (Monitor, "_judge")}
+    timings = {"prepare": (Monitor, "prepare"), "draw": (core, "draw_in_batches"), "evaluate": (Monitor, "_judge")}
     with Timed(timings) as timed:
         monitored = fit(args.epochs, [monitor], train)
     added = monitored - bare
