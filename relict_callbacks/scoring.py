@@ -187,7 +187,7 @@ class ReplicaScorer:
         device_budget: the bytes of bank rows kept resident on ``device`` (default: a quarter of a CUDA device's
             memory and at most half of what is free on it, or a quarter of the RAM on the CPU, where float16 rows
             are ranked in bfloat16 on CPUs that multiply it in hardware, else in float32, and smooth images by
-            their low frequencies only: 128 MiB in bfloat16 for 2,000 x 64³, rows of other kinds 2 or 4 bytes a
+            their low frequencies only: 125 MiB in bfloat16 for 2,000 x 64³, rows of other kinds 2 or 4 bytes a
             value);
             rows beyond it are streamed from host memory through two pinned staging buffers (CUDA) or read
             memory-mapped and converted (CPU) at every search. 0 keeps nothing resident.

@@ -11,10 +11,11 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
   AVX512-BF16, :func:`fast_bf16`) they are ranked in bfloat16 (:class:`RankedRows`, 2 bytes a value): a search
   ranks every row in one bfloat16 matmul, about 3x faster than float32, then re-scores the best ranked rows exactly
   in float32 from the stored rows, as many as it takes to prove that no other row can be in the top-k
-  (:func:`ranked_topk`), so it returns the float32 search's neighbours and scores. Smooth images (the voxel level's
-  rows) are ranked by their lower half of frequencies along each axis only, a quarter of a 2D image's values and an
-  eighth of a 3D one's (a 2,000 x 64³ voxel bank takes 128 MiB), their bound counting what the rest can add.
-  Elsewhere they are held as float32 (4 bytes a value), one float32 matmul. Rows beyond the budget stay
+  (:func:`ranked_topk`), so it returns the float32 search's neighbours and scores (up to float32 summation order:
+  rows whose products differ by less than that may come in either order). Smooth images (the voxel level's rows)
+  are ranked by their lower half of frequencies along each axis only, a quarter of a 2D image's values and an
+  eighth of a 3D one's (a 2,000 x 64³ voxel bank takes 125 MiB), their bound counting what the rest can add; on
+  other CPUs in float32 (4 bytes a value). Other rows are held there as float32, one float32 matmul. Rows beyond the budget stay
   memory-mapped as stored and are converted chunk by chunk into one reused float32 buffer. Other rows (float32,
   masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
@@ -44,10 +45,14 @@ DEFAULT_CHUNK = 256  # rows per chunk on the CPU (cache-sized)
 DEVICE_CHUNK_BYTES = 256 * 2**20  # bytes of rows per chunk on an accelerator (few, large matmuls)
 BF16_UNIT = 2.0**-8  # largest relative rounding error of a bfloat16 value (8 significant bits)
 FLOAT32_UNIT = 2.0**-24  # and of a float32 value (24)
-RESCORE_DEPTHS = (4, 16, 64)  # best bfloat16-ranked rows re-scored exactly per query, deeper until the top-k is proven
-SUM_ORDER_ERROR = 2.0**-14  # of |q| max|r|: float32 sums of 262,144 products in two orders differed by 5e-6 of it
+RESCORE_DEPTHS = (4, 16, 64)  # best ranked rows re-scored exactly per query, deeper until the top-k is proven
+# of |q| max|r|: float32 sums of products in two orders (the ranking's, the re-scoring's) differed by 5e-6 of it for
+# z-scored rows (products of both signs), but by 1.7e-4 for 262,144 and 1e-3 for a million products of one sign
+SUM_ORDER_ERROR = 2.0**-10
+SPLIT_BYTES = 64 * 2**20  # float32 rows transformed at a time to rank them by their low frequencies
 LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
-LOW_PASS_ERROR = 4 * 2.0**-14  # of |q| max|r|: float32 transforms of both sides and their rests' norms (2e-5 each)
+# of |q| max|r| for the float32 transforms of both sides (1e-7 each), and of |r|² added to a rest's squared norm
+LOW_PASS_ERROR = 4 * 2.0**-14
 DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the RAM, on the CPU) bank rows may take
 FREE_MEMORY_FRACTION = 0.5  # and at most this share of a CUDA device's free memory, so that a full one still trains
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
@@ -253,21 +258,25 @@ class RankedRows:
 
     def __init__(self, exact: np.ndarray, bases: list[torch.Tensor] | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
-        self.exact, self.image_shape, self.bases = exact, exact.shape[1:], bases
-        self.unit = BF16_UNIT if dtype == torch.bfloat16 else FLOAT32_UNIT  # of a value's rounding, relative
+        units = {torch.bfloat16: BF16_UNIT, torch.float32: FLOAT32_UNIT}  # a value's largest rounding, relative
+        if dtype not in units:
+            raise ValueError(f"bank rows are ranked in bfloat16 or float32, not {dtype}")
+        self.exact, self.image_shape, self.bases, self.unit = exact, exact.shape[1:], bases, units[dtype]
         flat = exact.reshape(len(exact), -1)
         self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=dtype)
         # of the stored rows, of what is ranked of them, of its rounding errors and of what is not ranked
         self.largest_norm = self.largest_ranked = self.largest_rounding = self.largest_rest = 0.0
-        for start in range(0, len(flat), DEFAULT_CHUNK):
-            chunk = as_tensor(flat[start : start + DEFAULT_CHUNK], "cpu")
-            ranked, rest = _split(chunk, self.image_shape, self.bases)
+        step = min(DEFAULT_CHUNK, _split_rows(flat))
+        for start in range(0, len(flat), step):
+            chunk = as_tensor(flat[start : start + step], "cpu")
+            ranked, rest_norms = _split(chunk, self.image_shape, self.bases)
             rounded = self.ranking[start : start + len(chunk)]
             rounded.copy_(ranked)
             self.largest_norm = max(self.largest_norm, _largest_norm(chunk))
             self.largest_ranked = max(self.largest_ranked, _largest_norm(ranked))
             self.largest_rounding = max(self.largest_rounding, _largest_norm(ranked - rounded.float()))
-            self.largest_rest = max(self.largest_rest, _largest_norm(rest))
+            if rest_norms is not None:
+                self.largest_rest = max(self.largest_rest, float(rest_norms.max()))
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -294,13 +303,8 @@ class RankedRows:
     def rank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (``[Q, K]`` in its dtype), and the slack
         ``[Q]`` of :meth:`bound` for each."""
-        if self.bases is None:
-            return queries.to(self.ranking.dtype), self.slack(queries, queries, None)
-        ranked = along_axes(queries.view(-1, *self.image_shape), self.bases).flatten(1)
-        norms, ranked_norms = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) for x in (queries, ranked))
-        # Pythagoras (the bases are orthonormal), in float64; LOW_PASS_ERROR |q|² more for the float32 transform
-        rest = (norms.square() - ranked_norms.square()).clamp_min(0).add(LOW_PASS_ERROR * norms.square()).sqrt()
-        return ranked.to(self.ranking.dtype), self.slack(queries, ranked, rest.float())
+        ranked, rest_norms = _split(queries, self.image_shape, self.bases)
+        return ranked.to(self.ranking.dtype), self.slack(queries, ranked, rest_norms)
 
     def slack(self, queries: torch.Tensor, ranked: torch.Tensor, rest_norms: torch.Tensor | None) -> torch.Tensor:
         """``[Q]``: the most the exact products of ``queries`` (their ``ranked`` part, and the norms of the rest)
@@ -333,16 +337,16 @@ def _largest_norm(rows: torch.Tensor | None) -> float:
 def ranking_bases(rows: np.ndarray) -> list[torch.Tensor] | None:
     """The bases :class:`RankedRows` ranks ``rows`` ``[N, C, *grid]`` by: per spatial axis, the orthonormal DCT-II
     basis ``[n // 2, n]`` of its lower half of frequencies, where the rows are images of two or more spatial axes of
-    at least 8 voxels and all but :data:`LOW_PASS_RESIDUAL` of each of the first :data:`DEFAULT_CHUNK` is in those;
-    else None (rows are ranked whole)."""
+    at least 8 voxels and all but :data:`LOW_PASS_RESIDUAL` of each of the first rows (:data:`SPLIT_BYTES` of them)
+    is in those; else None (rows are ranked whole). It decides speed only: the bound holds either way."""
     grid = rows.shape[2:]
     if len(grid) < 2 or min(grid) < 8:
         return None
     bases = [torch.from_numpy(scipy.fft.dct(np.eye(n), norm="ortho", axis=0)[: n // 2]).float() for n in grid]
-    first = as_tensor(rows[:DEFAULT_CHUNK], "cpu").flatten(1)
-    _, rest = _split(first, rows.shape[1:], bases)
-    held = torch.linalg.vector_norm(rest, dim=1) <= LOW_PASS_RESIDUAL * torch.linalg.vector_norm(first, dim=1)
-    return bases if bool(held.all()) else None
+    flat = rows.reshape(len(rows), -1)
+    first = as_tensor(flat[: min(DEFAULT_CHUNK, _split_rows(flat))], "cpu")
+    _, rest_norms = _split(first, rows.shape[1:], bases)
+    return bases if bool((rest_norms <= LOW_PASS_RESIDUAL * torch.linalg.vector_norm(first, dim=1)).all()) else None
 
 
 def ranking_width(rows: np.ndarray, bases: list[torch.Tensor] | None) -> int:
@@ -350,14 +354,21 @@ def ranking_width(rows: np.ndarray, bases: list[torch.Tensor] | None) -> int:
     return int(np.prod(rows.shape[1:])) if bases is None else rows.shape[1] * int(np.prod([len(b) for b in bases]))
 
 
+def _split_rows(flat) -> int:
+    """Rows of ``flat`` ``[N, D]`` that :data:`SPLIT_BYTES` of float32 holds (at least one)."""
+    return max(1, SPLIT_BYTES // (4 * flat.shape[1]))
+
+
 def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, D]`` float32 rows of ``[C, *grid]`` images as ranked (``[B, K]``: their low frequencies along
-    ``bases``, or themselves where None) and the part of them not ranked (``[B, D]``; None where ranked whole)."""
+    ``bases``, or themselves where None) and an upper bound ``[B]`` on the norm of the part of them not ranked (None
+    where ranked whole): Pythagoras, the bases being orthonormal, in float64, with :data:`LOW_PASS_ERROR` ``|r|²``
+    more for the float32 transform."""
     if bases is None:
         return rows, None
-    images = rows.view(-1, *image_shape)
-    low = along_axes(images, bases)
-    return low.flatten(1), (images - along_axes(low, [b.T for b in bases])).flatten(1)
+    low = along_axes(rows.view(-1, *image_shape), bases).flatten(1)
+    norms, low_norms = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square() for x in (rows, low))
+    return low, (norms - low_norms).clamp_min(0).add(LOW_PASS_ERROR * norms).sqrt().float()
 
 
 def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
@@ -456,8 +467,9 @@ def place_rows(arrays: dict[str, dict[str, np.ndarray]], device, budget: int | N
     """Bank arrays (``{level: {key: [N, ...] array}}``) ready for search on ``device``, resident there while they
     fit in ``device_budget(device, budget)`` bytes (in order, level by level).
 
-    On the CPU, float16 arrays are held in RAM while they fit: as :class:`RankedRows` (bfloat16, counted at 2 bytes
-    a value) where the CPU has :func:`fast_bf16`, else as float32 tensors (4 bytes a value); the rest stay as they
+    On the CPU, float16 arrays are held in RAM while they fit: as :class:`RankedRows` (in bfloat16 where the CPU has
+    :func:`fast_bf16`, else, for smooth images, their low frequencies in float32), counted at what the ranking holds,
+    or else as float32 tensors (4 bytes a value); the rest stay as they
     are (memory-mapped), converted chunk by chunk at each search. Elsewhere, torch tensors in their
     stored dtype: on the device while they fit, the rest in host memory as stored (memory-mapped), from which the
     search streams them chunk by chunk (:class:`RowStream`).

@@ -7,6 +7,7 @@ import torch
 import relict_callbacks as rc
 from relict_callbacks import search
 from relict_callbacks.search import FaissIndex, RankedRows, inner_product_topk, ranking_bases
+from relict_callbacks.separable import along_axes
 
 from conftest import smooth_field
 
@@ -120,7 +121,8 @@ def test_low_frequency_bound_holds_for_every_row_whatever_the_query(shape, dtype
     refs = RankedRows(rows, ranking_bases(rows), dtype)
     assert refs.bases is not None and refs.ranking.shape[1] == np.prod(shape) // 2 ** len(shape)
     stored = torch.from_numpy(refs.exact).double().flatten(1)
-    _, rest = search._split(stored[:8].float(), refs.image_shape, refs.bases)
+    images = stored[:8].float().view(-1, *refs.image_shape)
+    rest = (images - along_axes(along_axes(images, refs.bases), [b.T for b in refs.bases])).flatten(1)
     voxels = stored.shape[1]
     for queries in (torch.from_numpy(rng.standard_normal((8, voxels))), stored[:8], rest.double(),
                     stored[:8] + 30 * rest.double()):
@@ -163,6 +165,12 @@ def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from
         assert torch.allclose(values, expected_values, atol=1e-5, rtol=0)  # sums of 262,144 in another order
         if k == 1:
             assert calls == [(16, 4)]
+
+
+def test_rows_are_ranked_in_bfloat16_or_float32_only():
+    """The bound knows the rounding of those two; float16 would round more coarsely than float32's unit says."""
+    with pytest.raises(ValueError, match="bfloat16 or float32, not torch.float16"):
+        RankedRows(image_rows(4, (16, 16), seed=5), None, torch.float16)
 
 
 def test_images_mostly_outside_their_low_frequencies_are_ranked_whole():
