@@ -248,7 +248,8 @@ class RankedRows:
     (:func:`ranking_bases`: where those hold all but :data:`LOW_PASS_RESIDUAL` of them): their orthonormal DCT-II
     coefficients of the lower half of frequencies along each spatial axis, a quarter of a 2D image's values, an
     eighth of a 3D one's. The transform is orthonormal, so a product is that of the low frequencies plus that of the
-    rest, at most ``|q_rest| |r_rest|``; :meth:`slack` counts it. The voxel level's rows are smoothed: their rest is
+    rest, at most ``|q_rest| |r_rest|`` (Cauchy-Schwarz), which :meth:`keys` adds row by row (``rest_norms``), so
+    that a few noisy rows do not loosen the bound of the others. The voxel level's rows are smoothed: their rest is
     0.7-4% of them on the phantoms and the benchmark rows, and the ranking a quarter or an eighth of the work.
 
     >>> rows = RankedRows(np.arange(6, dtype=np.float16).reshape(3, 1, 2))
@@ -266,6 +267,7 @@ class RankedRows:
         self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=dtype)
         # of the stored rows, of what is ranked of them, of its rounding errors and of what is not ranked
         self.largest_norm = self.largest_ranked = self.largest_rounding = self.largest_rest = 0.0
+        self.rest_norms = None if bases is None else torch.empty(len(flat))  # bounds of each row's rest's norm
         step = min(DEFAULT_CHUNK, _split_rows(flat))
         for start in range(0, len(flat), step):
             chunk = as_tensor(flat[start : start + step], "cpu")
@@ -276,6 +278,7 @@ class RankedRows:
             self.largest_ranked = max(self.largest_ranked, _largest_norm(ranked))
             self.largest_rounding = max(self.largest_rounding, _largest_norm(ranked - rounded.float()))
             if rest_norms is not None:
+                self.rest_norms[start : start + len(chunk)] = rest_norms
                 self.largest_rest = max(self.largest_rest, float(rest_norms.max()))
 
     def __len__(self) -> int:
@@ -300,11 +303,19 @@ class RankedRows:
             raise ValueError(f"cannot reshape {len(self)} bank rows to {reshaped.exact.shape}: rows stay rows")
         return reshaped
 
-    def rank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (``[Q, K]`` in its dtype), and the slack
-        ``[Q]`` of :meth:`bound` for each."""
+    def rank(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Float32 ``queries`` ``[Q, D]`` as the ranking multiplies them (``[Q, K]`` in its dtype), an upper bound
+        ``[Q]`` on the norm of the rest of each (None where rows are ranked whole), and the slack ``[Q]`` of
+        :meth:`bound` for each."""
         ranked, rest_norms = _split(queries, self.image_shape, self.bases)
-        return ranked.to(self.ranking.dtype), self.slack(queries, ranked, rest_norms)
+        return ranked.to(self.ranking.dtype), rest_norms, self.slack(queries, ranked, rest_norms)
+
+    def keys(self, ranked: torch.Tensor, rest_norms: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        """``[Q, stop - start]`` float32: the ranking products of queries (``ranked``, ``rest_norms`` as
+        :meth:`rank` gives them) with rows ``start:stop``, plus ``|q_rest| |r_rest|`` where rows are ranked by their
+        low frequencies; rows are ranked by these, and :meth:`bound` starts from them."""
+        products = (ranked @ self.ranking[start:stop].T).float()
+        return products if rest_norms is None else products.addr_(rest_norms, self.rest_norms[start:stop])
 
     def slack(self, queries: torch.Tensor, ranked: torch.Tensor, rest_norms: torch.Tensor | None) -> torch.Tensor:
         """``[Q]``: the most the exact products of ``queries`` (their ``ranked`` part, and the norms of the rest)
@@ -314,20 +325,22 @@ class RankedRows:
         The ranking multiplies the rounded ``q~ = q + dq`` and ``r~ = r - dr`` of the ranked parts, summed in
         float32, so the ranked parts' product is at most the rounded one plus ``|q~| max|dr| + |dq| max|r|``, with
         ``|q~| <= (1 + u) |q|`` and ``|dq| <= u |q|`` (``u``: the ranking dtype's unit rounding); plus
-        ``SUM_ORDER_ERROR |q| max|r|`` for the order float32 sums in. Rows ranked by their low frequencies add the product of the rest,
-        ``|q_rest| max|r_rest|`` (Cauchy-Schwarz), and ``LOW_PASS_ERROR |q| max|r|`` for the float32 transforms."""
+        ``SUM_ORDER_ERROR |q| max|r|`` for the order float32 sums in. Rows ranked by their low frequencies add
+        ``LOW_PASS_ERROR |q| max|r|`` for the float32 transforms, and ``u |q_rest| max|r_rest| / (1 - u)`` for
+        the rounding of the products within :meth:`keys` (which add the rests' product row by row)."""
         norms, ranked_norms = (torch.linalg.vector_norm(x, dim=1) for x in (queries, ranked))
         slack = (ranked_norms * ((1 + self.unit) * self.largest_rounding + self.unit * self.largest_ranked)
                  + norms * SUM_ORDER_ERROR * self.largest_norm)
         if rest_norms is not None:
-            slack += rest_norms * self.largest_rest + norms * LOW_PASS_ERROR * self.largest_norm
+            slack += (rest_norms * self.largest_rest * (self.unit / (1 - self.unit))
+                      + norms * LOW_PASS_ERROR * self.largest_norm)
         return slack
 
-    def bound(self, scores: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-        """The most the exact products of queries with rows can be, given their ranking products ``scores``
-        ``[Q]`` and the queries' ``slack`` ``[Q]`` (:meth:`rank`): a product ``s`` in the ranking dtype is rounded
-        from one at most ``s + u |s| / (1 - u)``."""
-        return scores + scores.abs() * (self.unit / (1 - self.unit)) + slack
+    def bound(self, keys: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+        """The most the exact products of queries with rows can be, given their :meth:`keys` and the queries'
+        ``slack`` (:meth:`rank`): a product ``s`` in the ranking dtype is rounded from one at most
+        ``s + u |s| / (1 - u)``, and a key is ``s`` plus the rests' product, rounded to float32 once more."""
+        return keys + keys.abs() * (self.unit / (1 - self.unit) + FLOAT32_UNIT) + slack
 
 
 def _largest_norm(rows: torch.Tensor | None) -> float:
@@ -384,9 +397,9 @@ def ranked_topk(queries: torch.Tensor, refs: RankedRows, k: int, *,
     [[1, 2]]
     """
     queries, n = queries.float(), len(refs)
-    rounded, slack = refs.rank(queries)
+    rounded, rests, slack = refs.rank(queries)
     chunk = max(DEFAULT_CHUNK, SCORE_BYTES // (4 * len(queries)))
-    ranked_values, ranked_indices = chunked_topk(lambda a, b: rounded @ refs.ranking[a:b].T, n,
+    ranked_values, ranked_indices = chunked_topk(lambda a, b: refs.keys(rounded, rests, a, b), n,
                                                  max(k, RESCORE_DEPTHS[-1]) + 1, chunk_size=chunk, exclude=exclude)
     ranked = ranked_values.shape[1]  # one more than the rows re-scored, where there are that many
     k = min(k, ranked)

@@ -131,11 +131,13 @@ def test_low_frequency_bound_holds_for_every_row_whatever_the_query(shape, dtype
 
 def assert_bound_holds(refs: RankedRows, queries: torch.Tensor) -> None:
     stored = torch.from_numpy(refs.exact).double().flatten(1)
-    ranked, slack = refs.rank(queries)
+    ranked, rests, slack = refs.rank(queries)
     exact = queries.double() @ stored.T
-    rounded_products = ranked.double() @ refs.ranking.double().T  # before the product's own rounding
-    assert (exact - rounded_products <= slack[:, None]).all()
-    bound = refs.bound((ranked @ refs.ranking.T).float(), slack[:, None])
+    keys = ranked.double() @ refs.ranking.double().T  # before the product's own rounding
+    if rests is not None:
+        keys += rests.double()[:, None] * refs.rest_norms.double()
+    assert (exact - keys <= slack[:, None]).all()
+    bound = refs.bound(refs.keys(ranked, rests, 0, len(refs)), slack[:, None])
     assert (exact <= bound).all()
     assert (queries @ stored.float().T <= bound).all()
 
@@ -165,6 +167,23 @@ def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from
         assert torch.allclose(values, expected_values, atol=1e-5, rtol=0)  # sums of 262,144 in another order
         if k == 1:
             assert calls == [(16, 4)]
+
+
+def test_a_noisy_row_does_not_loosen_the_bound_of_the_others(monkeypatch):
+    """Each row's rest counts on its own: a bank of similar smooth images (NCC about 0.97 with each other) with two
+    rows of white noise among them still proves each smooth query's nearest neighbour from its best 4 ranked rows
+    (with the noisiest row's rest counted for every row, each query took all 64)."""
+    base, own = image_rows(1, (64, 64), seed=6).astype(np.float32), image_rows(60, (64, 64), seed=8)
+    rows = ncc_rows(base + 0.17 * own).reshape(60, 1, 64, 64)
+    bases = ranking_bases(rows)  # as a bank whose first rows are smooth gets them
+    rows[[10, 40]] = image_rows(2, (64, 64), seed=7, smoothing=0)
+    refs = RankedRows(rows, bases)
+    assert refs.bases is not None and refs.largest_rest > 0.5 * refs.largest_norm
+    queries = torch.from_numpy(rows[[0, 20, 30, 50]]).float().flatten(1) / 4096
+    calls = []
+    monkeypatch.setattr(search, "_exact_scores", lambda *a: calls.append(a[2].shape) or exact_scores(*a))
+    _, indices = inner_product_topk(queries, refs.reshape(60, -1), 1)
+    assert indices.flatten().tolist() == [0, 20, 30, 50] and calls == [(4, 4)]
 
 
 def test_rows_are_ranked_in_bfloat16_or_float32_only():
