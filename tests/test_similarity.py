@@ -162,8 +162,9 @@ def test_voxel_search_is_the_same_batched_one_by_one_and_on_tensor_rows():
 
 @pytest.mark.parametrize("shape", [(7, 6), (5, 6, 7)])
 def test_displace_reads_mirrored_what_flipping_its_displaced_copy_gives(shape):
-    """The refinement's gather reads each shifted image mirrored along the axes asked for: the same as displacing it
-    and then flipping the copy, on every axis (the last is handled apart), shifts beyond the edge included."""
+    """The refinement's windows of each shifted image are mirrored along the axes asked for: the same as displacing
+    it and then flipping the copy, on every axis, shifts beyond the edge included; and a plain displacement reads
+    each voxel at its shifted index clamped to the grid (edges replicated)."""
     from relict_callbacks.levels.voxel import _displace
 
     gen = torch.Generator().manual_seed(3)
@@ -177,6 +178,10 @@ def test_displace_reads_mirrored_what_flipping_its_displaced_copy_gives(shape):
         assert torch.equal(mirrored[b], plain[b].flip(axes) if axes else plain[b])
     unshifted = torch.zeros_like(shifts[:, :1])
     assert torch.equal(_displace(x, unshifted, torch.ones_like(mirror))[:, 0], x.flip(list(range(2, 2 + len(shape)))))
+    for b in range(5):
+        for s in range(3):
+            indices = [(torch.arange(n) + int(shift)).clamp(0, n - 1) for n, shift in zip(shape, shifts[b, s])]
+            assert torch.equal(plain[b, s], x[b][(slice(None), *torch.meshgrid(*indices, indexing="ij"))])
 
 
 def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
