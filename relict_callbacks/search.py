@@ -48,7 +48,7 @@ FLOAT32_UNIT = 2.0**-24  # and of a float32 value (24)
 RESCORE_DEPTHS = (4, 16, 64)  # best ranked rows re-scored exactly per query, deeper until the top-k is proven
 # of |q| max|r|: float32 sums of products in two orders (the ranking's, the re-scoring's) differed by 5e-6 of it for
 # z-scored rows (products of both signs), but by 1.7e-4 for 262,144 and 1e-3 for a million products of one sign
-SUM_ORDER_ERROR = 2.0**-10
+SUM_ORDER_ERROR = 2.0**-9
 SPLIT_BYTES = 64 * 2**20  # float32 rows transformed at a time to rank them by their low frequencies
 LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
 # of |q| max|r| for the float32 transforms of both sides (1e-7 each), and of |r|² added to a rest's squared norm
@@ -339,7 +339,9 @@ class RankedRows:
     def bound(self, keys: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
         """The most the exact products of queries with rows can be, given their :meth:`keys` and the queries'
         ``slack`` (:meth:`rank`): a product ``s`` in the ranking dtype is rounded from one at most
-        ``s + u |s| / (1 - u)``, and a key is ``s`` plus the rests' product, rounded to float32 once more."""
+        ``s + u |s| / (1 - u)``, and a key is ``s`` plus the rests' product, rounded to float32 once more (the
+        float32 roundings of the rests' norms and product, at most 2^-24 of ``|q| max|r|`` each, are within
+        ``SUM_ORDER_ERROR``)."""
         return keys + keys.abs() * (self.unit / (1 - self.unit) + FLOAT32_UNIT) + slack
 
 
