@@ -15,9 +15,9 @@ Where the rows are, per device (:func:`place_rows` puts them there once per bank
   rows whose products differ by less than that may come in either order). Smooth images (the voxel level's rows)
   are ranked by their lower half of frequencies along each axis only, a quarter of a 2D image's values and an
   eighth of a 3D one's (a 2,000 x 64³ voxel bank takes 125 MiB), their bound counting what the rest can add; on
-  other CPUs in float32 (4 bytes a value). Other rows are held there as float32, one float32 matmul. Rows beyond the budget stay
-  memory-mapped as stored and are converted chunk by chunk into one reused float32 buffer. Other rows (float32,
-  masks) stay memory-mapped.
+  other CPUs in float32 (4 bytes a value). Other rows are held there as float32, one float32 matmul. Rows beyond
+  the budget stay memory-mapped as stored and are converted chunk by chunk into one reused float32 buffer. Other
+  rows (float32, masks) stay memory-mapped.
 - CUDA (and any other accelerator): torch tensors in their stored dtype (the voxel level's rows are float16),
   resident on the device up to a memory budget (``device_budget``: default :data:`DEVICE_BUDGET_FRACTION` of the
   device's memory and at most :data:`FREE_MEMORY_FRACTION` of what is free on it, counted in stored bytes); rows
@@ -266,7 +266,7 @@ class RankedRows:
         flat = exact.reshape(len(exact), -1)
         self.ranking = torch.empty(len(flat), ranking_width(exact, self.bases), dtype=dtype)
         # of the stored rows, of what is ranked of them, of its rounding errors and of what is not ranked
-        self.largest_norm = self.largest_ranked = self.largest_rounding = self.largest_rest = 0.0
+        self.largest_norm = self.largest_ranked = self.largest_rounding = 0.0
         self.rest_norms = None if bases is None else torch.empty(len(flat))  # bounds of each row's rest's norm
         step = min(DEFAULT_CHUNK, _split_rows(flat))
         for start in range(0, len(flat), step):
@@ -279,7 +279,7 @@ class RankedRows:
             self.largest_rounding = max(self.largest_rounding, _largest_norm(ranked - rounded.float()))
             if rest_norms is not None:
                 self.rest_norms[start : start + len(chunk)] = rest_norms
-                self.largest_rest = max(self.largest_rest, float(rest_norms.max()))
+        self.largest_rest = 0.0 if self.rest_norms is None or not len(flat) else float(self.rest_norms.max())
 
     def __len__(self) -> int:
         return len(self.exact)
@@ -345,8 +345,8 @@ class RankedRows:
         return keys + keys.abs() * (self.unit / (1 - self.unit) + FLOAT32_UNIT) + slack
 
 
-def _largest_norm(rows: torch.Tensor | None) -> float:
-    return 0.0 if rows is None or not len(rows) else float(torch.linalg.vector_norm(rows, dim=1).max())
+def _largest_norm(rows: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(rows, dim=1).max())
 
 
 def ranking_bases(rows: np.ndarray) -> list[torch.Tensor] | None:

@@ -25,12 +25,13 @@ def run_relict(*args, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1) -> torch.Tensor:
-    """``n`` smooth random images ``[n, C, *shape]`` (distinct, but correlated like real anatomy is not)."""
+def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1, passes: int = 2) -> torch.Tensor:
+    """``n`` smooth random images ``[n, C, *shape]`` (distinct, but correlated like real anatomy is not): white
+    noise blurred by ``passes`` 5-voxel box filters (0: white noise)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, channels, *shape, generator=gen)
     pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
-    for _ in range(2):
+    for _ in range(passes):
         x = pool(x, 5, 1, 2)
     return x
 

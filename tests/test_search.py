@@ -90,10 +90,7 @@ def test_bfloat16_ranked_search_of_a_small_bank_checks_every_row_a_query_may_mat
 
 def image_rows(n: int, shape: tuple[int, ...], seed: int, smoothing: int = 3, channels: int = 1) -> np.ndarray:
     """``n`` z-scored float16 images ``[n, channels, *shape]``, blurred ``smoothing`` times (0: white noise)."""
-    x = torch.randn(n, channels, *shape, generator=torch.Generator().manual_seed(seed))
-    pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
-    for _ in range(smoothing):
-        x = pool(x, 5, 1, 2)
+    x = smooth_field(n, shape, seed, channels, passes=smoothing)
     return ncc_rows(x.numpy()).reshape(n, channels, *shape)
 
 
