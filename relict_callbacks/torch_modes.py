@@ -8,9 +8,9 @@ replica). The engine turns autocast off for what it computes (:func:`full_precis
 **Deterministic algorithms.** Lightning's ``Trainer(deterministic=True)`` and MONAI's
 ``set_determinism(..., use_deterministic_algorithms=True)`` turn on ``torch.use_deterministic_algorithms(True)``,
 under which torch refuses, on CUDA, the backward passes it has no deterministic kernel for. Two of ours are among
-them: ``grid_sample``'s (the voxel level's bend search, which differentiates only the sampling grid, a gradient
-torch computes point by point, so it stays reproducible) and adaptive average pooling's (the copy encoder's
-training). Refused, every check would fail on the GPU (:func:`tolerating_nondeterministic_backward`).
+them: ``grid_sample``'s (the voxel level's Adam bend fit, which banks built before its Gauss-Newton fit use; it
+differentiates only the sampling grid, a gradient torch computes point by point, so it stays reproducible) and
+adaptive average pooling's (the copy encoder's training). Refused, every check would fail on the GPU (:func:`tolerating_nondeterministic_backward`).
 """
 
 from __future__ import annotations

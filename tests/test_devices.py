@@ -210,6 +210,22 @@ def test_the_engine_scores_reduced_and_double_precision_in_float32(dtype):
     assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
 
 
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("fit", ["gauss-newton", "adam"])
+def test_both_bend_fits_run_where_their_images_are(device, fit):
+    """The bend search's fits, 2D and 3D, with two channels and a mask, run on the device of the images they are
+    given (``meta`` raises on a CPU tensor mixed in) and keep within their reach."""
+    from relict_callbacks.levels.voxel import register
+
+    for grid in [(16, 16), (8, 8, 8)]:
+        images = smooth_field(4, grid, seed=7, channels=2)
+        mask = torch.zeros(1, 1, *grid)
+        mask[(..., *[slice(1, -1)] * len(grid))] = 1
+        controls = register(images[:2].to(device), images[2:].to(device), mask.to(device), 1.0, fit)
+        assert controls.device.type == device and controls.shape == (2, len(grid), *[4] * len(grid))
+        assert device == "meta" or controls.abs().max() <= 1.0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_voxel_mask_may_be_a_tensor_on_the_device(device):
     mask = np.zeros((SIZE, SIZE), bool)
@@ -237,8 +253,8 @@ def test_the_engine_scores_in_float32_inside_an_autocast_region(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_checks_and_a_copy_encoder_fit_run_in_a_deterministic_lightning_fit(tmp_path, device, monkeypatch):
     """``Trainer(deterministic=True)`` makes torch refuse backward passes without a deterministic CUDA kernel, among
-    them the bend search's (grid_sample) and the copy encoder's (adaptive pooling): both still run, and the user's
-    setting is as it was after."""
+    them the Adam bend fit's (grid_sample; banks built before the Gauss-Newton fit use it) and the copy encoder's
+    (adaptive pooling): both still run, and the user's setting is as it was after."""
     from monai.networks.schedulers import DDIMScheduler
     from lightning_models import SIZE as TINY, TinyDDPM, loader, phantoms, trainer
 
@@ -248,7 +264,8 @@ def test_checks_and_a_copy_encoder_fit_run_in_a_deterministic_lightning_fit(tmp_
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as Lightning sets it for deterministic cuBLAS
     sampler = DiffusionSampler(DDIMScheduler(num_train_timesteps=50), (1, TINY, TINY), num_inference_steps=2,
                                network="unet")
-    monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], sampler=sampler, num_samples=2, alpha=0.2, progress=False)
+    monitor = ReplicaMonitor(levels=[rc.VoxelLevel(bend_fit="adam")], sampler=sampler, num_samples=2, alpha=0.2,
+                             progress=False)
     assert monitor.monitor.levels[0].bend_reach((128, 128)) > 0
     try:
         fit = trainer(tmp_path, 1, [monitor], deterministic=True, accelerator="gpu" if device == "cuda" else "cpu")

@@ -13,7 +13,8 @@ each batched over all samples:
    (within ``max_shift``), the best of them also one voxel around it along each axis and at the combination of
    the better steps;
 4. the best match is bent onto the sample (:func:`register`: a smooth displacement field of at most
-   ``max_bend`` voxels, a few Adam steps on a coarse grid), so turned and bent copies score as straight ones do.
+   ``max_bend`` voxels, a few Gauss-Newton steps on a coarse grid), so turned and bent copies score as straight
+   ones do.
 
 The similarity reported is the full-resolution NCC of the best (candidate, flip, shift, bend), and the record says
 which transform matched (``"flip0+shift(1,0,-2)+bend(1.8)"``: the sample is the training image displaced by that
@@ -51,7 +52,10 @@ DEVICE_REFINE_BYTES = 256 * 2**20
 SMOOTHING = 1.0  # Gaussian sigma, in grid voxels, applied before NCC: sampling noise averages out
 BEND = 0.03  # largest bend searched, as a share of the grid's smallest side (about 2 voxels of a 64 grid)
 BEND_CONTROL = 4  # control points of the bend's displacement field per axis
-BEND_STEPS = 20  # Adam steps of the bend search
+BEND_FITS = ("gauss-newton", "adam")  # how a bend is fitted (register); "adam": banks built before Gauss-Newton
+BEND_ITERATIONS = 3  # Gauss-Newton steps of the bend search
+BEND_DAMPING = 1e-3  # of each Gauss-Newton step, relative to the mean of its normal matrix's diagonal
+BEND_STEPS = 20  # Adam steps of the bend search of banks built before the Gauss-Newton fit
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
 
@@ -228,13 +232,15 @@ def _bending_form(grid: tuple[int, ...]) -> torch.Tensor:
 
 
 def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None, reach: float,
-             steps: int = BEND_STEPS) -> torch.Tensor:
+             fit: str = "gauss-newton") -> torch.Tensor:
     """The bend that lays each ``reference`` onto its ``sample`` (``[B, C, *grid]``): the displacements
     ``[B, ndim, *control]``, in voxels of ``grid`` and each within ``reach``, of ``BEND_CONTROL`` control points per
-    axis (:func:`bend_field` interpolates them onto the grid), fitted by a few Adam steps that maximize NCC (as MONAI
-    ``Warp`` samples) less a small MONAI ``BendingEnergyLoss`` (taken as a quadratic form of the control points,
-    :func:`_bending_form`). ``reach`` bounds it so that another patient cannot be bent into the sample. Each pair is
-    fitted on its own (the loss is a sum over pairs).
+    axis (:func:`bend_field` interpolates them onto the grid) that maximize NCC (as MONAI ``Warp`` samples) less a
+    small MONAI ``BendingEnergyLoss`` (taken as a quadratic form of the control points, :func:`_bending_form`).
+    ``reach`` bounds it so that another patient cannot be bent into the sample. Each pair is fitted on its own.
+
+    ``fit`` is ``"gauss-newton"`` (:func:`_fit_gauss_newton`: ``BEND_ITERATIONS`` steps, no autograd, so no
+    nondeterministic backward pass on CUDA) or ``"adam"`` (:func:`_fit_adam`: ``BEND_STEPS`` steps, the fit of banks built before it).
 
     >>> image = torch.zeros(1, 1, 32, 32); image[..., 10:20, 12:22] = 1
     >>> moved = torch.roll(image, 1, dims=2)
@@ -243,8 +249,71 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     >>> bool(controls.abs().max() <= 2.0), round(float(field[0, 0, 15, 16]))
     (True, -1)
     """
+    if fit not in BEND_FITS:
+        raise ValueError(f"bend fit must be one of {BEND_FITS}, got {fit!r}")
+    return (_fit_gauss_newton if fit == "gauss-newton" else _fit_adam)(sample, reference, mask, reach)
+
+
+def _energy_scale(grid: tuple[int, ...]) -> int:
+    """What MONAI's ``BendingEnergyLoss`` averages over on ``grid``: components times inner voxels."""
+    return len(grid) * int(np.prod([n - 2 for n in grid]))
+
+
+def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITERATIONS) -> torch.Tensor:
+    """:func:`register` by Gauss-Newton steps on NCC's residual, the difference of the standardized images (NCC is
+    1 less half its mean square), damped (Levenberg-Marquardt, ``BEND_DAMPING``) and clamped to ``reach``. The
+    residual's Jacobian is the warped image's gradient (central differences) times the tent weights
+    :func:`bend_field` interpolates with, so its normal matrix is formed one axis at a time (:func:`along_axes`
+    with products of tent weights) rather than voxel by voxel. Each pair keeps the best of its steps by the
+    objective (no bend included), so a step that overshoots is never returned."""
+    (b, channels, *grid), ndim = sample.shape, sample.ndim - 2
+    grid, spatial, size = tuple(grid), tuple(range(2, sample.ndim)), ndim * BEND_CONTROL**ndim
+    count = float(np.prod(grid)) if mask is None else mask.sum()
+    stiffness = torch.block_diag(*[_bending_form(grid).to(sample.device)] * ndim) * (2 / _energy_scale(grid))
+    tents = [_linear_matrix(n, BEND_CONTROL, sample) for n in grid]  # [n, control]
+    adjoints = [t.T for t in tents]
+    products = [(t[:, :, None] * t[:, None, :]).flatten(1).T for t in tents]  # [control², n]
+    pairs_first = [0, 1, *range(3, 3 + 2 * ndim, 2), 2, *range(4, 4 + 2 * ndim, 2)]  # (d, i..., e, j...)
+    target = _standardize(sample, mask)
+    controls = sample.new_zeros(b, size)
+    best, best_objective = controls, torch.full((b,), -torch.inf, device=sample.device)
+    for step in range(iterations + 1):
+        warped = _warp(reference, bend_field(controls.view(b, ndim, *(BEND_CONTROL,) * ndim), grid))
+        centred, std = _centred(warped, mask)
+        std = std.clamp_min(1e-12)
+        residual = target - centred / std
+        residual = residual if mask is None else residual * mask
+        ncc = 1 - residual.square().flatten(2).sum(2).mean(1) / (2 * count)
+        objective = ncc - (controls @ stiffness * controls).sum(1) / 2
+        better = objective > best_objective
+        best = torch.where(better[:, None], controls, best)
+        best_objective = torch.where(better, objective, best_objective)
+        if step == iterations:
+            break
+        slopes = torch.stack(torch.gradient(warped, dim=spatial), 1) / std[:, None]  # [B, ndim, C, *grid]
+        slopes = slopes if mask is None else slopes * mask
+        outer = torch.einsum("bdc...,bec...->bde...", slopes, slopes).reshape(b * ndim * ndim, 1, *grid)
+        normal = along_axes(outer, products).view(b, ndim, ndim, *(BEND_CONTROL,) * (2 * ndim))
+        normal = normal.permute(pairs_first).reshape(b, size, size)
+        # the residual is centred: less the outer product of each channel's Jacobian summed over the voxels
+        sums = along_axes(slopes.flatten(0, 1), adjoints).view(b, ndim, channels, -1).transpose(1, 2)
+        sums = sums.reshape(b, channels, size)
+        normal = (normal - torch.einsum("bcp,bcq->bpq", sums, sums) / count) / (count * channels) + stiffness
+        ascent = along_axes((slopes * residual[:, None]).sum(2), adjoints).view(b, size) / (count * channels)
+        ascent = ascent - controls @ stiffness
+        diagonal = normal.diagonal(dim1=1, dim2=2)
+        diagonal += BEND_DAMPING * diagonal.mean(1, keepdim=True)
+        factor, failed = torch.linalg.cholesky_ex(normal)
+        change = torch.cholesky_solve(ascent[..., None], factor)[..., 0]
+        usable = (failed == 0)[:, None] & change.isfinite().all(1, keepdim=True)
+        controls = (controls + torch.where(usable, change, 0)).clamp(-reach, reach)
+    return best.view(b, ndim, *(BEND_CONTROL,) * ndim)
+
+
+def _fit_adam(sample, reference, mask, reach, steps: int = BEND_STEPS) -> torch.Tensor:
+    """:func:`register` by ``steps`` Adam steps through autograd (the controls ``reach * tanh`` of its parameters),
+    as the bend search fitted before :func:`_fit_gauss_newton`; kept for the banks built then."""
     grid, ndim = tuple(sample.shape[2:]), sample.ndim - 2
-    averaged_over = ndim * int(np.prod([n - 2 for n in grid]))  # BendingEnergyLoss: a mean over components, voxels
     with (torch.inference_mode(False), torch.enable_grad(),
           tolerating_nondeterministic_backward("grid_sampler_2d_backward_cuda", "grid_sampler_3d_backward_cuda")):
         form = _bending_form(grid).to(sample.device)
@@ -254,7 +323,7 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
         for _ in range(steps):
             controls = reach * torch.tanh(params)
             flat = controls.flatten(2)
-            energy = torch.einsum("bcp,pq,bcq->", flat, form, flat) / averaged_over  # summed over the pairs
+            energy = torch.einsum("bcp,pq,bcq->", flat, form, flat) / _energy_scale(grid)  # summed over the pairs
             loss = energy - _ncc_pairs(_warp(moving, bend_field(controls, grid)), target, mask).sum()
             optimizer.zero_grad()
             loss.backward()
@@ -279,9 +348,13 @@ class VoxelLevel(Level):
         smoothing: Gaussian sigma, in grid voxels, applied to every image before NCC (0: none), so that grainy
             copies of a patient score as clean ones do.
         max_bend: largest bend, in grid voxels per axis, under which each sample's best match is re-scored
-            (:func:`register`: a smooth displacement field fitted by a few Adam steps), so that turned and bent
+            (:func:`register`: a smooth displacement field fitted on a pooled grid), so that turned and bent
             copies score as straight ones do (0 disables it; default: 3% of the grid's smallest side, i.e. 3.8
-            voxels of the 128² grid and 1.9 of the 64³ grid). It costs about ``BEND_STEPS`` small warps per sample.
+            voxels of the 128² grid and 1.9 of the 64³ grid). It costs a few small warps per sample and one at
+            full resolution.
+        bend_fit: how the bend is fitted: ``"gauss-newton"`` (default: ``BEND_ITERATIONS`` steps, without autograd)
+            or ``"adam"`` (``BEND_STEPS`` steps through autograd, about 4x slower: the fit of banks built before the
+            Gauss-Newton one, which load with it so that their nulls and new scores agree).
 
     >>> import torch
     >>> from relict_callbacks.items import Item
@@ -296,7 +369,7 @@ class VoxelLevel(Level):
     dot_product = True
 
     def __init__(self, grid=None, mask=None, max_shift: int | None = None, flips="all", top_k: int = 5,
-                 smoothing: float = SMOOTHING, max_bend: float | None = None) -> None:
+                 smoothing: float = SMOOTHING, max_bend: float | None = None, bend_fit: str = "gauss-newton") -> None:
         if isinstance(flips, str) and flips not in ("lr", "all"):
             raise ValueError(f"flips must be 'lr', 'all' or a tuple of spatial axes, got {flips!r}")
         self.grid = check_grid("grid", grid)
@@ -309,6 +382,9 @@ class VoxelLevel(Level):
         self.top_k = check_number("top_k", top_k, low=1, integer=True)
         self.smoothing = float(check_number("smoothing", smoothing, low=0))
         self.max_bend = None if max_bend is None else float(check_number("max_bend", max_bend, low=0))
+        if bend_fit not in BEND_FITS:
+            raise ValueError(f"bend_fit must be one of {BEND_FITS}, got {bend_fit!r}")
+        self.bend_fit = bend_fit
 
     def config(self) -> dict:
         mask_digest = None
@@ -317,7 +393,8 @@ class VoxelLevel(Level):
         grid = plain_grid(self.grid)
         return {"type": "VoxelLevel", "name": self.name, "grid": grid, "mask": mask_digest, "max_shift": self.max_shift,
                 "flips": self.flips if isinstance(self.flips, str) else list(self.flips), "top_k": self.top_k,
-                "smoothing": self.smoothing, "max_bend": self.max_bend}
+                "smoothing": self.smoothing, "max_bend": self.max_bend,
+                "bend_fit": self.bend_fit}
 
     @classmethod
     def from_config(cls, config: dict) -> VoxelLevel:
@@ -325,7 +402,8 @@ class VoxelLevel(Level):
             raise ValueError("this bank's voxel level uses a mask: pass levels=[VoxelLevel(mask=...), ...] to load it")
         return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"],
                    smoothing=config.get("smoothing", 0.0),  # banks from before smoothing existed
-                   max_bend=config.get("max_bend", 0.0))  # and before the bend search
+                   max_bend=config.get("max_bend", 0.0),  # and before the bend search
+                   bend_fit=config.get("bend_fit", "adam"))  # and before its Gauss-Newton fit
 
     # -- geometry -----------------------------------------------------------------------------------------
     def stored_image(self, bank: dict[str, np.ndarray], index: int) -> torch.Tensor:
@@ -441,7 +519,7 @@ class VoxelLevel(Level):
         small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
         controls = factor * register(torch.cat([s[0] for s in small]), torch.cat([s[1] for s in small]), mask_small,
-                                     self.bend_reach(grid) / factor)
+                                     self.bend_reach(grid) / factor, self.bend_fit)
         size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
         sim = torch.full_like(size, -torch.inf)
         for chunk in chunks:
