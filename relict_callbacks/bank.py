@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .heartbeat import beat
 from .items import ContentHash, ItemError, iter_batches
-from .levels import Level, Nearest, level_from_config
+from .levels import Level, Nearest, current_config, level_from_config
 from .levels.base import resolve_grid
 from .validation import check_number
 from .search import describe_placement, place_rows
@@ -75,7 +75,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     reasons = []
     if old.get("format") != new["format"]:
         reasons.append(f"bank format {old.get('format')!r} -> {new['format']!r}")
-    old_levels = {c.get("name"): c for c in old.get("levels", [])}
+    old_levels = {c.get("name"): current_config(c) for c in old.get("levels", [])}
     new_levels = {c["name"]: c for c in new["levels"]}
     for name in old_levels.keys() | new_levels.keys():
         before, after = old_levels.get(name), new_levels.get(name)
@@ -364,7 +364,7 @@ class ReferenceBank:
         if not path.is_file():
             raise BankError(f"{path}: no such bank file")
         manifest = cls.read_manifest(path)
-        saved = manifest["levels"]
+        saved = [current_config(config) for config in manifest["levels"]]
         if levels is None:
             levels = [level_from_config(config) for config in saved]
         elif [lv.config() for lv in levels] != saved:

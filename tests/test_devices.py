@@ -251,6 +251,29 @@ def test_the_engine_scores_in_float32_inside_an_autocast_region(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(device):
+    """``torch.set_float32_matmul_precision("medium")`` (bfloat16 products on CPUs with AMX) or ``"high"`` (TF32 on
+    CUDA), which Lightning suggests for tensor cores, and cuDNN's TF32: bank and scores are as in full float32,
+    and the user's settings are as they were after."""
+    train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
+    levels = [rc.VoxelLevel(grid=SIZE), rc.FeatureLevel(torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(8)).to(device))]
+    reference = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
+    want = rc.ReplicaScorer(reference, alpha=0.2, device=device).score(samples)
+    reduced = "medium" if device == "cpu" else "high"
+    torch.set_float32_matmul_precision(reduced)
+    try:
+        bank = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
+        got = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples)
+        assert torch.get_float32_matmul_precision() == reduced and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    for name in ("voxel", "feature"):
+        assert np.array_equal(bank.nulls[name], reference.nulls[name])
+        assert np.array_equal(got.similarities(name), want.similarities(name))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_checks_and_a_copy_encoder_fit_run_in_a_deterministic_lightning_fit(tmp_path, device, monkeypatch):
     """``Trainer(deterministic=True)`` makes torch refuse backward passes without a deterministic CUDA kernel, among
     them the Adam bend fit's (grid_sample; banks built before the Gauss-Newton fit use it) and the copy encoder's

@@ -283,16 +283,38 @@ def test_gauss_newton_bend_scores_copies_as_adam_did_and_never_below_no_bend(ndi
                 >= _bend_objective(sample, reference, where, torch.zeros_like(controls)) - 1e-6).all()
 
 
-def test_banks_built_before_the_gauss_newton_bend_fit_keep_their_adam_fit(tmp_path):
-    """A bank whose voxel level predates ``bend_fit`` loads with the Adam fit its nulls were computed with; a new
-    level fits by Gauss-Newton and says so in its config; an unknown fit is refused by name."""
+def test_banks_built_before_the_gauss_newton_bend_fit_keep_their_adam_fit(tmp_path, caplog):
+    """A bank whose voxel level predates ``bend_fit`` loads with the Adam fit its nulls were computed with, also when
+    its levels must be passed (a mask) or when it is a cached bank (reused for ``bend_fit="adam"``, rebuilt for the
+    Gauss-Newton fit, saying why); a new level fits by Gauss-Newton and says so in its config; an unknown fit is
+    refused by name."""
+    import logging
+
+    from relict_callbacks.bank import CACHE_NAME
+
     images = list(smooth_field(4, (24, 24), seed=0))
-    bank = _bank(images, rc.VoxelLevel(grid=24))
-    assert bank.manifest["levels"][0]["bend_fit"] == "gauss-newton"
-    old = {key: value for key, value in bank.manifest["levels"][0].items() if key != "bend_fit"}
-    bank.levels, bank.manifest["levels"] = [rc.VoxelLevel.from_config(old)], [old]
-    loaded = rc.ReferenceBank.load(bank.save(tmp_path / "old.npz"))
-    assert loaded.levels[0].bend_fit == "adam"
+    mask = np.ones((24, 24), bool)
+    mask[:2] = False
+    for level, old_level in [(rc.VoxelLevel(grid=24), rc.VoxelLevel(grid=24, bend_fit="adam")),
+                             (rc.VoxelLevel(grid=24, mask=mask), rc.VoxelLevel(grid=24, mask=mask, bend_fit="adam"))]:
+        bank = rc.ReferenceBank.build(images, [level], cache_dir=tmp_path / "cache", progress=False)
+        assert bank.manifest["levels"][0]["bend_fit"] == "gauss-newton"
+        old = {key: value for key, value in bank.manifest["levels"][0].items() if key != "bend_fit"}
+        bank.manifest["levels"] = [old]
+        bank.save(tmp_path / "cache" / CACHE_NAME)  # as a version before bend_fit cached it
+        loaded = rc.ReferenceBank.load(tmp_path / "cache" / CACHE_NAME, levels=[old_level])
+        assert loaded.levels[0].bend_fit == "adam"
+        with pytest.raises(rc.bank.BankError, match="do not match"):
+            rc.ReferenceBank.load(tmp_path / "cache" / CACHE_NAME, levels=[level])
+        with caplog.at_level(logging.WARNING, logger="relict_callbacks"):
+            caplog.clear()
+            rc.ReferenceBank.build(images, [old_level], cache_dir=tmp_path / "cache", progress=False)
+            assert not caplog.records  # reused
+            rc.ReferenceBank.build(images, [level], cache_dir=tmp_path / "cache", progress=False)
+            assert "bend_fit 'adam' -> 'gauss-newton'" in caplog.text
+    bank.manifest["levels"] = [{key: value for key, value in rc.VoxelLevel(grid=24).config().items()
+                                if key != "bend_fit"}]
+    assert rc.ReferenceBank.load(bank.save(tmp_path / "old.npz")).levels[0].bend_fit == "adam"
     assert rc.VoxelLevel.from_config(rc.VoxelLevel().config()).bend_fit == "gauss-newton"
     with pytest.raises(ValueError, match="bend_fit"):
         rc.VoxelLevel(bend_fit="lbfgs")

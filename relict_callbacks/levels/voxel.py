@@ -56,6 +56,8 @@ BEND_FITS = ("gauss-newton", "adam")  # how a bend is fitted (register); "adam":
 BEND_ITERATIONS = 3  # Gauss-Newton steps of the bend search
 BEND_DAMPING = 1e-3  # of each Gauss-Newton step, relative to the mean of its normal matrix's diagonal
 BEND_STEPS = 20  # Adam steps of the bend search of banks built before the Gauss-Newton fit
+# what banks saved before each of these config keys existed did: the keys a saved config lacks take these values
+SAVED_BEFORE = {"smoothing": 0.0, "max_bend": 0.0, "bend_fit": "adam"}
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
 
@@ -261,11 +263,12 @@ def _energy_scale(grid: tuple[int, ...]) -> int:
 
 def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITERATIONS) -> torch.Tensor:
     """:func:`register` by Gauss-Newton steps on NCC's residual, the difference of the standardized images (NCC is
-    1 less half its mean square), damped (Levenberg-Marquardt, ``BEND_DAMPING``) and clamped to ``reach``. The
-    residual's Jacobian is the warped image's gradient (central differences) times the tent weights
-    :func:`bend_field` interpolates with, so its normal matrix is formed one axis at a time (:func:`along_axes`
-    with products of tent weights) rather than voxel by voxel. Each pair keeps the best of its steps by the
-    objective (no bend included), so a step that overshoots is never returned."""
+    1 less half its mean square), each damped by ``BEND_DAMPING`` of its normal matrix's mean diagonal and clamped
+    to ``reach``. The residual's Jacobian is taken as the warped image's gradient (central differences) over its
+    standard deviation, centred, times the tent weights :func:`bend_field` interpolates with (the derivative of the
+    standard deviation left out), so its normal matrix is formed one axis at a time (:func:`along_axes` with
+    products of tent weights) rather than voxel by voxel. Each pair keeps the best of its iterates by the objective,
+    the zero bend among them, so a step that overshoots is never returned."""
     (b, channels, *grid), ndim = sample.shape, sample.ndim - 2
     grid, spatial, size = tuple(grid), tuple(range(2, sample.ndim)), ndim * BEND_CONTROL**ndim
     count = float(np.prod(grid)) if mask is None else mask.sum()
@@ -281,9 +284,9 @@ def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITE
         warped = _warp(reference, bend_field(controls.view(b, ndim, *(BEND_CONTROL,) * ndim), grid))
         centred, std = _centred(warped, mask)
         std = std.clamp_min(1e-12)
-        residual = target - centred / std
-        residual = residual if mask is None else residual * mask
-        ncc = 1 - residual.square().flatten(2).sum(2).mean(1) / (2 * count)
+        moved = centred / std
+        residual = target - moved if mask is None else (target - moved) * mask
+        ncc = (target * moved if mask is None else target * moved * mask).flatten(2).sum(2).mean(1) / count
         objective = ncc - (controls @ stiffness * controls).sum(1) / 2
         better = objective > best_objective
         best = torch.where(better[:, None], controls, best)
@@ -398,12 +401,11 @@ class VoxelLevel(Level):
 
     @classmethod
     def from_config(cls, config: dict) -> VoxelLevel:
+        config = {**SAVED_BEFORE, **config}
         if config.get("mask"):
             raise ValueError("this bank's voxel level uses a mask: pass levels=[VoxelLevel(mask=...), ...] to load it")
         return cls(grid=config["grid"], max_shift=config["max_shift"], flips=config["flips"], top_k=config["top_k"],
-                   smoothing=config.get("smoothing", 0.0),  # banks from before smoothing existed
-                   max_bend=config.get("max_bend", 0.0),  # and before the bend search
-                   bend_fit=config.get("bend_fit", "adam"))  # and before its Gauss-Newton fit
+                   smoothing=config["smoothing"], max_bend=config["max_bend"], bend_fit=config["bend_fit"])
 
     # -- geometry -----------------------------------------------------------------------------------------
     def stored_image(self, bank: dict[str, np.ndarray], index: int) -> torch.Tensor:
