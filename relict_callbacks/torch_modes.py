@@ -6,9 +6,11 @@ NCC off by 1e-3) or overflow (float16 sums of 262,144 products past 65,504: ``in
 replica). The engine turns autocast off for what it computes (:func:`full_precision`).
 
 **Reduced-precision float32 products.** ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA, which
-Lightning suggests for tensor cores) or ``"medium"`` (bfloat16, on CUDA and on CPUs with AMX), and cuDNN's TF32
-convolutions (on by default), round float32 products to 10 or 8 bits: NCC off by about 1e-4, and the search's proof
-that its neighbours are the float32 ones void. The engine computes in full float32 (:func:`full_precision`).
+Lightning suggests for tensor cores) or ``"medium"`` (bfloat16, on CUDA and on CPUs with AMX), the per-backend
+switches of torch 2.9 and later (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ...), and cuDNN's TF32
+convolutions (on by default) round float32 products to 10 or 8 bits: NCC off by about 1e-4, and the search's proof
+that its neighbours are the float32 ones void. The engine computes in full float32 (:func:`full_precision`),
+through the per-backend switches where torch has them (its older getter raises once a run has used them).
 
 **Deterministic algorithms.** Lightning's ``Trainer(deterministic=True)`` and MONAI's
 ``set_determinism(..., use_deterministic_algorithms=True)`` turn on ``torch.use_deterministic_algorithms(True)``,
@@ -53,27 +55,45 @@ def tolerating_nondeterministic_backward(*ops: str):
                 torch.use_deterministic_algorithms(True)
 
 
+def _precision_switches() -> list:
+    """torch's per-backend float32 precision switches (``fp32_precision``: ``"ieee"``, ``"tf32"``, ``"bf16"``, or
+    ``"none"`` to follow the general one) for matrix products, convolutions and RNNs on CUDA and the CPU (torch 2.9 and
+    later, which refuses its older ``get_float32_matmul_precision`` once a run has set one of these)."""
+    backends = torch.backends
+    switches = [getattr(getattr(backends, name, None), kind, None) for name in ("cuda", "mkldnn", "cudnn")
+                for kind in ("matmul", "conv", "rnn")]
+    return [switch for switch in switches if hasattr(switch, "fp32_precision")]
+
+
 @contextlib.contextmanager
 def full_precision():
-    """Inside, autocast is off on the CPU and CUDA, and float32 products keep float32's precision
-    (``torch.set_float32_matmul_precision("highest")``, cuDNN's TF32 off): what the engine computes is float32 even
-    when it is called from a mixed-precision region or a run that allowed TF32; the user's settings are restored
-    after (a decorator too).
+    """Inside, autocast is off on the CPU and CUDA, and float32 products keep float32's precision (each backend's
+    ``fp32_precision`` ``"ieee"``; before torch 2.9, ``set_float32_matmul_precision("highest")`` and cuDNN's TF32
+    off): what the engine computes is float32 even when it is called from a mixed-precision region or a run that
+    allowed TF32 or bfloat16 products; the user's settings are restored after (a decorator too).
 
-    >>> torch.set_float32_matmul_precision("medium")
+    >>> torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # bfloat16 products on CPUs with AMX
     >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision():
-    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype, torch.get_float32_matmul_precision()
-    (torch.float32, 'highest')
-    >>> torch.get_float32_matmul_precision()
-    'medium'
-    >>> torch.set_float32_matmul_precision("highest")
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype, torch.backends.mkldnn.matmul.fp32_precision
+    (torch.float32, 'ieee')
+    >>> torch.backends.mkldnn.matmul.fp32_precision
+    'bf16'
+    >>> torch.backends.mkldnn.matmul.fp32_precision = "none"
     """
-    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    switches = _precision_switches()
+    saved = [switch.fp32_precision for switch in switches]
+    legacy = None if switches else (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    for switch in switches:
+        switch.fp32_precision = "ieee"
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        for switch, precision in zip(switches, saved):
+            switch.fp32_precision = precision
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]

@@ -250,24 +250,39 @@ def test_the_engine_scores_in_float32_inside_an_autocast_region(device):
     assert np.array_equal(got, want) and want[0] < 0.999  # bfloat16 rounded this one to 1.0
 
 
+@pytest.mark.parametrize("api", ["legacy", "per backend", "legacy, torch before 2.9"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(device):
-    """``torch.set_float32_matmul_precision("medium")`` (bfloat16 products on CPUs with AMX) or ``"high"`` (TF32 on
-    CUDA), which Lightning suggests for tensor cores, and cuDNN's TF32: bank and scores are as in full float32,
-    and the user's settings are as they were after."""
+def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(device, api, monkeypatch):
+    """Reduced-precision float32 products, set as Lightning suggests for tensor cores
+    (``torch.set_float32_matmul_precision``: ``"medium"``, bfloat16 on CPUs with AMX, or ``"high"``, TF32 on CUDA) or
+    through torch's per-backend switches (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, or ``"tf32"`` for
+    CUDA's), and cuDNN's TF32: bank and scores are as in full float32, and the user's settings are as they were
+    after (also where torch has no per-backend switches, before 2.9)."""
+    if api == "legacy, torch before 2.9":
+        monkeypatch.setattr("relict_callbacks.torch_modes._precision_switches", lambda: [])
+        api = "legacy"
     train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
     levels = [rc.VoxelLevel(grid=SIZE), rc.FeatureLevel(torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(8)).to(device))]
     reference = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
     want = rc.ReplicaScorer(reference, alpha=0.2, device=device).score(samples)
-    reduced = "medium" if device == "cpu" else "high"
-    torch.set_float32_matmul_precision(reduced)
+    switch = torch.backends.mkldnn.matmul if device == "cpu" else torch.backends.cuda.matmul
+    reduced = ("medium" if device == "cpu" else "high") if api == "legacy" else ("bf16" if device == "cpu" else "tf32")
     try:
+        if api == "legacy":
+            torch.set_float32_matmul_precision(reduced)
+        else:
+            switch.fp32_precision = reduced
         bank = rc.ReferenceBank.build(list(train), levels, progress=False, device=device)
         got = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples)
-        assert torch.get_float32_matmul_precision() == reduced and torch.backends.cudnn.allow_tf32
+        if api == "legacy":
+            assert torch.get_float32_matmul_precision() == reduced
+        assert switch.fp32_precision == ("bf16" if device == "cpu" else "tf32")
     finally:
-        torch.set_float32_matmul_precision("highest")
+        if api == "legacy":
+            torch.set_float32_matmul_precision("highest")
+        else:
+            switch.fp32_precision = "none"
     for name in ("voxel", "feature"):
         assert np.array_equal(bank.nulls[name], reference.nulls[name])
         assert np.array_equal(got.similarities(name), want.similarities(name))
