@@ -12,6 +12,11 @@ convolutions (on by default) round float32 products to 10 or 8 bits: NCC off by 
 that its neighbours are the float32 ones void. The engine computes in full float32 (:func:`full_precision`),
 through the per-backend switches where torch has them (its older getter raises once a run has used them).
 
+**Default dtype and device.** ``torch.set_default_dtype(torch.float64)`` (and Lightning's ``64-true`` inside a
+step) or ``torch.set_default_device("cuda")`` make the tensors the engine creates without a dtype or device float64
+or CUDA ones, which its float32 CPU tensors then meet: every check failed. The engine keeps float32 and the CPU as
+defaults (:func:`full_precision`).
+
 **Deterministic algorithms.** Lightning's ``Trainer(deterministic=True)`` and MONAI's
 ``set_determinism(..., use_deterministic_algorithms=True)`` turn on ``torch.use_deterministic_algorithms(True)``,
 under which torch refuses, on CUDA, the backward passes it has no deterministic kernel for. Two of ours are among
@@ -67,29 +72,37 @@ def _precision_switches() -> list:
 
 @contextlib.contextmanager
 def full_precision():
-    """Inside, autocast is off on the CPU and CUDA, and float32 products keep float32's precision (each backend's
+    """Inside, autocast is off on the CPU and CUDA, float32 products keep float32's precision (each backend's
     ``fp32_precision`` ``"ieee"``; before torch 2.9, ``set_float32_matmul_precision("highest")`` and cuDNN's TF32
-    off): what the engine computes is float32 even when it is called from a mixed-precision region or a run that
-    allowed TF32 or bfloat16 products; the user's settings are restored after (a decorator too).
+    off), and tensors are created as float32 on the CPU unless the engine says otherwise: what the engine computes
+    is float32 even when it is called from a mixed-precision region, a run that allowed TF32 or bfloat16 products,
+    or one that changed torch's default dtype or device; the user's settings are restored after (a decorator too).
 
     >>> torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # bfloat16 products on CPUs with AMX
+    >>> torch.set_default_dtype(torch.float64)
     >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision():
     ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype, torch.backends.mkldnn.matmul.fp32_precision
     (torch.float32, 'ieee')
-    >>> torch.backends.mkldnn.matmul.fp32_precision
-    'bf16'
-    >>> torch.backends.mkldnn.matmul.fp32_precision = "none"
+    >>> torch.backends.mkldnn.matmul.fp32_precision, torch.get_default_dtype()
+    ('bf16', torch.float64)
+    >>> torch.backends.mkldnn.matmul.fp32_precision = "none"; torch.set_default_dtype(torch.float32)
     """
     switches = _precision_switches()
     saved = [switch.fp32_precision for switch in switches]
     legacy = None if switches else (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    dtype = torch.get_default_dtype()
     for switch in switches:
         switch.fp32_precision = "ieee"
     if legacy is not None:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
+    torch.set_default_dtype(torch.float32)
     try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        with contextlib.ExitStack() as stack:
+            if _default_device().type != "cpu":  # a device context intercepts every call: only where needed
+                stack.enter_context(torch.device("cpu"))
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            stack.enter_context(torch.autocast("cuda", enabled=False))
             yield
     finally:
         for switch, precision in zip(switches, saved):
@@ -97,3 +110,10 @@ def full_precision():
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy[0])
             torch.backends.cudnn.allow_tf32 = legacy[1]
+        torch.set_default_dtype(dtype)
+
+
+def _default_device() -> torch.device:
+    """Where torch creates a tensor given no device (``torch.get_default_device``, from torch 2.3)."""
+    getter = getattr(torch, "get_default_device", None)
+    return torch.device("cpu") if getter is None else getter()

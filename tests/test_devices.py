@@ -288,6 +288,30 @@ def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(dev
         assert np.array_equal(got.similarities(name), want.similarities(name))
 
 
+@pytest.mark.parametrize("default", ["float64", "meta device"])
+def test_the_engine_creates_float32_cpu_tensors_whatever_defaults_the_run_set(default):
+    """``torch.set_default_dtype(torch.float64)`` or ``torch.set_default_device(...)`` (``meta`` here, raising where
+    an engine tensor would land there, as ``"cuda"`` would mix devices): bank and scores are as without, and the
+    user's defaults are as they were after."""
+    train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
+    reference = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False)
+    want = rc.ReplicaScorer(reference, alpha=0.2).score(samples)
+    try:
+        if default == "float64":
+            torch.set_default_dtype(torch.float64)
+        else:
+            torch.set_default_device("meta")
+        bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False)
+        got = rc.ReplicaScorer(bank, alpha=0.2).score(samples)
+        assert torch.zeros(1).dtype == (torch.float64 if default == "float64" else torch.float32)
+        assert torch.zeros(1).device.type == ("cpu" if default == "float64" else "meta")
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.set_default_device(None)
+    assert np.array_equal(bank.nulls["voxel"], reference.nulls["voxel"])
+    assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_checks_and_a_copy_encoder_fit_run_in_a_deterministic_lightning_fit(tmp_path, device, monkeypatch):
     """``Trainer(deterministic=True)`` makes torch refuse backward passes without a deterministic CUDA kernel, among
