@@ -54,6 +54,8 @@ def test_voxel_ncc_with_mask_only_counts_masked_voxels():
     found = bank.nearest(level, level.embed([Item(query, None, "q")]))
     expected = [np.corrcoef(query[0][mask].numpy(), r[0][mask].numpy())[0, 1] for r in refs]
     assert found.similarity[0] == pytest.approx(max(expected), abs=2e-3)
+    with pytest.raises(ValueError, match="mask has no voxel inside"):
+        rc.VoxelLevel(grid=16, mask=np.zeros((16, 16), bool))
 
 
 @pytest.mark.parametrize("shape,axis", [((32, 28), 0), ((32, 28), 1), ((20, 18, 16), 0), ((20, 18, 16), 2)])

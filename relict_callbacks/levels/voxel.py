@@ -379,6 +379,8 @@ class VoxelLevel(Level):
         if isinstance(mask, torch.Tensor):
             mask = mask.detach().cpu()  # kept on the CPU, moved with each search (a CUDA mask is welcome)
         self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=bool))
+        if self.mask is not None and not self.mask.any():
+            raise ValueError("VoxelLevel mask has no voxel inside it: NCC over it is undefined")
         self.max_shift = None if max_shift is None else check_number("max_shift", max_shift, low=0, integer=True)
         self.flips = flips if isinstance(flips, str) else tuple(check_number("flips", a, low=0, high=2, integer=True)
                                                                 for a in flips)
