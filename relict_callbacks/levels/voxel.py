@@ -306,8 +306,9 @@ def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITE
         ascent = ascent - controls @ stiffness
         diagonal = normal.diagonal(dim1=1, dim2=2)
         diagonal += BEND_DAMPING * diagonal.mean(1, keepdim=True)
-        factor, failed = torch.linalg.cholesky_ex(normal)
-        change = torch.cholesky_solve(ascent[..., None], factor)[..., 0]
+        # in float64: float32 factors of these systems differ in their last digit with the CPU's thread count
+        factor, failed = torch.linalg.cholesky_ex(normal.double())
+        change = torch.cholesky_solve(ascent.double()[..., None], factor)[..., 0].float()
         usable = (failed == 0)[:, None] & change.isfinite().all(1, keepdim=True)
         controls = (controls + torch.where(usable, change, 0)).clamp(-reach, reach)
     return best.view(b, ndim, *(BEND_CONTROL,) * ndim)
