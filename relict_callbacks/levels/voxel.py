@@ -242,7 +242,8 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     ``reach`` bounds it so that another patient cannot be bent into the sample. Each pair is fitted on its own.
 
     ``fit`` is ``"gauss-newton"`` (:func:`_fit_gauss_newton`: ``BEND_ITERATIONS`` steps, no autograd, so no
-    nondeterministic backward pass on CUDA) or ``"adam"`` (:func:`_fit_adam`: ``BEND_STEPS`` steps, the fit of banks built before it).
+    nondeterministic backward pass on CUDA) or ``"adam"`` (:func:`_fit_adam`: ``BEND_STEPS`` steps, the fit of banks
+    built before it).
 
     >>> image = torch.zeros(1, 1, 32, 32); image[..., 10:20, 12:22] = 1
     >>> moved = torch.roll(image, 1, dims=2)
@@ -251,9 +252,13 @@ def register(sample: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor |
     >>> bool(controls.abs().max() <= 2.0), round(float(field[0, 0, 15, 16]))
     (True, -1)
     """
+    return (_fit_gauss_newton if _checked_fit(fit) == "gauss-newton" else _fit_adam)(sample, reference, mask, reach)
+
+
+def _checked_fit(fit: str) -> str:
     if fit not in BEND_FITS:
-        raise ValueError(f"bend fit must be one of {BEND_FITS}, got {fit!r}")
-    return (_fit_gauss_newton if fit == "gauss-newton" else _fit_adam)(sample, reference, mask, reach)
+        raise ValueError(f"bend_fit must be one of {BEND_FITS}, got {fit!r}")
+    return fit
 
 
 def _energy_scale(grid: tuple[int, ...]) -> int:
@@ -388,9 +393,7 @@ class VoxelLevel(Level):
         self.top_k = check_number("top_k", top_k, low=1, integer=True)
         self.smoothing = float(check_number("smoothing", smoothing, low=0))
         self.max_bend = None if max_bend is None else float(check_number("max_bend", max_bend, low=0))
-        if bend_fit not in BEND_FITS:
-            raise ValueError(f"bend_fit must be one of {BEND_FITS}, got {bend_fit!r}")
-        self.bend_fit = bend_fit
+        self.bend_fit = _checked_fit(bend_fit)
 
     def config(self) -> dict:
         mask_digest = None
