@@ -113,28 +113,43 @@ def _displace(x: torch.Tensor, shifts: torch.Tensor, mirror: torch.Tensor | None
     pad = int(shifts.abs().max()) if shifts.numel() else 0
     if pad == 0 and (mirror is None or not mirror.any()):
         return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
-    (b, c, *grid), s = x.shape, shifts.shape[1]
-    padded, shifts = F.pad(x, (pad,) * (2 * len(grid)), mode="replicate"), shifts.long()
-    mirror = torch.zeros(b, len(grid), dtype=torch.bool, device=x.device) if mirror is None else mirror
+    mirror = torch.zeros(len(x), x.ndim - 2, dtype=torch.bool, device=x.device) if mirror is None else mirror
+    return _windows(_padded(x, pad, mirror), pad, shifts, mirror)
+
+
+def _padded(x: torch.Tensor, pad: int, mirror: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, *spatial]`` edge-replicated ``pad`` voxels beyond each side, the images ``mirror`` ``[B, ndim]``
+    mirrors along the last axis mirrored along it (:func:`_windows` copies that axis's rows forward), to read
+    windows of it shifted by up to ``pad`` voxels from (once for all the windows of an image)."""
+    padded = F.pad(x, (pad,) * (2 * (x.ndim - 2)), mode="replicate")
     last = torch.nonzero(mirror[:, -1]).flatten()
-    if len(last):  # rows of the last axis are copied forward: mirror it in the padded copy (its shift goes back)
+    if len(last):
         padded[last] = padded[last].flip(-1)
-        shifts = shifts.clone()
-        shifts[last, :, -1] *= -1
-    padded = padded.reshape(-1)
-    sizes = [n + 2 * pad for n in grid]
-    strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(len(grid))]  # of a padded image, in voxels
+    return padded
+
+
+def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch.Tensor,
+             images: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_displace` of the images :func:`_padded` made (``pad``, ``mirror`` as given to it), read by their
+    index ``images`` ``[B]`` (default: each once) with the ``shifts`` ``[B, S, ndim]`` (at most ``pad``) and
+    ``mirror`` ``[B, ndim]`` of each read; ``[B, S, C, *spatial]``."""
+    (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
+    grid, device = [n - 2 * pad for n in sizes], padded.device
+    images = torch.arange(b, device=device) if images is None else images
+    shifts = torch.where(torch.arange(ndim, device=device) == ndim - 1, 1 - 2 * mirror.long(), 1)[:, None] * shifts
+    strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(ndim)]  # of a padded image, in voxels
     far = mirror.clone()
-    far[:, -1] = False  # other mirrored axes are read from their far end
-    first = shifts + pad + far[:, None] * torch.tensor([n - 1 for n in grid], device=x.device)
+    far[:, -1] = False  # other mirrored axes are read from their far end (the last axis is mirrored in the copy)
+    first = shifts + pad + far[:, None] * torch.tensor([n - 1 for n in grid], device=device)
     # every row of grid[-1] output voxels is a contiguous run of the padded images, copied from where it starts
-    starts = (torch.arange(b * c, device=x.device).view(b, 1, c) * int(np.prod(sizes))
-              + (first * torch.tensor(strides, device=x.device)).sum(2)[:, :, None])  # [B, S, C]
+    starts = ((images.view(b, 1, 1) * c + torch.arange(c, device=device).view(1, 1, c)) * int(np.prod(sizes))
+              + (first * torch.tensor(strides, device=device)).sum(2)[:, :, None])  # [B, S, C]
     for axis, n in enumerate(grid[:-1]):
-        step = torch.arange(n, device=x.device) * strides[axis]
+        step = torch.arange(n, device=device) * strides[axis]
         step = torch.where(far[:, axis, None], -step, step).view(b, 1, 1, *([1] * axis), n)
         starts = starts[..., None] + step
-    runs = padded.as_strided((padded.numel() - grid[-1] + 1, grid[-1]), (1, 1))
+    flat = padded.reshape(-1)
+    runs = flat.as_strided((flat.numel() - grid[-1] + 1, grid[-1]), (1, 1))
     return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
 
 
@@ -580,29 +595,33 @@ class VoxelLevel(Level):
         else:  # the query standardized inside the mask mirrored as its pair's training image is
             masks = torch.cat([mask.flip([2 + a for a in axes]) for axes in orientations])[pair_flips]
             forms = _standardize(q.repeat_interleave(npairs, 0), masks) * masks
-        scores = self._ncc(forms, refs, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
+        padded = _padded(refs, reach, mirror)  # every window of a pair is read from it
+        del refs
+        scores = self._ncc(forms, padded, reach, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
-        refs, shift, mirror = refs[chosen], shift[chosen], mirror[chosen]
+        shift, mirror = shift[chosen], mirror[chosen]
         forms, masks = (forms, None) if mask is None else (forms[chosen], masks[chosen])
         steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
         around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
-        near = self._ncc(forms, refs, around, mirror, masks)
+        near = self._ncc(forms, padded, reach, around, mirror, masks, chosen)
         up, down = near[:, :ndim], near[:, ndim:]
         step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
         around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
-        near = torch.cat([centre[:, None], near, self._ncc(forms, refs, around[:, -1:], mirror, masks)], 1)
+        near = torch.cat([centre[:, None], near, self._ncc(forms, padded, reach, around[:, -1:], mirror, masks, chosen)],
+                         1)
         sim, j = near.max(1)
         arange = torch.arange(nq, device=q.device)
         return sim, candidates[arange, pick], flips[arange, pick], around[arange, j]
 
     @staticmethod
-    def _ncc(forms, refs, shifts, mirror, masks) -> torch.Tensor:
-        """NCC ``[B, S]`` of each of ``refs`` [B, C, *grid] displaced by minus each of its ``shifts`` [B, S, ndim]
-        (the training image moved onto the sample) and mirrored along ``mirror`` [B, ndim], with its query's
-        ``forms`` [G, C, *grid] (standardized; the ``B / G`` pairs of a query share its form), inside ``masks``
+    def _ncc(forms, padded, pad, shifts, mirror, masks, images=None) -> torch.Tensor:
+        """NCC ``[B, S]`` of the training images ``padded`` (:func:`_padded` by ``pad``; read by their index ``images``
+        ``[B]``, default each once) displaced by minus each of their ``shifts`` [B, S, ndim] (the training image
+        moved onto the sample) and mirrored along ``mirror`` [B, ndim], with their query's ``forms``
+        [G, C, *grid] (standardized; the ``B / G`` pairs of a query share its form), inside ``masks``
         [B, 1, *grid] where given (the forms then standardized and masked there, one per pair)."""
-        windows = _displace(refs, -shifts, mirror).flatten(3)  # [B, S, C, D]
+        windows = _windows(padded, pad, -shifts, mirror, images).flatten(3)  # [B, S, C, D]
         if masks is not None:
             windows = windows * masks.flatten(2)[:, None]
         count = windows.shape[3] if masks is None else masks[0].sum()
