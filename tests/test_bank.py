@@ -118,8 +118,9 @@ def test_every_array_is_checksummed_and_a_flipped_bit_is_named(tmp_path):
     bank = rc.ReferenceBank.build(_items(), LEVELS(), progress=False)
     path = bank.save(tmp_path / "bank.npz")
     manifest = rc.ReferenceBank.read_manifest(path)
-    assert set(manifest["checksums"]) == {"ids", "rows.voxel.rows", "rows.voxel.thumbs", "rows.segmentation.masks",
-                                          "rows.segmentation.sizes", "null.voxel", "null.segmentation"}
+    assert set(manifest["checksums"]) == {"ids", "rows.voxel.rows", "rows.voxel.thumbs", "rows.voxel.centroids",
+                                          "rows.segmentation.masks", "rows.segmentation.sizes", "null.voxel",
+                                          "null.segmentation"}
     for member in ("rows.voxel.rows", "null.segmentation"):  # (ids and manifest are read whole: zip CRC-32)
         broken = tmp_path / f"broken-{member}.npz"
         broken.write_bytes(path.read_bytes())

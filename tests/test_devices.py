@@ -109,15 +109,17 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
     assert [r.levels["voxel"].transform for r in resident.records] == [r.levels["voxel"].transform
                                                                        for r in mapped.records]
     assert np.allclose(resident.similarities("voxel"), mapped.similarities("voxel"), atol=1e-6)
-    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored; held in
-    # bfloat16 or float32, the rows ranked by their lowest 16² frequencies, the thumbnails whole
-    stored = 12 * (SIZE * SIZE + 8 * 8) * 2
+    # each placement is said once, in bytes: 12 rows of 32² and 12 thumbnails of 8², float16 as stored, and their
+    # 12 centroids (2 float32 values each, read as stored); held in bfloat16 or float32, the rows ranked by their
+    # lowest 16² frequencies, the thumbnails whole
+    centroids = 12 * 2 * 4
+    stored = 12 * (SIZE * SIZE + 8 * 8) * 2 + centroids
     held = 12 * (SIZE * SIZE // 4 + 8 * 8) * (2 if bf16 else 4)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
     assert said == [f"bank arrays for search on cpu: 0 B held in RAM (budget 0 B), {stored / 1024:.1f} KiB read "
                     "memory-mapped as stored",
                     f"bank arrays for search on cpu: {held / 1024:.1f} KiB held in RAM (budget "
-                    f"{device_budget('cpu') / 2**30:.1f} GiB), 0 B read memory-mapped as stored"]
+                    f"{device_budget('cpu') / 2**30:.1f} GiB), {centroids} B read memory-mapped as stored"]
 
 
 def test_device_budget_is_checked_and_defaults_to_a_quarter_of_the_memory():

@@ -162,6 +162,30 @@ def test_voxel_search_is_the_same_batched_one_by_one_and_on_tensor_rows():
     assert on_tensors.similarity == pytest.approx(together.similarity, abs=1e-5)
 
 
+def test_banks_saved_without_centroids_score_as_banks_with_them(tmp_path):
+    """The refinement reads the centroids embedding stored (those of the stored rows); a bank saved before they
+    were kept has none, and the refinement takes them from its rows: the same matches, bit for bit."""
+    from relict_callbacks.data import make_phantoms, make_replica
+    from relict_callbacks.levels.voxel import _centroids
+
+    train = make_phantoms(10, "head_ct", ndim=3, size=24, seed=71)
+    level = rc.VoxelLevel(grid=24, max_bend=0)
+    bank = rc.ReferenceBank.build(train, [level], progress=False)
+    rows = bank.arrays["voxel"]
+    assert torch.equal(torch.from_numpy(rows["centroids"]), _centroids(torch.from_numpy(rows["rows"]).float()))
+    samples = [make_replica(train[i], kind, seed=i) for i, kind in enumerate(["flip", "shift", "grain+flip", "none"])]
+    query = level.embed([Item(torch.from_numpy(s["image"]), None, s["id"]) for s in samples])
+    stored = bank.nearest(level, query)
+    assert stored.index.tolist() == [0, 1, 2, 3] and stored.transform[0].startswith("flip")
+    del rows["centroids"]
+    path = bank.save(tmp_path / "old.npz")
+    assert "rows.voxel.centroids" not in rc.ReferenceBank.read_manifest(path)["checksums"]
+    old = rc.ReferenceBank.load(path)
+    taken = old.nearest(old.levels[0], {k: v for k, v in query.items() if k != "centroids"})
+    assert taken.index.tolist() == stored.index.tolist() and taken.transform == stored.transform
+    assert np.array_equal(taken.similarity, stored.similarity)
+
+
 @pytest.mark.parametrize("shape", [(7, 6), (5, 6, 7)])
 def test_displace_reads_mirrored_what_flipping_its_displaced_copy_gives(shape):
     """The refinement's windows of each shifted image are mirrored along the axes asked for: the same as displacing

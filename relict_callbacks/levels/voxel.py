@@ -477,7 +477,10 @@ class VoxelLevel(Level):
         rows = centred.div_(std.clamp_min(1e-12))
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
         thumbs = _standardize(_pool(_centre(rows), factor), self._mask(grid, factor, device))
-        return {"rows": rows.half().cpu().numpy(), "thumbs": thumbs.half().cpu().numpy()}
+        rows = rows.half()
+        # the refinement predicts shifts from the centroids of the stored rows: taken once here, not at every search
+        centroids = _centroids(rows.float())
+        return {"rows": rows.cpu().numpy(), "thumbs": thumbs.half().cpu().numpy(), "centroids": centroids.cpu().numpy()}
 
     # -- search -------------------------------------------------------------------------------------------
     def _query_form(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -507,7 +510,10 @@ class VoxelLevel(Level):
             with record_function("relict.voxel.thumbnails"):
                 candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
             with record_function("relict.voxel.refine"):
-                found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask)
+                # stored centroids (None in banks saved before they were kept)
+                query_centres, bank_centres = query.get("centroids"), bank.get("centroids")
+                found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask,
+                                      (None if query_centres is None else query_centres[chunk], bank_centres))
                          for chunk in chunks]
             sim, m, found_flip, found_shift = (torch.cat(parts) for parts in zip(*found))
             better = sim > best
@@ -573,11 +579,12 @@ class VoxelLevel(Level):
         held = REFINE_BYTES if q.device.type == "cpu" else DEVICE_REFINE_BYTES
         return max(1, held // (q[0].numel() * 4 * 2 * (q.ndim - 2)))
 
-    def _refine(self, q, rows, candidates, flips, orientations, reach, mask):
+    def _refine(self, q, rows, candidates, flips, orientations, reach, mask, centres=(None, None)):
         """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
         ``candidates``/``flips`` [Q, P]: every pair is scored at the shift its centroids predict (within
         ``reach``), then each query's best pair one voxel around it along each axis and at the combination of the
-        better steps. Returns (NCC, bank index, orientation, shift) per query.
+        better steps. ``centres``: the centroids of the queries and of the bank's rows, where stored (else
+        taken here). Returns (NCC, bank index, orientation, shift) per query.
 
         NCC is unchanged when both images are mirrored, so the shifted training image is mirrored as it is read
         (:func:`_displace`) and compared with the query as is, rather than each pair copying a mirrored query."""
@@ -587,9 +594,11 @@ class VoxelLevel(Level):
         mirror = _mirrored_axes(orientations, pair_flips, ndim)
         refs = take_rows(rows, candidates.flatten(), q.device)
         size = torch.tensor(q.shape[2:], device=q.device)
-        centre = _centroids(q).repeat_interleave(npairs, 0)
+        query_centres, bank_centres = centres
+        centre = (_centroids(q) if query_centres is None else query_centres.float()).repeat_interleave(npairs, 0)
         centre = torch.where(mirror, size - 1 - centre, centre)  # of the mirror images
-        shift = (centre - _centroids(refs)).round().clamp(-reach, reach).long()
+        ref_centres = _centroids(refs) if bank_centres is None else take_rows(bank_centres, candidates.flatten(), q.device)
+        shift = (centre - ref_centres).round().clamp(-reach, reach).long()
         if mask is None:  # each query's pairs share it
             forms, masks = q, None
         else:  # the query standardized inside the mask mirrored as its pair's training image is
