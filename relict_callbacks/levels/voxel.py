@@ -136,7 +136,7 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
     (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
     grid, device = [n - 2 * pad for n in sizes], padded.device
     images = torch.arange(b, device=device) if images is None else images
-    shifts = torch.where(torch.arange(ndim, device=device) == ndim - 1, 1 - 2 * mirror.long(), 1)[:, None] * shifts
+    shifts = torch.where(torch.arange(ndim, device=device) == ndim - 1, 1 - 2 * mirror.long(), 1)[:, None] * shifts.long()
     strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(ndim)]  # of a padded image, in voxels
     far = mirror.clone()
     far[:, -1] = False  # other mirrored axes are read from their far end (the last axis is mirrored in the copy)
@@ -587,7 +587,8 @@ class VoxelLevel(Level):
         taken here). Returns (NCC, bank index, orientation, shift) per query.
 
         NCC is unchanged when both images are mirrored, so the shifted training image is mirrored as it is read
-        (:func:`_displace`) and compared with the query as is, rather than each pair copying a mirrored query."""
+        (:func:`_windows` of the pair's :func:`_padded` copy) and compared with the query as is, rather than each
+        pair copying a mirrored query."""
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
         pair_flips = flips.flatten()
@@ -604,20 +605,22 @@ class VoxelLevel(Level):
         else:  # the query standardized inside the mask mirrored as its pair's training image is
             masks = torch.cat([mask.flip([2 + a for a in axes]) for axes in orientations])[pair_flips]
             forms = _standardize(q.repeat_interleave(npairs, 0), masks) * masks
-        padded = _padded(refs, reach, mirror)  # every window of a pair is read from it
+        # every window of a pair is read from one padded copy: its predicted shift, then within a voxel of it
+        pad = min(reach, int(shift.abs().max()) + 1) if shift.numel() else 0
+        padded = _padded(refs, pad, mirror)
         del refs
-        scores = self._ncc(forms, padded, reach, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
+        scores = self._ncc(forms, padded, pad, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
         shift, mirror = shift[chosen], mirror[chosen]
         forms, masks = (forms, None) if mask is None else (forms[chosen], masks[chosen])
         steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
         around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
-        near = self._ncc(forms, padded, reach, around, mirror, masks, chosen)
+        near = self._ncc(forms, padded, pad, around, mirror, masks, chosen)
         up, down = near[:, :ndim], near[:, ndim:]
         step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
         around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
-        near = torch.cat([centre[:, None], near, self._ncc(forms, padded, reach, around[:, -1:], mirror, masks, chosen)],
+        near = torch.cat([centre[:, None], near, self._ncc(forms, padded, pad, around[:, -1:], mirror, masks, chosen)],
                          1)
         sim, j = near.max(1)
         arange = torch.arange(nq, device=q.device)
