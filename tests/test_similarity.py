@@ -162,6 +162,29 @@ def test_voxel_search_is_the_same_batched_one_by_one_and_on_tensor_rows():
     assert on_tensors.similarity == pytest.approx(together.similarity, abs=1e-5)
 
 
+@pytest.mark.parametrize("shape, channels", [((29, 31), 1), ((30, 34), 2), ((20, 24, 28), 1), ((17, 19, 23), 2)])
+def test_centroids_are_the_same_alone_in_a_batch_and_on_any_thread_count(shape, channels):
+    """A row's centroid (from which the refinement predicts shifts, and thumbnails are centred) does not depend on
+    the rows it is computed with nor on the CPU's thread count, so a row embedded alone stores the centroid a
+    batch gives. Matrix products with ones rounded its last digit differently for a batch of one image, and on
+    1 and 2 threads."""
+    from relict_callbacks.levels.voxel import _centroids
+
+    x = torch.randn(12, channels, *shape, generator=torch.Generator().manual_seed(6)).half().float() + 0.3
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            batched = _centroids(x)
+            for rows in ([0], [11], [2, 3], list(range(1, 12, 3))):
+                assert torch.equal(_centroids(x[rows]), batched[rows])
+            results.append(batched)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
 def test_banks_saved_without_centroids_score_as_banks_with_them(tmp_path):
     """The refinement reads the centroids embedding stored (those of the stored rows); a bank saved before they
     were kept has none, and the refinement takes them from its rows: the same matches, bit for bit."""

@@ -94,14 +94,15 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
     """Centroid ``[B, ndim]`` (voxels) of the above-average intensity of z-scored ``[B, C, *spatial]`` images.
 
     Only voxels brighter than the image mean weigh in (by how much brighter), so zero-mean sampling noise, which
-    lifts the dark background once intensities are clipped, barely moves it.
+    lifts the dark background once intensities are clipped, barely moves it. Summed by reductions, whose result
+    does not depend on the batch or the thread count (matrix products with ones, as fast, rounded the last digit
+    differently for a batch of one image or on another number of threads).
     """
     weight = (x[:, 0] if x.shape[1] == 1 else x.sum(1)).clamp_min(0)  # [B, *grid]; a sum over one channel is slow
-    rows = weight.flatten(1, -2)  # [B, voxels before the last axis, last axis]; matmuls reduce fastest
-    profile = (rows @ rows.new_ones(rows.shape[2])).view(weight.shape[:-1])  # summed over the last axis
+    profile = weight.sum(-1)  # summed over the last axis
     dims = range(1, profile.ndim)
     moments = [profile.sum([d for d in dims if d != axis]) if profile.ndim > 2 else profile for axis in dims]
-    moments.append((rows.new_ones(1, rows.shape[1]) @ rows)[:, 0])  # along the last axis
+    moments.append(weight.sum(list(dims)))  # along the last axis
     return torch.stack([(m * torch.arange(m.shape[1], dtype=x.dtype, device=x.device)).sum(1) for m in moments],
                        1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
 
