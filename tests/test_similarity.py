@@ -185,6 +185,37 @@ def test_centroids_are_the_same_alone_in_a_batch_and_on_any_thread_count(shape, 
     assert torch.equal(results[0], results[1])
 
 
+def test_refined_ncc_of_a_3d_phantom_is_its_float64_ncc_on_any_thread_count():
+    """A 64³ head phantom moved 1.5 voxels: its refined NCC is the float64 NCC of the stored images at the shift it
+    reports, and the same on 1 and 2 threads. One float32 run over its 262,144 values (a constant background adds
+    the same product thousands of times) was off by 1.2e-4 and changed with the thread count, and so did the
+    shift it chose (a review's crafted case)."""
+    from scipy import ndimage
+
+    from relict_callbacks.data import make_phantoms
+    from relict_callbacks.levels.voxel import _displace
+
+    train = make_phantoms(4, "head_ct", ndim=3, size=64, seed=5)
+    level = rc.VoxelLevel(grid=64, max_bend=0, flips=())
+    bank = rc.ReferenceBank.build(train, [level], progress=False)
+    image = ndimage.shift(train[0]["image"], (0, 0, 0, 1.4987658), order=1, mode="nearest")
+    query = level.embed([Item(torch.from_numpy(image), None, "moved")])
+    threads = torch.get_num_threads()
+    try:
+        found = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            found.append(bank.nearest(level, query))
+    finally:
+        torch.set_num_threads(threads)
+    assert found[0].transform == found[1].transform == ["shift(0,0,1)"]
+    assert found[0].similarity[0] == found[1].similarity[0]
+    reference = torch.from_numpy(bank.arrays["voxel"]["rows"][:1]).double()
+    window = _displace(reference, -torch.tensor([[[0, 0, 1]]]))[0, 0]
+    z = [(x - x.mean()) / x.std(unbiased=False) for x in (window, torch.from_numpy(query["rows"][0]).double())]
+    assert found[0].similarity[0] == pytest.approx(float((z[0] * z[1]).mean()), abs=1e-5)
+
+
 def test_banks_saved_without_centroids_score_as_banks_with_them(tmp_path):
     """The refinement reads the centroids embedding stored (those of the stored rows); a bank saved before they
     were kept has none, and the refinement takes them from its rows: the same matches, bit for bit."""
