@@ -36,6 +36,19 @@ def smooth_field(n: int, shape: tuple[int, ...], seed: int, channels: int = 1, p
     return x
 
 
+def on_threads(compute, counts=(1, 2)) -> list:
+    """``compute()`` run with each of ``counts`` intra-op threads, in turn (the thread count restored after)."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(compute())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for a test of tiny networks: a second thread only adds synchronisation, which costs

@@ -8,7 +8,7 @@ from scipy import ndimage
 import relict_callbacks as rc
 from relict_callbacks.items import Item
 
-from conftest import smooth_field
+from conftest import on_threads, smooth_field
 
 
 def _bank(images, level, labels=None):
@@ -171,18 +171,14 @@ def test_centroids_are_the_same_alone_in_a_batch_and_on_any_thread_count(shape, 
     from relict_callbacks.levels.voxel import _centroids
 
     x = torch.randn(12, channels, *shape, generator=torch.Generator().manual_seed(6)).half().float() + 0.3
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            batched = _centroids(x)
-            for rows in ([0], [11], [2, 3], list(range(1, 12, 3))):
-                assert torch.equal(_centroids(x[rows]), batched[rows])
-            results.append(batched)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+
+    def batched_and_alone():
+        batched = _centroids(x)
+        for rows in ([0], [11], [2, 3], list(range(1, 12, 3))):
+            assert torch.equal(_centroids(x[rows]), batched[rows])
+        return batched
+
+    assert torch.equal(*on_threads(batched_and_alone))
 
 
 def test_refined_ncc_of_a_3d_phantom_is_its_float64_ncc_on_any_thread_count():
@@ -200,14 +196,7 @@ def test_refined_ncc_of_a_3d_phantom_is_its_float64_ncc_on_any_thread_count():
     bank = rc.ReferenceBank.build(train, [level], progress=False)
     image = ndimage.shift(train[0]["image"], (0, 0, 0, 1.4987658), order=1, mode="nearest")
     query = level.embed([Item(torch.from_numpy(image), None, "moved")])
-    threads = torch.get_num_threads()
-    try:
-        found = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            found.append(bank.nearest(level, query))
-    finally:
-        torch.set_num_threads(threads)
+    found = on_threads(lambda: bank.nearest(level, query))
     assert found[0].transform == found[1].transform == ["shift(0,0,1)"]
     assert found[0].similarity[0] == found[1].similarity[0]
     reference = torch.from_numpy(bank.arrays["voxel"]["rows"][:1]).double()
@@ -406,12 +395,5 @@ def test_gauss_newton_bend_is_the_same_whatever_the_thread_count():
     from relict_callbacks.levels.voxel import register
 
     images = smooth_field(16, (16, 16, 16), seed=8)
-    threads = torch.get_num_threads()
-    try:
-        bends = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            bends.append(register(images[:8], images[8:], None, 0.5))
-    finally:
-        torch.set_num_threads(threads)
+    bends = on_threads(lambda: register(images[:8], images[8:], None, 0.5))
     assert torch.equal(*bends) and bends[0].abs().max() > 0.1
