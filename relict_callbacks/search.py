@@ -50,6 +50,9 @@ RESCORE_DEPTHS = (4, 16, 64)  # best ranked rows re-scored exactly per query, de
 # z-scored rows (products of both signs), but by 1.7e-4 for 262,144 and 1e-3 for a million products of one sign
 SUM_ORDER_ERROR = 2.0**-9
 SPLIT_BYTES = 64 * 2**20  # float32 rows transformed at a time to rank them by their low frequencies
+# and in pieces of at most this, whose temporaries the allocator reuses: glibc maps a request over its mmap threshold
+# (at most 32 MiB) afresh from the OS each time, and touching new pages took as long as the transform itself
+PIECE_BYTES = 4 * 2**20
 LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
 # of |q| max|r| for the float32 transforms of both sides (1e-7 each), and of |r|² added to a rest's squared norm
 LOW_PASS_ERROR = 4 * 2.0**-14
@@ -381,6 +384,11 @@ def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.
     more for the float32 transform."""
     if bases is None:
         return rows, None
+    pieces = rows.split(max(1, PIECE_BYTES // (4 * rows.shape[1])))
+    return tuple(torch.cat(parts) for parts in zip(*(_split_piece(piece, image_shape, bases) for piece in pieces)))
+
+
+def _split_piece(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.Tensor]:
     low = along_axes(rows.view(-1, *image_shape), bases).flatten(1)
     norms, low_norms = (torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square() for x in (rows, low))
     return low, (norms - low_norms).clamp_min(0).add(LOW_PASS_ERROR * norms).sqrt().float()

@@ -166,6 +166,16 @@ def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from
             assert calls[0] == (16, 4) and sum(shape[0] for shape in calls[1:2]) <= 2
 
 
+def test_rows_are_ranked_in_pieces_as_they_would_be_all_at_once():
+    """Queries and rows are transformed for the ranking a few at a time (so that the allocator reuses the pieces'
+    memory rather than mapping new pages at every search), and each piece is transformed as the whole batch is."""
+    rows = torch.from_numpy(image_rows(9, (64, 64, 64), seed=4)).float().flatten(1)
+    bases = ranking_bases(rows.view(9, 1, 64, 64, 64).numpy())
+    assert search.PIECE_BYTES // (4 * rows.shape[1]) < len(rows)  # more than one piece
+    pieces, whole = search._split(rows, (1, 64, 64, 64), bases), search._split_piece(rows, (1, 64, 64, 64), bases)
+    assert all(torch.equal(a, b) for a, b in zip(pieces, whole))
+
+
 def test_a_noisy_row_does_not_loosen_the_bound_of_the_others(monkeypatch):
     """Each row's rest counts on its own: a bank of similar smooth images (NCC about 0.97 with each other) with two
     rows of white noise among them still proves each smooth query's nearest neighbour from its best 4 ranked rows
