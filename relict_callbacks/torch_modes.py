@@ -12,6 +12,12 @@ convolutions (on by default) round float32 products to 10 or 8 bits: NCC off by 
 that its neighbours are the float32 ones void. The engine computes in full float32 (:func:`full_precision`),
 through the per-backend switches where torch has them (its older getter raises once a run has used them).
 
+**Reduced-precision half products.** The engine multiplies float16 bank rows on CUDA with float32 accumulation and
+output. ``torch.backends.cuda.matmul.allow_fp16_accumulation = True`` (a run's opt-in to faster float16 products)
+makes cuBLAS refuse every such product ("gemm input type at::Half and output type float is not supported"), and the
+``allow_fp16/bf16_reduced_precision_reduction`` switches (on by default) let it reduce split sums in half precision.
+The engine turns all three off (:func:`full_precision`).
+
 **Default dtype and device.** ``torch.set_default_dtype(torch.float64)`` (and Lightning's ``64-true`` inside a
 step) or ``torch.set_default_device("cuda")`` make the tensors the engine creates without a dtype or device float64
 or CUDA ones, which its float32 CPU tensors then meet: every check failed. The engine keeps float32 and the CPU as
@@ -60,6 +66,10 @@ def tolerating_nondeterministic_backward(*ops: str):
                 torch.use_deterministic_algorithms(True)
 
 
+HALF_PRODUCT_SWITCHES = ("allow_fp16_accumulation", "allow_fp16_reduced_precision_reduction",
+                         "allow_bf16_reduced_precision_reduction")  # of torch.backends.cuda.matmul, where torch has them
+
+
 def _precision_switches() -> list:
     """torch's per-backend float32 precision switches (``fp32_precision``: ``"ieee"``, ``"tf32"``, ``"bf16"``, or
     ``"none"`` to follow the general one) for matrix products, convolutions and RNNs on CUDA and the CPU (torch 2.9 and
@@ -75,8 +85,9 @@ def full_precision():
     """Inside, autocast is off on the CPU and CUDA, float32 products keep float32's precision (each backend's
     ``fp32_precision`` ``"ieee"``; before torch 2.9, ``set_float32_matmul_precision("highest")`` and cuDNN's TF32
     off), and tensors are created as float32 on the CPU unless the engine says otherwise: what the engine computes
-    is float32 even when it is called from a mixed-precision region, a run that allowed TF32 or bfloat16 products,
-    or one that changed torch's default dtype or device; the user's settings are restored after (a decorator too).
+    is float32 even when it is called from a mixed-precision region, a run that allowed TF32 or bfloat16 products
+    or half-precision sums in half products (``HALF_PRODUCT_SWITCHES`` off), or one that changed torch's default
+    dtype or device; the user's settings are restored after (a decorator too).
 
     >>> torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # bfloat16 products on CPUs with AMX
     >>> torch.set_default_dtype(torch.float64)
@@ -91,8 +102,12 @@ def full_precision():
     saved = [switch.fp32_precision for switch in switches]
     legacy = None if switches else (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     dtype = torch.get_default_dtype()
+    matmul = torch.backends.cuda.matmul
+    half = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES if hasattr(matmul, name)}
     for switch in switches:
         switch.fp32_precision = "ieee"
+    for name in half:
+        setattr(matmul, name, False)
     if legacy is not None:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
@@ -107,6 +122,8 @@ def full_precision():
     finally:
         for switch, precision in zip(switches, saved):
             switch.fp32_precision = precision
+        for name, allowed in half.items():
+            setattr(matmul, name, allowed)
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy[0])
             torch.backends.cudnn.allow_tf32 = legacy[1]

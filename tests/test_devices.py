@@ -290,6 +290,34 @@ def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(dev
         assert np.array_equal(got.similarities(name), want.similarities(name))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_engine_scores_with_float32_sums_whatever_half_product_switches_training_set(device):
+    """``torch.backends.cuda.matmul.allow_fp16_accumulation = True`` (with which cuBLAS refuses the float16 products
+    with float32 output that the search runs on CUDA) and the reduced-precision reductions (on by default): off while
+    the engine computes, bank and scores as without, and the user's settings as they were after."""
+    from relict_callbacks.torch_modes import HALF_PRODUCT_SWITCHES, full_precision
+
+    matmul = torch.backends.cuda.matmul
+    train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
+    reference = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device=device)
+    want = rc.ReplicaScorer(reference, alpha=0.2, device=device).score(samples)
+    saved = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+    try:
+        for name in HALF_PRODUCT_SWITCHES:
+            setattr(matmul, name, True)
+        with full_precision():
+            inside = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+        bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device=device)
+        got = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples)
+        after = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+    finally:
+        for name, allowed in saved.items():
+            setattr(matmul, name, allowed)
+    assert inside == dict.fromkeys(HALF_PRODUCT_SWITCHES, False) and after == dict.fromkeys(HALF_PRODUCT_SWITCHES, True)
+    assert np.array_equal(bank.nulls["voxel"], reference.nulls["voxel"])
+    assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
+
+
 @pytest.mark.parametrize("default", ["float64", "meta device"])
 def test_the_engine_creates_float32_cpu_tensors_whatever_defaults_the_run_set(default):
     """``torch.set_default_dtype(torch.float64)`` or ``torch.set_default_device(...)`` (``meta`` here, raising where
