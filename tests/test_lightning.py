@@ -156,6 +156,23 @@ def test_strict_mode_raises(tmp_path):
         trainer(tmp_path, 2, [monitor]).fit(TinyGAN(), loader(phantoms(8)))
 
 
+def test_device_budget_bounds_the_rows_the_checks_keep_and_is_checked(tmp_path, caplog):
+    """``device_budget=0``: the checks of a fit keep no bank rows resident (read from the file or host memory at
+    every check, as the placement log says) and score as with the default budget; a bad budget is refused."""
+    caplog.set_level("INFO", logger="relict_callbacks")
+    histories = {}
+    for budget in (None, 0):
+        monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, device_budget=budget,
+                                 progress=False)
+        trainer(tmp_path / str(budget), 2, [monitor]).fit(TurnsCopier(phantoms(8), copy_from=1), loader(phantoms(8)))
+        histories[budget] = [entry["relict/voxel/nn_similarity_max"] for entry in monitor.history]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
+    assert any("0 B held in RAM (budget 0 B)" in line for line in said)
+    assert len(histories[0]) == 2 and histories[0] == pytest.approx(histories[None], abs=1e-6)
+    with pytest.raises(ValueError, match="device_budget must be in"):
+        ReplicaMonitor(levels=[rc.VoxelLevel()], device_budget=-1)
+
+
 def test_model_without_sample_method_is_a_clear_error(tmp_path):
     monitor = ReplicaMonitor(levels=[rc.VoxelLevel()], num_samples=4, alpha=0.1, strict=True, progress=False)
     with pytest.raises(SamplerError, match="TinyDDPM has no sample"):

@@ -64,6 +64,10 @@ class MonitorOptions:
         log_training_images: ``False`` keeps training images (patient data) out of every gallery and logger,
             leaving synthetic images, ids and scores.
         device: where the bank is built and samples are scored; default: the model's device (``"cpu"`` alone).
+        device_budget: bytes of bank rows kept on ``device`` from the first check on, for the whole fit (default: a
+            quarter of a GPU's memory and at most half of what is free at the first check; see
+            :class:`ReplicaScorer`); rows beyond it are streamed from pinned host memory at every check. Lower it
+            (0: none kept) where training needs that memory later, e.g. for a larger validation batch.
         progress: show a progress bar while building the bank.
         checkpoint_dirs: folders whose checkpoint files ``Monitor.safe_checkpoint`` considers (the adapters add
             their framework's checkpoint folders by themselves).
@@ -78,7 +82,7 @@ class MonitorOptions:
                  max_replica_rate: float | None = None, patience: int = 1, min_delta: float = 0.0,
                  stop_on: str | list[str] | None = None, seed: int = 0, strict: bool = False,
                  save_dir: str | os.PathLike | None = None, gallery_size: int = 8, log_training_images: bool = True,
-                 device: str | torch.device | None = None, progress: bool = True,
+                 device: str | torch.device | None = None, device_budget: int | None = None, progress: bool = True,
                  checkpoint_dirs: list[str | os.PathLike] = ()) -> None:
         if bank is None and not levels:
             raise ValueError("pass bank=ReferenceBank(...) or levels=[...] to build one from the training data")
@@ -92,7 +96,9 @@ class MonitorOptions:
         self.sample_batch_size = None if sample_batch_size is None else check_number(
             "sample_batch_size", sample_batch_size, low=1, integer=True)
         self.every_n_epochs = check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
-        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, confidence=confidence)
+        self.scorer_options = dict(alpha=alpha, rule=rule, thresholds=thresholds, search=search, confidence=confidence,
+                                   device_budget=None if device_budget is None else check_number(
+                                       "device_budget", device_budget, low=0, integer=True))
         self.seed, self.strict = check_number("seed", seed, low=0, integer=True), strict
         self.save_dir, self.device, self.progress = save_dir, device, progress
         self.gallery_size = check_number("gallery_size", gallery_size, low=1, integer=True)
