@@ -9,7 +9,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 import relict_callbacks as rc
 from relict_callbacks.integrations.samplers import DiffusionSampler, GANSampler, LatentDiffusionSampler
 from relict_callbacks.monitor import SamplerError
-from relict_callbacks.monitor.sampling import draw_samples
+from relict_callbacks.monitor.sampling import default_sampler, draw_samples
 
 from conftest import DEVICES
 from lightning_models import SIZE, TinyDDPM, loader, phantoms, trainer
@@ -212,3 +212,29 @@ def test_a_check_leaves_the_rng_of_the_models_device_as_it_was(device):
     first, _ = draw(sampler, model)
     second, _ = draw(sampler, model)
     assert torch.equal(state(), before) and torch.equal(first, second)
+
+
+class DrawsOnItsDevice(torch.nn.Module):
+    """A model whose ``sample`` draws its noise where it lives with the generator it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def sample(self, n, generator):
+        return torch.randn(n, 1, 8, 8, device=self.weight.device, generator=generator)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_sampler_drawing_on_the_gpu_with_the_cpu_generator_is_told_how_to_draw(device):
+    """``torch.randn(..., device="cuda", generator=generator)`` fails on CUDA (the generator is a CPU one, the same
+    noise on every device): the check's error says to draw on the CPU and move the noise. On the CPU, where that
+    draw works, a sampler raising CUDA's message stands in for it."""
+    if device == "cuda":
+        model, sampler = DrawsOnItsDevice().to(device), default_sampler
+    else:
+        def sampler(model, n, generator):
+            raise RuntimeError("Expected a 'cuda' device type for generator but found 'cpu'")
+        model = DrawsOnItsDevice()
+    with pytest.raises(SamplerError, match=r"generator passed to samplers is a CPU one.*\.to\(device\)"):
+        draw(sampler, model)

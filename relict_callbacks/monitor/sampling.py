@@ -84,7 +84,10 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
     except SamplerError:
         raise
     except Exception as error:
-        raise SamplerError(f"sampler {name} raised {type(error).__name__}: {error}") from error
+        hint = ("; the generator passed to samplers is a CPU one, so that a check draws the same noise on every "
+                "device: draw with it on the CPU and move the noise, torch.randn(shape, generator=generator).to(device)"
+                if "device type for generator" in str(error) else "")
+        raise SamplerError(f"sampler {name} raised {type(error).__name__}: {error}{hint}") from error
     images, labels = out if isinstance(out, (tuple, list)) else (out, None)
     channels, spatial_dims = expected_shape
     if not isinstance(images, torch.Tensor):
