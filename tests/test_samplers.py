@@ -174,6 +174,8 @@ def test_diffusion_sampler_checks_succeed_in_a_bf16_lightning_fit(tmp_path, devi
     assert [entry["error"] for entry in monitor.history] == [None]
     assert monitor.history[0]["samples"] == 2  # both bf16 samples were scored
     assert 0 <= monitor.history[0]["relict/replica_rate"] <= 1
+    certified = monitor.monitor.certify(model, 3)  # after the fit: its samples drawn as the checks drew them
+    assert autocast == [precision == "bf16-mixed"] * 3 and certified.num_samples == 3  # in 2 calls of at most 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

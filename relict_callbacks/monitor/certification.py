@@ -30,11 +30,13 @@ log = logging.getLogger("relict_callbacks")
 SEED_OFFSET = 100_003  # certification noise differs from the routine checks'
 
 
-def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
+def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None = None,
+            sampling_context=None) -> Check:
     """Score ``num_samples`` fresh samples of ``model`` (drawn the monitor's ``sample_batch_size``, or else its
     ``num_samples``, at a time), or of ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights
     are in the file; default ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI
-    ``CheckpointSaver``)).
+    ``CheckpointSaver``)). ``sampling_context()`` is entered around each sampler call; default: the last check's
+    (the training's autocast under mixed precision), so that the certified samples are drawn as the checks drew.
 
     A checkpoint's certification is recorded in the monitor's history (``kind="certify"``) for the step the file
     holds, and outweighs that step's routine check in ``safe_checkpoint``. Single process: call it on rank 0."""
@@ -45,7 +47,8 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
         step = checkpoints.step_of(content)
         model.load_state_dict(_weights(content, model, key))
     images, labels = draw_in_batches(monitor.sampler, model, num_samples, monitor.seed + SEED_OFFSET,
-                                     monitor.image_shape, monitor.sample_batch_size or monitor.num_samples)
+                                     monitor.image_shape, monitor.sample_batch_size or monitor.num_samples,
+                                     sampling_context or monitor.sampling_context)
     report = monitor.scorer.score(images, labels)
     epoch = max((e["epoch"] for e in monitor.history if step is not None and e["step"] <= step), default=-1)
     check = Check(epoch, -1 if step is None else step, report.metrics(), report, num_samples=num_samples,

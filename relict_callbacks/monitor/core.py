@@ -106,6 +106,7 @@ class Monitor(MonitorOptions, CheckpointSelection):
         returned :class:`Check` says what happened.
         """
         share, seed = self.samples_for_rank(comm.rank, comm.world_size), self.seed + comm.rank
+        self.sampling_context = sampling_context  # certification samples as the checks did
         check, extra = run_check(lambda: draw_in_batches(self.sampler, model, share, seed, self.image_shape,
                                                          self.sample_batch_size, sampling_context, comm.world_size),
                                  lambda images, labels: self._judge(images, labels, epoch, step), self.stop, comm,

@@ -106,6 +106,7 @@ class MonitorOptions:
         self.confidence = self.scorer_options["confidence"]
         self.checkpoint_dirs = [str(folder) for folder in checkpoint_dirs]
         self.scorer: ReplicaScorer | None = None
+        self.sampling_context = None  # the last check's (see Monitor.check)
         self.image_shape = None if bank is None else bank.image_shape  # (channels, spatial dims) samples must have
 
     @property

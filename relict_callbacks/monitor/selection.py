@@ -68,10 +68,11 @@ class CheckpointSelection:
         fitting = [e for e in self.ledger.candidates(files, limit) if e[RATE] <= limit and e.get("kind") != "certify"]
         return self.ledger.holder(files, fitting[-1]["step"]) if fitting else None
 
-    def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None) -> Check:
-        """Score ``num_samples`` fresh samples of ``model`` or of ``checkpoint``'s weights loaded into it; see
-        :func:`.certification.certify`."""
-        return certification.certify(self, model, num_samples, checkpoint, key)
+    def certify(self, model, num_samples: int, checkpoint=None, key: str | None = None,
+                sampling_context=None) -> Check:
+        """Score ``num_samples`` fresh samples of ``model`` or of ``checkpoint``'s weights loaded into it, drawn as
+        the checks drew them; see :func:`.certification.certify`."""
+        return certification.certify(self, model, num_samples, checkpoint, key, sampling_context)
 
     def _limit(self, max_replica_rate: float | None) -> float:
         limit = self.stop.max_replica_rate if max_replica_rate is None else max_replica_rate
