@@ -87,10 +87,10 @@ def chunked_topk(
     for start in range(0, n_refs, chunk_size):
         stop = min(start + chunk_size, n_refs)
         scores = score_chunk(start, stop).float()
-        if exclude is not None:
-            inside = (exclude >= start) & (exclude < stop)
-            rows = torch.nonzero(inside).flatten()
-            scores[rows, exclude[rows] - start] = -torch.inf
+        if exclude is not None:  # without a sync (torch.nonzero's), which would stall streamed rows on CUDA
+            inside = ((exclude >= start) & (exclude < stop))[:, None].to(scores.device)
+            columns = (exclude - start).clamp(0, stop - start - 1)[:, None].to(scores.device)
+            scores.masked_fill_(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, columns, inside), -torch.inf)
         values, indices = scores.topk(min(k, stop - start), dim=1)
         indices = indices + start
         if best_values is not None:
