@@ -155,7 +155,10 @@ class CopyEncoder(nn.Module):
         width: channels of the first stage (features: ``8 * width`` per layout cell, 512 for 4 in 2D).
         dim: size of the projection used by the training loss.
         steps, time_budget: training stops after ``steps`` steps or ``time_budget`` seconds, whichever comes
-            first (the same seed gives the same weights when ``steps`` is what stops it).
+            first (the same seed gives the same weights when ``steps`` is what stops it, on the CPU: on CUDA,
+            cuDNN's and adaptive pooling's backward passes add in any order, so the weights, and with them the
+            fingerprint of a bank cached with this encoder, differ between fits; save the fitted encoder and
+            load it to reuse the bank).
         batch_size: patients per step (two views each); the others in the batch are the negatives.
         temperature, lr: of the NT-Xent loss and the Adam optimizer.
         seed: seeds the initial weights, the batches and the augmentations.
