@@ -29,7 +29,7 @@ from .items import ContentHash, ItemError, iter_batches
 from .levels import Level, Nearest, current_config, level_from_config
 from .levels.base import resolve_grid
 from .validation import check_number
-from .search import describe_placement, place_rows
+from .search import describe_placement, device_budget, place_rows
 from .torch_modes import full_precision
 
 log = logging.getLogger("relict_callbacks")
@@ -153,8 +153,9 @@ class ReferenceBank:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if (device, budget) not in self._placed:
-            self._placed = {(device, budget): place_rows(self.arrays, device, budget)}
-            log.info(describe_placement(self._placed[(device, budget)], device, budget))
+            bytes_allowed = device_budget(device, budget)  # taken once: on CUDA it depends on the memory free now
+            self._placed = {(device, budget): place_rows(self.arrays, device, bytes_allowed)}
+            log.info(describe_placement(self._placed[(device, budget)], device, bytes_allowed))
         return self._placed[(device, budget)][level.name]
 
     def release_rows(self) -> None:

@@ -122,6 +122,20 @@ def test_the_cpu_scores_resident_and_memory_mapped_rows_alike_and_places_them_on
                     f"{device_budget('cpu') / 2**30:.1f} GiB), {centroids} B read memory-mapped as stored"]
 
 
+def test_the_placement_log_names_the_budget_the_rows_were_placed_in(monkeypatch, caplog):
+    """The default budget depends on the memory free when it is taken (on CUDA; the RAM here, made to shrink once
+    the rows are placed): the log names the budget used, not one taken again after."""
+    caplog.set_level(logging.INFO, logger="relict_callbacks")
+    bank = rc.ReferenceBank.build(list(smooth_field(4, (8, 8), seed=0)), [rc.VoxelLevel(grid=8)], progress=False)
+    memory = iter([8 * 2**30, 4 * 2**30])
+    monkeypatch.setattr(search, "host_memory", lambda: next(memory))
+    caplog.clear()
+    bank.release_rows()
+    bank.rows(bank.levels[0], "cpu")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bank arrays for search")]
+    assert len(said) == 1 and "(budget 2.0 GiB)" in said[0]
+
+
 def test_device_budget_is_checked_and_defaults_to_a_quarter_of_the_memory():
     assert device_budget("cpu") == int(0.25 * host_memory()) > 0
     assert device_budget("meta") == 0 and device_budget("meta", 4096) == 4096
