@@ -109,8 +109,8 @@ def main(out="relict_demo", n_train: int = 3, size: int = 16, max_epochs: int = 
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[monitor, checkpoints], logger=CSVLogger(out, name="logs"),
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=steps_per_epoch,
                         accelerator="auto", devices=1)
-    with watch("bank build"):
-        monitor.monitor.prepare()
+    with watch("bank build"):  # prepared here to time it: on the device the fit trains on, where checks score
+        monitor.monitor.prepare(device=trainer.strategy.root_device)
     monitor.monitor.check = watch.wrap("checks", monitor.monitor.check)
     with watch("fit"):
         trainer.fit(model, loader)
