@@ -201,6 +201,21 @@ def test_rows_streamed_through_pinned_staging_buffers_score_as_resident_rows():
     assert np.allclose(streamed.similarities("voxel"), resident.similarities("voxel"), atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_leave_one_out_searches_of_streamed_and_resident_rows_agree(device):
+    """The nulls' leave-one-out search (each query's own row masked, chunk by chunk, without a sync) of rows
+    streamed to the device at every search (memory-mapped on the CPU) finds what the resident rows give, never
+    a query's own row."""
+    bank = rc.ReferenceBank.build(list(smooth_field(10, (SIZE, SIZE), seed=13)), [rc.VoxelLevel(grid=SIZE)],
+                                  progress=False, device=device)
+    level, own = bank.levels[0], torch.arange(6)
+    queries = {key: rows[:6] for key, rows in bank.arrays["voxel"].items()}
+    resident, streamed = (bank.nearest(level, queries, device, exclude=own, budget=budget) for budget in (None, 0))
+    assert not (torch.from_numpy(streamed.index) == own).any()
+    assert np.array_equal(streamed.index, resident.index)
+    assert np.allclose(streamed.similarity, resident.similarity, atol=1e-5)
+
+
 @pytest.mark.cuda
 def test_a_row_stream_to_cuda_reuses_its_staging_buffers_only_once_their_copies_are_done(rng):
     """Chunks used on the GPU without waiting (their sums queued), more chunks than staging buffers: a staging
