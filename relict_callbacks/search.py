@@ -50,8 +50,8 @@ RESCORE_DEPTHS = (4, 16, 64)  # best ranked rows re-scored exactly per query, de
 # z-scored rows (products of both signs), but by 1.7e-4 for 262,144 and 1e-3 for a million products of one sign
 SUM_ORDER_ERROR = 2.0**-9
 SPLIT_BYTES = 64 * 2**20  # float32 rows transformed at a time to rank them by their low frequencies
-# and in pieces of at most this, whose temporaries the allocator reuses: glibc maps a request over its mmap threshold
-# (at most 32 MiB) afresh from the OS each time, and touching new pages took as long as the transform itself
+# and in pieces of about this (:func:`row_pieces`), whose temporaries the allocator reuses: glibc maps a request over
+# its mmap threshold (at most 32 MiB) afresh from the OS each time, and touching new pages took as long as the work
 PIECE_BYTES = 4 * 2**20
 LOW_PASS_RESIDUAL = 0.1  # image rows are ranked by their low frequencies where the rest is at most this share of them
 # of |q| max|r| for the float32 transforms of both sides (1e-7 each), and of |r|² added to a rest's squared norm
@@ -377,6 +377,20 @@ def _split_rows(flat) -> int:
     return max(1, SPLIT_BYTES // (4 * flat.shape[1]))
 
 
+def row_pieces(count: int, row_bytes: int) -> list[slice]:
+    """``count`` rows of ``row_bytes`` each in consecutive pieces of about ``PIECE_BYTES``, and of at least 2 rows
+    where there are 2: torch sums a single row's values over its threads (a batch's, a row per thread), in another
+    order, so a piece of one row would differ from the whole batch in its last digits.
+
+    >>> row_pieces(9, PIECE_BYTES // 4), row_pieces(1, 2**40)
+    ([slice(0, 5, None), slice(5, 9, None)], [slice(0, 1, None)])
+    """
+    if count == 0:
+        return [slice(0, 0)]
+    parts = np.array_split(np.arange(count), max(1, count // max(2, PIECE_BYTES // max(1, row_bytes))))
+    return [slice(int(part[0]), int(part[-1]) + 1) for part in parts]
+
+
 def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, D]`` float32 rows of ``[C, *grid]`` images as ranked (``[B, K]``: their low frequencies along
     ``bases``, or themselves where None) and an upper bound ``[B]`` on the norm of the part of them not ranked (None
@@ -384,7 +398,7 @@ def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.
     more for the float32 transform."""
     if bases is None:
         return rows, None
-    pieces = rows.split(max(1, PIECE_BYTES // (4 * rows.shape[1])))
+    pieces = [rows[piece] for piece in row_pieces(len(rows), 4 * rows.shape[1])]
     return tuple(torch.cat(parts) for parts in zip(*(_split_piece(piece, image_shape, bases) for piece in pieces)))
 
 

@@ -171,7 +171,7 @@ def test_rows_are_ranked_in_pieces_as_they_would_be_all_at_once():
     memory rather than mapping new pages at every search), and each piece is transformed as the whole batch is."""
     rows = torch.from_numpy(image_rows(9, (64, 64, 64), seed=4)).float().flatten(1)
     bases = ranking_bases(rows.view(9, 1, 64, 64, 64).numpy())
-    assert search.PIECE_BYTES // (4 * rows.shape[1]) < len(rows)  # more than one piece
+    assert len(search.row_pieces(len(rows), 4 * rows.shape[1])) > 1
     pieces, whole = search._split(rows, (1, 64, 64, 64), bases), search._split_piece(rows, (1, 64, 64, 64), bases)
     assert all(torch.equal(a, b) for a, b in zip(pieces, whole))
 

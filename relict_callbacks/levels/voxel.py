@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..items import Item, ItemError
-from ..search import inner_product_topk, take_rows
+from ..search import inner_product_topk, row_pieces, take_rows
 from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
@@ -490,14 +490,19 @@ class VoxelLevel(Level):
 
     # -- search -------------------------------------------------------------------------------------------
     def _query_form(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Standardized, masked, divided by the voxel count and flattened: ``query_form @ rows.T`` is NCC."""
-        z = _standardize(x, mask)
+        """``x`` (any float dtype) standardized, masked, divided by the voxel count and flattened, in float32:
+        ``query_form @ rows.T`` is NCC. Made a few queries at a time (:func:`row_pieces`), whose temporaries the
+        allocator reuses (64 3D queries at once took two fresh 64 MiB copies), as the whole batch at once gives it."""
         count = x[0].numel() if mask is None else mask.sum() * x.shape[1]
-        return (z if mask is None else z * mask).flatten(1).div_(count)  # in place: a fresh tensor
+        form = torch.empty(len(x), x[0].numel(), device=x.device)
+        for piece in row_pieces(len(x), 4 * x[0].numel()):
+            z = _standardize(x[piece].float(), mask)
+            torch.div((z if mask is None else z * mask).flatten(1), count, out=form[piece])
+        return form
 
     def nearest(self, query, bank, *, exclude=None, index=None) -> Nearest:
         rows, thumbs = bank["rows"], bank["thumbs"]
-        q = query["rows"].float()
+        q = query["rows"]  # as stored (float16): converted a chunk at a time
         n, ndim = len(rows), q.ndim - 2
         grid, device = tuple(q.shape[2:]), q.device
         mask = self._mask(grid, device=device)
@@ -518,7 +523,7 @@ class VoxelLevel(Level):
             with record_function("relict.voxel.refine"):
                 # stored centroids (None in banks saved before they were kept)
                 query_centres, bank_centres = query.get("centroids"), bank.get("centroids")
-                found = [self._refine(q[chunk], rows, candidates[chunk], flips[chunk], orientations, reach, mask,
+                found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach, mask,
                                       (None if query_centres is None else query_centres[chunk], bank_centres))
                          for chunk in chunks]
             sim, m, found_flip, found_shift = (torch.cat(parts) for parts in zip(*found))
@@ -548,7 +553,7 @@ class VoxelLevel(Level):
         def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame; made again
             # for the full-resolution score rather than held for every query (2 images a query, beyond the chunks)
             still = torch.zeros(len(chunk), 1, q.ndim - 2, dtype=torch.long, device=q.device)
-            oriented = _displace(q[chunk], still, _mirrored_axes(orientations, flip[chunk], q.ndim - 2))[:, 0]
+            oriented = _displace(q[chunk].float(), still, _mirrored_axes(orientations, flip[chunk], q.ndim - 2))[:, 0]
             return oriented, _displace(take_rows(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
 
         small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
