@@ -135,10 +135,11 @@ def _padded(x: torch.Tensor, pad: int, mirror: torch.Tensor) -> torch.Tensor:
 
 
 def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch.Tensor,
-             images: torch.Tensor | None = None) -> torch.Tensor:
+             images: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_displace` of the images :func:`_padded` made (``pad``, ``mirror`` as given to it), read by their
     index ``images`` ``[B]`` (default: each once) with the ``shifts`` ``[B, S, ndim]`` (at most ``pad``) and
-    ``mirror`` ``[B, ndim]`` of each read; ``[B, S, C, *spatial]``."""
+    ``mirror`` ``[B, ndim]`` of each read; ``[B, S, C, *spatial]``, written into the start of ``out`` (a flat
+    buffer of at least that many values) where given."""
     (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
     grid, device = [n - 2 * pad for n in sizes], padded.device
     images = torch.arange(b, device=device) if images is None else images
@@ -156,7 +157,10 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
         starts = starts[..., None] + step
     flat = padded.reshape(-1)
     runs = flat.as_strided((flat.numel() - grid[-1] + 1, grid[-1]), (1, 1))
-    return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
+    if out is None:
+        return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
+    out = out[: starts.numel() * grid[-1]].view(-1, grid[-1])
+    return torch.index_select(runs, 0, starts.flatten(), out=out).view(b, s, c, *grid)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -523,9 +527,13 @@ class VoxelLevel(Level):
             with record_function("relict.voxel.refine"):
                 # stored centroids (None in banks saved before they were kept)
                 query_centres, bank_centres = query.get("centroids"), bank.get("centroids")
+                # the windows every chunk reads, in one buffer: allocated afresh for each read, they took longer
+                # than reading them (new pages from the OS)
+                windows = torch.empty(len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(), device=device)
                 found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach, mask,
-                                      (None if query_centres is None else query_centres[chunk], bank_centres))
+                                      (None if query_centres is None else query_centres[chunk], bank_centres), windows)
                          for chunk in chunks]
+                del windows
             sim, m, found_flip, found_shift = (torch.cat(parts) for parts in zip(*found))
             better = sim > best
             best, best_index = torch.where(better, sim, best), torch.where(better, m, best_index)
@@ -590,12 +598,13 @@ class VoxelLevel(Level):
         held = REFINE_BYTES if q.device.type == "cpu" else DEVICE_REFINE_BYTES
         return max(1, held // (q[0].numel() * 4 * 2 * (q.ndim - 2)))
 
-    def _refine(self, q, rows, candidates, flips, orientations, reach, mask, centres=(None, None)):
+    def _refine(self, q, rows, candidates, flips, orientations, reach, mask, centres=(None, None), windows=None):
         """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
         ``candidates``/``flips`` [Q, P]: every pair is scored at the shift its centroids predict (within
         ``reach``), then each query's best pair one voxel around it along each axis and at the combination of the
         better steps. ``centres``: the centroids of the queries and of the bank's rows, where stored (else
-        taken here). Returns (NCC, bank index, orientation, shift) per query.
+        taken here); ``windows``: a buffer for the windows read (see :meth:`_ncc`). Returns (NCC, bank index,
+        orientation, shift) per query.
 
         NCC is unchanged when both images are mirrored, so the shifted training image is mirrored as it is read
         (:func:`_windows` of the pair's :func:`_padded` copy) and compared with the query as is, rather than each
@@ -620,31 +629,32 @@ class VoxelLevel(Level):
         pad = min(reach, int(shift.abs().max()) + 1) if shift.numel() else 0
         padded = _padded(refs, pad, mirror)
         del refs
-        scores = self._ncc(forms, padded, pad, shift[:, None], mirror, masks)[:, 0].view(nq, npairs)
+        scores = self._ncc(forms, padded, pad, shift[:, None], mirror, masks, out=windows)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
         shift, mirror = shift[chosen], mirror[chosen]
         forms, masks = (forms, None) if mask is None else (forms[chosen], masks[chosen])
         steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
         around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
-        near = self._ncc(forms, padded, pad, around, mirror, masks, chosen)
+        near = self._ncc(forms, padded, pad, around, mirror, masks, chosen, windows)
         up, down = near[:, :ndim], near[:, ndim:]
         step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
         around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
-        near = torch.cat([centre[:, None], near, self._ncc(forms, padded, pad, around[:, -1:], mirror, masks, chosen)],
-                         1)
+        last = self._ncc(forms, padded, pad, around[:, -1:], mirror, masks, chosen, windows)
+        near = torch.cat([centre[:, None], near, last], 1)
         sim, j = near.max(1)
         arange = torch.arange(nq, device=q.device)
         return sim, candidates[arange, pick], flips[arange, pick], around[arange, j]
 
     @staticmethod
-    def _ncc(forms, padded, pad, shifts, mirror, masks, images=None) -> torch.Tensor:
+    def _ncc(forms, padded, pad, shifts, mirror, masks, images=None, out=None) -> torch.Tensor:
         """NCC ``[B, S]`` of the training images ``padded`` (:func:`_padded` by ``pad``; read by their index ``images``
         ``[B]``, default each once) displaced by minus each of their ``shifts`` [B, S, ndim] (the training image
         moved onto the sample) and mirrored along ``mirror`` [B, ndim], with their query's ``forms``
         [G, C, *grid] (standardized; the ``B / G`` pairs of a query share its form), inside ``masks``
-        [B, 1, *grid] where given (the forms then standardized and masked there, one per pair)."""
-        windows = _windows(padded, pad, -shifts, mirror, images).flatten(3)  # [B, S, C, D]
+        [B, 1, *grid] where given (the forms then standardized and masked there, one per pair). The windows are
+        read into ``out`` where given (a flat buffer, see :func:`_windows`)."""
+        windows = _windows(padded, pad, -shifts, mirror, images, out).flatten(3)  # [B, S, C, D]
         if masks is not None:
             windows = windows * masks.flatten(2)[:, None]
         count = windows.shape[3] if masks is None else masks[0].sum()
