@@ -201,6 +201,27 @@ def test_rows_streamed_through_pinned_staging_buffers_score_as_resident_rows():
     assert np.allclose(streamed.similarities("voxel"), resident.similarities("voxel"), atol=1e-5)
 
 
+@pytest.mark.cuda
+def test_3d_voxel_searches_with_a_mask_and_two_channels_on_cuda_match_the_cpu():
+    """The CUDA refinement (its windows' products one per chunk, not a query at a time) and bend search of 3D
+    images with two channels inside a mask, every axis mirrored: the CPU's matches and transforms, NCC within 1e-5."""
+    train = smooth_field(10, (16, 16, 16), seed=21, channels=2)
+    samples = torch.cat([train[[3]].flip(2).roll(1, 3), train[[6]].flip(4), smooth_field(2, (16, 16, 16), seed=22,
+                                                                                              channels=2)])
+    mask = np.ones((16, 16, 16), dtype=bool)
+    mask[:, :2] = False
+    level = rc.VoxelLevel(grid=16, mask=mask)
+    found = {}
+    for device in ("cpu", "cuda"):
+        bank = rc.ReferenceBank.build(list(train), [level], progress=False, device=device)
+        found[device] = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples).records
+    for cpu, cuda in zip(found["cpu"], found["cuda"]):
+        assert (cpu.levels["voxel"].nearest_id, cpu.levels["voxel"].transform) == (cuda.levels["voxel"].nearest_id,
+                                                                                  cuda.levels["voxel"].transform)
+        assert abs(cpu.levels["voxel"].similarity - cuda.levels["voxel"].similarity) < 1e-5
+    assert [r.levels["voxel"].nearest_id for r in found["cuda"][:2]] == ["3", "6"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_leave_one_out_searches_of_streamed_and_resident_rows_agree(device):
     """The nulls' leave-one-out search (each query's own row masked, chunk by chunk, without a sync) of rows
