@@ -103,11 +103,11 @@ def full_precision():
     legacy = None if switches else (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     dtype = torch.get_default_dtype()
     matmul = torch.backends.cuda.matmul
-    half = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES if hasattr(matmul, name)}
+    half = {name: _half_switch(matmul, name) for name in HALF_PRODUCT_SWITCHES if hasattr(matmul, name)}
     for switch in switches:
         switch.fp32_precision = "ieee"
-    for name in half:
-        setattr(matmul, name, False)
+    for name, setting in half.items():  # the reductions' split-K switch (torch 2.9 on) kept as the run set it
+        setattr(matmul, name, (False, setting[1]) if isinstance(setting, tuple) else False)
     if legacy is not None:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
@@ -122,12 +122,19 @@ def full_precision():
     finally:
         for switch, precision in zip(switches, saved):
             switch.fp32_precision = precision
-        for name, allowed in half.items():
-            setattr(matmul, name, allowed)
+        for name, setting in half.items():
+            setattr(matmul, name, setting)
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy[0])
             torch.backends.cudnn.allow_tf32 = legacy[1]
         torch.set_default_dtype(dtype)
+
+
+def _half_switch(matmul, name: str):
+    """A switch of ``HALF_PRODUCT_SWITCHES`` as set: ``(allowed, split_k)`` where torch pairs it with a split-K
+    switch (setting the bool alone turns split-K on), else the bool."""
+    split_k = name + "_split_k"
+    return (getattr(matmul, name), getattr(matmul, split_k)) if hasattr(matmul, split_k) else getattr(matmul, name)
 
 
 def _default_device() -> torch.device:

@@ -343,27 +343,40 @@ def test_the_engine_scores_in_float32_whatever_matmul_precision_training_set(dev
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_engine_scores_with_float32_sums_whatever_half_product_switches_training_set(device):
     """``torch.backends.cuda.matmul.allow_fp16_accumulation = True`` (with which cuBLAS refuses the float16 products
-    with float32 output that the search runs on CUDA) and the reduced-precision reductions (on by default): off while
-    the engine computes, bank and scores as without, and the user's settings as they were after."""
-    from relict_callbacks.torch_modes import HALF_PRODUCT_SWITCHES, full_precision
+    with float32 output that the search runs on CUDA) and the reduced-precision reductions (float16's on, as by
+    default): off while the engine computes, bank and scores as without, and the user's settings as they were after,
+    the reductions' split-K switches included (bfloat16's off here: setting a reduction's bool alone turns it on)."""
+    from relict_callbacks.torch_modes import HALF_PRODUCT_SWITCHES, _half_switch, full_precision
 
     matmul = torch.backends.cuda.matmul
+
+    def switches():
+        return {name: _half_switch(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+
+    def paired(allowed, split_k, like):  # as torch takes the switch: with its split-K where it has one
+        return (allowed, split_k) if isinstance(like, tuple) else allowed
+
     train, samples = smooth_field(8, (SIZE, SIZE), seed=5), smooth_field(3, (SIZE, SIZE), seed=6)
     reference = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device=device)
     want = rc.ReplicaScorer(reference, alpha=0.2, device=device).score(samples)
-    saved = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+    saved = switches()
+    fp16, bf16 = "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"
+    user = {"allow_fp16_accumulation": True, fp16: paired(True, True, saved[fp16]),
+            bf16: paired(False, False, saved[bf16])}
     try:
-        for name in HALF_PRODUCT_SWITCHES:
-            setattr(matmul, name, True)
+        for name, value in user.items():
+            setattr(matmul, name, value)
         with full_precision():
-            inside = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+            inside = switches()
         bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=SIZE)], progress=False, device=device)
         got = rc.ReplicaScorer(bank, alpha=0.2, device=device).score(samples)
-        after = {name: getattr(matmul, name) for name in HALF_PRODUCT_SWITCHES}
+        after = switches()
     finally:
-        for name, allowed in saved.items():
-            setattr(matmul, name, allowed)
-    assert inside == dict.fromkeys(HALF_PRODUCT_SWITCHES, False) and after == dict.fromkeys(HALF_PRODUCT_SWITCHES, True)
+        for name, value in saved.items():
+            setattr(matmul, name, value)
+    assert inside == {"allow_fp16_accumulation": False, fp16: paired(False, True, saved[fp16]),
+                      bf16: paired(False, False, saved[bf16])}
+    assert after == user
     assert np.array_equal(bank.nulls["voxel"], reference.nulls["voxel"])
     assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
 
