@@ -13,6 +13,7 @@ import torch
 from monai.networks.nets import resnet10
 
 import relict_callbacks as rc
+from relict_callbacks.items import Item
 from relict_callbacks.cli import main
 from relict_callbacks.extractors import CheckpointEncoder, CopyEncoder
 from relict_callbacks.levels.base import call_model
@@ -379,6 +380,22 @@ def test_the_engine_scores_with_float32_sums_whatever_half_product_switches_trai
     assert after == user
     assert np.array_equal(bank.nulls["voxel"], reference.nulls["voxel"])
     assert np.array_equal(got.similarities("voxel"), want.similarities("voxel"))
+
+
+def test_the_voxel_level_called_directly_searches_in_float32_whatever_the_default_dtype():
+    """``VoxelLevel.nearest`` is public (the scorer calls it inside ``full_precision``): its buffers are float32
+    under ``torch.set_default_dtype(torch.float64)`` too, and it finds what it finds under float32."""
+    level = rc.VoxelLevel(grid=SIZE)
+    rows = level.embed([Item(image, None, str(i)) for i, image in enumerate(smooth_field(6, (SIZE, SIZE), seed=9))])
+    query = {key: torch.from_numpy(value[[2, 4]]) for key, value in rows.items()}
+    bank = {key: torch.from_numpy(value) for key, value in rows.items()}
+    want = level.nearest(query, bank)
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = level.nearest(query, bank)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert got.index.tolist() == want.index.tolist() == [2, 4] and np.array_equal(got.similarity, want.similarity)
 
 
 @pytest.mark.parametrize("default", ["float64", "meta device"])

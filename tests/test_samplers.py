@@ -240,3 +240,10 @@ def test_a_sampler_drawing_on_the_gpu_with_the_cpu_generator_is_told_how_to_draw
         model = DrawsOnItsDevice()
     with pytest.raises(SamplerError, match=r"generator passed to samplers is a CPU one.*\.to\(device\)"):
         draw(sampler, model)
+
+    def own_cuda_generator(model, n, generator):  # the reverse mistake: no hint about the check's generator
+        raise RuntimeError("Expected a 'cpu' device type for generator but found 'cuda'")
+
+    with pytest.raises(SamplerError) as raised:
+        draw(own_cuda_generator, model)
+    assert "generator passed to samplers" not in str(raised.value)

@@ -498,7 +498,7 @@ class VoxelLevel(Level):
         ``query_form @ rows.T`` is NCC. Made a few queries at a time (:func:`row_pieces`), whose temporaries the
         allocator reuses (64 3D queries at once took two fresh 64 MiB copies), as the whole batch at once gives it."""
         count = x[0].numel() if mask is None else mask.sum() * x.shape[1]
-        form = torch.empty(len(x), x[0].numel(), device=x.device)
+        form = torch.empty(len(x), x[0].numel(), dtype=torch.float32, device=x.device)
         for piece in row_pieces(len(x), 4 * x[0].numel()):
             z = _standardize(x[piece].float(), mask)
             torch.div((z if mask is None else z * mask).flatten(1), count, out=form[piece])
@@ -529,7 +529,8 @@ class VoxelLevel(Level):
                 query_centres, bank_centres = query.get("centroids"), bank.get("centroids")
                 # the windows every chunk reads, in one buffer: allocated afresh for each read, they took longer
                 # than reading them (new pages from the OS)
-                windows = torch.empty(len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(), device=device)
+                windows = torch.empty(len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(),
+                                      dtype=torch.float32, device=device)
                 found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach, mask,
                                       (None if query_centres is None else query_centres[chunk], bank_centres), windows)
                          for chunk in chunks]

@@ -65,9 +65,10 @@ class MonitorOptions:
             leaving synthetic images, ids and scores.
         device: where the bank is built and samples are scored; default: the model's device (``"cpu"`` alone).
         device_budget: bytes of bank rows kept on ``device`` from the first check on, for the whole fit (default: a
-            quarter of a GPU's memory and at most half of what is free at the first check; see
-            :class:`ReplicaScorer`); rows beyond it are streamed from pinned host memory at every check. Lower it
-            (0: none kept) where training needs that memory later, e.g. for a larger validation batch.
+            quarter of a GPU's memory and at most half of what is free at the first check, or a quarter of the RAM
+            on the CPU; see :class:`ReplicaScorer`); rows beyond it are streamed from pinned host memory at every
+            check (CUDA) or read memory-mapped (CPU). Lower it (0: none kept) where training needs that memory
+            later, e.g. for a larger validation batch.
         progress: show a progress bar while building the bank.
         checkpoint_dirs: folders whose checkpoint files ``Monitor.safe_checkpoint`` considers (the adapters add
             their framework's checkpoint folders by themselves).

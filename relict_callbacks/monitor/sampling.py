@@ -86,7 +86,7 @@ def draw_samples(sampler, model, num_samples: int, seed: int, expected_shape: tu
     except Exception as error:
         hint = ("; the generator passed to samplers is a CPU one, so that a check draws the same noise on every "
                 "device: draw with it on the CPU and move the noise, torch.randn(shape, generator=generator).to(device)"
-                if "device type for generator" in str(error) else "")
+                if "'cuda' device type for generator but found 'cpu'" in str(error) else "")
         raise SamplerError(f"sampler {name} raised {type(error).__name__}: {error}{hint}") from error
     images, labels = out if isinstance(out, (tuple, list)) else (out, None)
     channels, spatial_dims = expected_shape
