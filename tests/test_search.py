@@ -9,7 +9,7 @@ from relict_callbacks import search
 from relict_callbacks.search import FaissIndex, RankedRows, inner_product_topk, ranking_bases
 from relict_callbacks.separable import along_axes
 
-from conftest import smooth_field
+from conftest import on_threads, smooth_field
 
 
 def test_chunked_topk_equals_full_topk_for_any_chunk_size(rng):
@@ -168,12 +168,14 @@ def test_images_ranked_by_their_low_frequencies_give_the_float32_neighbours_from
 
 def test_rows_are_ranked_in_pieces_as_they_would_be_all_at_once():
     """Queries and rows are transformed for the ranking a few at a time (so that the allocator reuses the pieces'
-    memory rather than mapping new pages at every search), and each piece is transformed as the whole batch is."""
+    memory rather than mapping new pages at every search), and each piece is transformed as the whole batch is, on 1,
+    2 and 4 threads."""
     rows = torch.from_numpy(image_rows(9, (64, 64, 64), seed=4)).float().flatten(1)
     bases = ranking_bases(rows.view(9, 1, 64, 64, 64).numpy())
     assert len(search.row_pieces(len(rows), 4 * rows.shape[1])) > 1
-    pieces, whole = search._split(rows, (1, 64, 64, 64), bases), search._split_piece(rows, (1, 64, 64, 64), bases)
-    assert all(torch.equal(a, b) for a, b in zip(pieces, whole))
+    for pieces, whole in on_threads(lambda: (search._split(rows, (1, 64, 64, 64), bases),
+                                             search._split_piece(rows, (1, 64, 64, 64), bases)), (1, 2, 4)):
+        assert all(torch.equal(a, b) for a, b in zip(pieces, whole))
 
 
 def test_a_noisy_row_does_not_loosen_the_bound_of_the_others(monkeypatch):

@@ -198,7 +198,8 @@ def _autocast(engine: Engine):
     network to sample in the precision it trains in; ``None`` without ``amp``."""
     if not (getattr(engine, "amp", False) and torch.cuda.is_available()):
         return None
-    return lambda: torch.autocast("cuda", **(getattr(engine, "amp_kwargs", None) or {}))
+    options = dict(getattr(engine, "amp_kwargs", None) or {})  # not the engine: the monitor keeps this for certify
+    return lambda: torch.autocast("cuda", **options)
 
 
 def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:

@@ -36,7 +36,8 @@ def certify(monitor, model, num_samples: int, checkpoint=None, key: str | None =
     ``num_samples``, at a time), or of ``checkpoint``'s weights loaded into ``model`` (``key``: where the weights
     are in the file; default ``"state_dict"`` (Lightning) or the entry matching ``model``'s keys (MONAI
     ``CheckpointSaver``)). ``sampling_context()`` is entered around each sampler call; default: the last check's
-    (the training's autocast under mixed precision), so that the certified samples are drawn as the checks drew.
+    (the training's autocast under mixed precision), so that the certified samples are drawn as the checks drew;
+    ``contextlib.nullcontext`` samples without one.
 
     A checkpoint's certification is recorded in the monitor's history (``kind="certify"``) for the step the file
     holds, and outweighs that step's routine check in ``safe_checkpoint``. Single process: call it on rank 0."""
