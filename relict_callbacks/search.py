@@ -395,7 +395,7 @@ def _split(rows: torch.Tensor, image_shape, bases) -> tuple[torch.Tensor, torch.
     """``[B, D]`` float32 rows of ``[C, *grid]`` images as ranked (``[B, K]``: their low frequencies along
     ``bases``, or themselves where None) and an upper bound ``[B]`` on the norm of the part of them not ranked (None
     where ranked whole): Pythagoras, the bases being orthonormal, in float64, with :data:`LOW_PASS_ERROR` ``|r|²``
-    more for the float32 transform."""
+    more for the float32 transform. Transformed a few rows at a time (:func:`row_pieces`)."""
     if bases is None:
         return rows, None
     pieces = [rows[piece] for piece in row_pieces(len(rows), 4 * rows.shape[1])]

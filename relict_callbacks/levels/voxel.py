@@ -531,8 +531,9 @@ class VoxelLevel(Level):
                 # than reading them (new pages from the OS)
                 windows = torch.empty(len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(),
                                       dtype=torch.float32, device=device)
-                found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach, mask,
-                                      (None if query_centres is None else query_centres[chunk], bank_centres), windows)
+                found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach,
+                                      mask, (None if query_centres is None else query_centres[chunk], bank_centres),
+                                      windows)
                          for chunk in chunks]
                 del windows
             sim, m, found_flip, found_shift = (torch.cat(parts) for parts in zip(*found))
