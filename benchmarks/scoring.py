@@ -17,13 +17,16 @@ search). Times are the best of 3 runs; each run of a score is paired with a run 
 the bare matmul just before it, and its ratio is the median of the 3 paired ratios (their range in brackets), so
 that a slower spell of a shared machine slows both sides of a ratio. Peak memory is the process's peak
 resident set (VmHWM, reset before each measurement) above what it held before, the placed rows excluded (they are
-held from the warm-up on); memory-mapped bank pages count while resident.
+held from the warm-up on); memory-mapped bank pages count while resident. Page faults are the score's minor ones
+(median of the 3 runs): each new page the process touches (memory the allocator took afresh from the OS, or bank
+pages mapped for the first time) costs one, about 2 µs on the machine of the README's figures.
 Run: ``python benchmarks/scoring.py [--device cuda] [--items-3d 2000 --items-2d 20000]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -59,11 +62,13 @@ def _measure_once(fn):
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _rss_kib("VmRSS")
     _sync()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     result = fn()
     _sync()
     seconds = time.perf_counter() - start
-    return seconds, (_rss_kib("VmHWM") - before) / 1024, result
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds, (_rss_kib("VmHWM") - before) / 1024, result, faults
 
 
 def smooth_batch(n: int, shape: tuple[int, ...], seed: int, device="cpu") -> torch.Tensor:
@@ -133,6 +138,7 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         paired = [(_measure_once(bare_matmul)[0], *_measure_once(lambda: scorer.score(samples))) for _ in range(3)]
         seconds, peak, report = min(p[1] for p in paired), max(p[2] for p in paired), paired[-1][3]
         ratios = sorted(p[1] / p[0] for p in paired)
+        faults = int(np.median([p[4] for p in paired]))
         level = bank.levels[0]
         embed, _, query = measure(lambda: _embed(level, samples, device))
         search, _, _ = measure(lambda: bank.nearest(level, query, device, budget=budget))
@@ -142,6 +148,7 @@ def run_case(name: str, shape: tuple[int, ...], n_items: int, n_samples: int, wo
         faster = "" if naive is None else f", {naive / seconds:.0f}x faster than the naive loop"
         print(f"ReplicaScorer.score, {label}: {seconds * 1000:.0f} ms (embed the samples {embed * 1000:.0f} ms + "
               f"search the bank {search * 1000:.0f} ms), peak working memory +{max(peak, 0):.0f} MiB, "
+              f"{faults} page faults ({faults * resource.getpagesize() / 2**20:.0f} MiB of new pages), "
               f"rows placed: {placed / 2**20:.0f} MiB | {ratios[1]:.2f}x the bare matmul "
               f"({ratios[0]:.2f}-{ratios[2]:.2f}x){faster} | mirrored copies flagged {caught}/8\n"
               f"  search phases (one profiled run): {phases}")
