@@ -224,6 +224,24 @@ def test_3d_voxel_searches_with_a_mask_and_two_channels_on_cuda_match_the_cpu():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_sample_scores_alike_alone_and_among_others(device):
+    """A 3D sample's match, transform and NCC do not depend on the samples scored with it (on the CPU to the last
+    digit, as the refinement's sums are made to; on CUDA, whose kernels are chosen by shape, within 1e-6)."""
+    train = smooth_field(8, (16, 16, 16), seed=31)
+    samples = torch.cat([train[[2]].flip(2).roll(1, 4), smooth_field(6, (16, 16, 16), seed=32)])
+    bank = rc.ReferenceBank.build(list(train), [rc.VoxelLevel(grid=16)], progress=False, device=device)
+    scorer = rc.ReplicaScorer(bank, alpha=0.2, device=device)
+    together = scorer.score(samples).records
+    for i in (0, 3):
+        alone = scorer.score(samples[i : i + 1]).records[0].levels["voxel"]
+        among = together[i].levels["voxel"]
+        assert (alone.nearest_id, alone.transform) == (among.nearest_id, among.transform)
+        tolerance = 0 if device == "cpu" else 1e-6
+        assert abs(alone.similarity - among.similarity) <= tolerance
+    assert together[0].levels["voxel"].nearest_id == "2"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_leave_one_out_searches_of_streamed_and_resident_rows_agree(device):
     """The nulls' leave-one-out search (each query's own row masked, chunk by chunk, without a sync) of rows
     streamed to the device at every search (memory-mapped on the CPU) finds what the resident rows give, never
