@@ -143,7 +143,8 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
     (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
     grid, device = [n - 2 * pad for n in sizes], padded.device
     images = torch.arange(b, device=device) if images is None else images
-    shifts = torch.where(torch.arange(ndim, device=device) == ndim - 1, 1 - 2 * mirror.long(), 1)[:, None] * shifts.long()
+    last = torch.arange(ndim, device=device) == ndim - 1
+    shifts = torch.where(last, 1 - 2 * mirror.long(), 1)[:, None] * shifts.long()
     strides = [int(np.prod(sizes[axis + 1 :])) for axis in range(ndim)]  # of a padded image, in voxels
     far = mirror.clone()
     far[:, -1] = False  # other mirrored axes are read from their far end (the last axis is mirrored in the copy)
@@ -157,10 +158,8 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
         starts = starts[..., None] + step
     flat = padded.reshape(-1)
     runs = flat.as_strided((flat.numel() - grid[-1] + 1, grid[-1]), (1, 1))
-    if out is None:
-        return runs.index_select(0, starts.flatten()).view(b, s, c, *grid)
-    out = out[: starts.numel() * grid[-1]].view(-1, grid[-1])
-    return torch.index_select(runs, 0, starts.flatten(), out=out).view(b, s, c, *grid)
+    into = None if out is None else out[: starts.numel() * grid[-1]].view(-1, grid[-1])
+    return torch.index_select(runs, 0, starts.flatten(), out=into).view(b, s, c, *grid)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -620,7 +619,8 @@ class VoxelLevel(Level):
         query_centres, bank_centres = centres
         centre = (_centroids(q) if query_centres is None else query_centres.float()).repeat_interleave(npairs, 0)
         centre = torch.where(mirror, size - 1 - centre, centre)  # of the mirror images
-        ref_centres = _centroids(refs) if bank_centres is None else take_rows(bank_centres, candidates.flatten(), q.device)
+        ref_centres = (_centroids(refs) if bank_centres is None
+                       else take_rows(bank_centres, candidates.flatten(), q.device))
         shift = (centre - ref_centres).round().clamp(-reach, reach).long()
         if mask is None:  # each query's pairs share it
             forms, masks = q, None
