@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..items import Item, ItemError
-from ..search import inner_product_topk, row_pieces, take_rows
+from ..search import blocked_dots, inner_product_topk, row_pieces, sum_block, take_rows
 from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
@@ -60,11 +60,6 @@ BEND_STEPS = 20  # Adam steps of the bend search of banks built before the Gauss
 SAVED_BEFORE = {"smoothing": 0.0, "max_bend": 0.0, "bend_fit": "adam"}
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
-# values of a window the refinement sums in one run (its sum of squares by torch's vector_norm; on the CPU its dot
-# with the query by one matrix-vector product), the runs' partial sums then added pairwise: one run over the 262,144
-# values of a 64³ image was off by 2e-4 (the squares) and 1.5e-5 (MKL's dot) where a constant background adds the
-# same product thousands of times, and both differed with the thread count
-SUM_BLOCK = 512
 
 
 def shift_reach(grid: tuple[int, ...], max_shift: int | None) -> int:
@@ -660,32 +655,14 @@ class VoxelLevel(Level):
         if masks is not None:
             windows = windows * masks.flatten(2)[:, None]
         count = windows.shape[3] if masks is None else masks[0].sum()
-        grouped = windows.reshape(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
-        forms, block = forms.flatten(2), _sum_block(windows.shape[3])
-        if windows.device.type == "cpu":  # in blocks (see SUM_BLOCK), a query at a time
-            dots = torch.stack([torch.stack([_dots(grouped[g, :, c], forms[g, c], block) for c in range(forms.shape[1])],
-                                            -1) for g in range(len(forms))])
-        else:  # one product a channel: a product a query would be bound by kernel launches
-            dots = torch.stack([torch.bmm(grouped[:, :, c], forms[:, c : c + 1].mT)[..., 0] for c in range(forms.shape[1])],
-                               -1)
-        dots = dots.reshape(windows.shape[:3])
         mean = windows.sum(dim=3) / count
-        squares = torch.linalg.vector_norm(windows.unflatten(3, (-1, block)), dim=4).square().sum(3)
+        squares = torch.linalg.vector_norm(windows.unflatten(3, (-1, sum_block(windows.shape[3]))), dim=4)
+        squares = squares.square().sum(3)
+        # each window times its query's form, in place: the windows are read no more
+        grouped = windows.view(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
+        dots = blocked_dots(grouped, forms.flatten(2)[:, None], in_place=True).view(windows.shape[:3])
         std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
         return (dots / std).mean(dim=2) / count
-
-
-@functools.lru_cache(maxsize=64)
-def _sum_block(size: int) -> int:
-    """The largest divisor of ``size`` up to ``SUM_BLOCK``: long sums are taken in blocks of it."""
-    return max(b for b in range(1, min(size, SUM_BLOCK) + 1) if size % b == 0)
-
-
-def _dots(rows: torch.Tensor, form: torch.Tensor, block: int) -> torch.Tensor:
-    """``rows @ form`` (``[R, D] @ [D]``), one matrix-vector product a ``block`` of values (rows strided as they
-    come), the partial sums added by torch's pairwise sum (see ``SUM_BLOCK``): 2.2x the time of one product over all
-    D values, a pass over each window less than summing the elementwise products (1.3x a 3D search's time)."""
-    return torch.bmm(rows.unflatten(1, (-1, block)).transpose(0, 1), form.view(-1, block, 1))[..., 0].sum(0)
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...], bend: float = 0.0) -> str:
