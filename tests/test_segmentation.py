@@ -135,3 +135,58 @@ def test_audit_shows_the_transform_of_each_level(tmp_path):
     assert float(copy["segmentation_similarity"]) > 0.9 and float(copy["p_value"]) <= 0.3
     page = (out / "report.html").read_text()
     assert f"under <code>{copy['voxel_transform']}</code>" in page and "p-value" in page
+
+
+def _blobs(n: int, shape: tuple[int, ...], seed: int, labels: int = 1) -> torch.Tensor:
+    """``n`` sets of ``labels`` random smooth blobs ``[n, labels, *shape]`` (uint8 0/1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, labels, *[max(2, s // 4) for s in shape], generator=gen)
+    x = torch.nn.functional.interpolate(x, size=shape, mode="trilinear" if len(shape) == 3 else "bilinear")
+    return (x > 0.8).to(torch.uint8)
+
+
+def test_own_search_scores_each_sample_as_it_would_alone(monkeypatch):
+    """The own search is batched over samples and their candidates: each sample gets the same Dice, match and
+    transform alone, among others and a sample at a time; moved copies are found whole, and their transform moves
+    the training mask onto them."""
+    import relict_callbacks.levels.segmentation as segmentation
+
+    for shape in [(24, 20), (16, 12, 14)]:
+        masks = torch.zeros(20, 2, *shape, dtype=torch.uint8)
+        inner = (slice(None), slice(None), *[slice(3, n - 3) for n in shape])
+        masks[inner] = _blobs(20, tuple(n - 6 for n in shape), seed=len(shape), labels=2)  # clear of the edges
+        masks[5] = masks[3]  # equal masks
+        masks[7] = 0  # an empty one
+        moves = ["flip0+shift(" + ",".join(["1"] * len(shape)) + ")", "flip1",
+                 "shift(" + ",".join(["-1"] + ["0"] * (len(shape) - 1)) + ")"]  # within reach (1 voxel here)
+        copies = [undo_match(masks[i].float(), move)[None] for i, move in zip((2, 9, 14), moves)]
+        queries = {"masks": torch.cat([*copies, _blobs(4, shape, seed=50, labels=2).float(), masks[3:4].float()])}
+        bank = {"masks": masks.numpy(), "sizes": masks.flatten(2).sum(2).float().numpy()}
+        level = rc.SegmentationLevel()
+        together = level.nearest(queries, bank)
+        monkeypatch.setattr(segmentation, "PAIR_BYTES", 1)  # a sample at a time
+        for i in range(len(queries["masks"])):
+            alone = level.nearest({"masks": queries["masks"][i : i + 1]}, bank)
+            assert (alone.similarity[0], alone.index[0], alone.transform[0]) == (
+                together.similarity[i], together.index[i], together.transform[i])
+        monkeypatch.undo()
+        assert together.index[:3].tolist() == [2, 9, 14] and (together.similarity[:3] == 1.0).all()
+        for i, copy in enumerate(copies):
+            assert torch.equal(undo_match(masks[together.index[i]].float(), together.transform[i]), copy[0])
+        assert together.index[-1] in (3, 5) and together.transform[-1] == "identity" and together.similarity[-1] == 1
+
+
+def test_dilation_is_max_pooling_and_centroids_are_those_of_the_voxels():
+    from relict_callbacks.levels.segmentation import _centroids, _dilate
+
+    for shape in [(24, 20), (16, 12, 14)]:
+        masks = _blobs(6, shape, seed=7, labels=2)
+        masks[2] = 0
+        pool = torch.nn.functional.max_pool3d if len(shape) == 3 else torch.nn.functional.max_pool2d
+        expected = pool(masks.float(), 5, stride=1, padding=2)
+        assert torch.equal(_dilate(masks, 2).float(), expected)
+        centres = _centroids(masks)
+        for mask, centre in zip(masks, centres):
+            points = torch.nonzero(mask.any(0)).float()
+            middle = torch.tensor([(n - 1) / 2 for n in shape])
+            assert torch.equal(centre, points.mean(0) if len(points) else middle)

@@ -101,10 +101,11 @@ def resample(image: torch.Tensor, grid: tuple[int, ...], *, nearest: bool = Fals
     nearest-neighbour for label maps."""
     if tuple(image.shape[1:]) == grid:
         return image
-    return _resample_batch(image[None].float(), grid, nearest)[0]
+    return resample_batch(image[None].float(), grid, nearest)[0]
 
 
-def _resample_batch(batch: torch.Tensor, grid: tuple[int, ...], nearest: bool) -> torch.Tensor:
+def resample_batch(batch: torch.Tensor, grid: tuple[int, ...], nearest: bool) -> torch.Tensor:
+    """:func:`resample` of each image of ``[B, C, *spatial]`` (float), in one call."""
     if tuple(batch.shape[2:]) == grid:
         return batch
     if nearest:
@@ -137,7 +138,7 @@ def resample_all(images: list[torch.Tensor], grid: tuple[int, ...], device, *, n
     >>> resample_all([torch.ones(1, 8, 8), torch.ones(1, 8, 8), torch.ones(1, 4, 4)], (4, 4), "cpu").shape
     torch.Size([3, 1, 4, 4])
     """
-    runs = [_resample_batch(torch.stack([images[i] for i in run]).to(device, torch.float32), grid, nearest)
+    runs = [resample_batch(torch.stack([images[i] for i in run]).to(device, torch.float32), grid, nearest)
             for run in same_shape_runs(images)]
     return runs[0] if len(runs) == 1 else torch.cat(runs)  # one run (the usual batch): no second copy
 

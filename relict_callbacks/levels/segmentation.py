@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from ..items import Item, ItemError
-from ..search import DEFAULT_CHUNK, DEVICE_CHUNK_BYTES, as_tensor, chunked_topk
+from ..search import DEFAULT_CHUNK, DEVICE_CHUNK_BYTES, as_tensor, chunked_topk, take_rows
 from ..validation import check_grid, check_number
-from .base import Level, Nearest, call_model, model_digest, plain_grid, resample, resolve_grid, same_shape_runs
-from .voxel import REFINE_CANDIDATES, _describe, mirror_orientations, rigid_part, shift_reach, undo_match
+from .base import (Level, Nearest, call_model, model_digest, plain_grid, resample, resample_batch, resolve_grid,
+                   same_shape_runs)
+from .voxel import (REFINE_CANDIDATES, _describe, _padded, _windows, mirror_orientations, rigid_transform,
+                    shift_reach)
+
+PAIR_BYTES = 64 * 2**20  # float32 masks of the pairs scored at once on the CPU (twice that where grids differ)
+DEVICE_PAIR_BYTES = 512 * 2**20  # and on an accelerator
 
 
 def select_labels(label: torch.Tensor, labels) -> torch.Tensor:
@@ -47,14 +52,6 @@ def mean_dice(overlap: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """
     dice = torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.nan)
     return dice.nanmean(dim=-1).nan_to_num(0.0)
-
-
-def _centroid(masks: torch.Tensor) -> torch.Tensor:
-    """Centroid (voxels, per spatial axis) of the union of ``[L, *spatial]`` masks; mid-grid when empty."""
-    points = torch.nonzero(masks.any(0)).float()
-    if len(points) == 0:
-        return torch.tensor([(n - 1) / 2 for n in masks.shape[1:]], device=masks.device)
-    return points.mean(0)
 
 
 class SegmentationLevel(Level):
@@ -160,46 +157,60 @@ class SegmentationLevel(Level):
     def nearest(self, query, bank, *, exclude=None, index=None, match: Nearest | None = None,
                 match_grid=None) -> Nearest:
         """Best Dice per query; with ``match`` (the voxel level's matches, whose transforms are expressed on
-        ``match_grid``), the Dice with each matched training image under its transform."""
+        ``match_grid``), the Dice with each matched training image under its transform. Batched over the queries
+        and their candidates, on the queries' device."""
         q = query["masks"].float()
         if q.shape[1:] != bank["masks"].shape[1:]:
             raise ValueError(f"samples have masks {tuple(q.shape[1:])} (labels x grid), the bank has "
                              f"{tuple(bank['masks'].shape[1:])}")
+        ndim, device = q.ndim - 2, q.device
         if match is not None:
-            pairs = [[(int(j), transform)] for j, transform in zip(match.index, match.transform)]
-            return self._best(q, bank, pairs, tuple(match_grid))
+            rigid = [rigid_transform(t, ndim) for t in match.transform]
+            mirror = torch.tensor([[[a in flip for a in range(ndim)]] for flip, _ in rigid], device=device)
+            shift = torch.tensor([[[shift]] for _, shift in rigid], device=device)
+            index = torch.as_tensor(match.index, device=device)[:, None]
+            scores = self._dice(q, bank, index, mirror, shift, tuple(match_grid))[:, 0, 0]
+            return Nearest(scores.cpu().numpy(), np.asarray(match.index, dtype=np.int64), list(match.transform))
         reach = shift_reach(tuple(q.shape[2:]), self.max_shift)
-        mirrors = mirror_orientations(range(q.ndim - 2) if self.flips == "all" else self.flips)
+        mirrors = mirror_orientations(range(ndim) if self.flips == "all" else self.flips)
+        mirrored = torch.tensor([[a in axes for a in range(ndim)] for axes in mirrors], device=device)
         oriented = torch.cat([q.flip([2 + a for a in axes]) for axes in mirrors])  # every mirror in one bank pass
         exclude = None if exclude is None else exclude.repeat(len(mirrors))
 
-        def candidates(tolerance):  # per query: [(Dice, bank index, mirror)], mirror by mirror, best first
+        def candidates(tolerance):  # [Q, mirrors x k]: Dice, bank index, mirror; mirror by mirror, best first
             values, indices = self._dice_topk(oriented, bank, exclude, tolerance)
-            values, indices = (t.view(len(mirrors), len(q), -1).tolist() for t in (values, indices))  # one copy
-            return [[(v, m, axes) for axes, vs, ms in zip(mirrors, values, indices) for v, m in zip(vs[i], ms[i])]
-                    for i in range(len(q))]
+            values, indices = (t.view(len(mirrors), len(q), -1).transpose(0, 1).flatten(1) for t in (values, indices))
+            which = torch.arange(len(mirrors), device=device).repeat_interleave(values.shape[1] // len(mirrors))
+            return values, indices, which.expand_as(indices)
 
-        exact, near = candidates(0), candidates(reach) if reach else [[] for _ in range(len(q))]
-        pairs = []
-        for i, (as_is, within) in enumerate(zip(exact, near)):
-            _, best, best_flip = max(as_is, key=lambda p: p[0])  # the best unshifted pair, then shifted candidates
-            shifted = sorted(within, key=lambda p: -p[0])[:REFINE_CANDIDATES]
-            pairs.append([(best, _describe(best_flip, ()))]
-                         + [(m, _describe(flip, shift)) for _, m, flip in shifted
-                            for shift in self._shifts(q[i], bank["masks"][m], flip, reach)])
-        return self._best(q, bank, pairs, tuple(q.shape[2:]))
+        values, indices, which = candidates(0)
+        best = values.argmax(1, keepdim=True)  # the best unshifted pair (the first of equals)
+        index, mirror = indices.gather(1, best), mirrored[which.gather(1, best)]  # [Q, 1], [Q, 1, ndim]
+        shift = torch.zeros(len(q), 1, ndim, dtype=torch.long, device=device)
+        scores = self._dice(q, bank, index, mirror, shift[:, :, None], tuple(q.shape[2:])).flatten(1)
+        if reach:  # then the best few candidates by Dice within reach, each at the shifts their centroids predict
+            values, indices, which = candidates(reach)
+            top = values.sort(dim=1, descending=True, stable=True).indices[:, :REFINE_CANDIDATES]
+            indices, flips = indices.gather(1, top), mirrored[which.gather(1, top)]  # [Q, P], [Q, P, ndim]
+            shifts, usable = self._shifts(q, bank, indices, flips, reach)  # [Q, P, S, ndim], [Q, P, S]
+            shifted = self._dice(q, bank, indices, flips, shifts, tuple(q.shape[2:])).masked_fill(~usable, -torch.inf)
+            count = shifts.shape[2]
+            scores = torch.cat([scores, shifted.flatten(1)], 1)
+            index = torch.cat([index, indices.repeat_interleave(count, 1)], 1)
+            mirror = torch.cat([mirror, flips.repeat_interleave(count, 1)], 1)
+            shift = torch.cat([shift, shifts.flatten(1, 2)], 1)
+        chosen = scores.argmax(1)  # the first of equals, in the order listed: unshifted, then candidate by candidate
+        rows = torch.arange(len(q), device=device)
+        transforms = [_describe(tuple(a for a in range(ndim) if m[a]), tuple(s))
+                      for m, s in zip(mirror[rows, chosen].tolist(), shift[rows, chosen].tolist())]
+        return Nearest(scores[rows, chosen].cpu().numpy(), index[rows, chosen].cpu().numpy(), transforms)
 
     def _dice_topk(self, q: torch.Tensor, bank, exclude, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top candidates of masks ``q`` ``[Q, L, *grid]`` against the whole bank: by Dice (``reach`` 0), or by
         overlap within ``reach`` voxels (bank voxels that near the query's mask count), scaled by the size
         ratio of the two masks, so that a shifted copy of the same size ranks first."""
         q_sizes = q.flatten(2).sum(dim=2)
-        for axis in range(2, q.ndim) if reach > 0 else ():  # dilate by reach: a separable max filter
-            window = [1] * (q.ndim - 2)
-            window[axis - 2] = 2 * reach + 1
-            pool = F.max_pool3d if q.ndim == 5 else F.max_pool2d
-            q = pool(q, window, stride=1, padding=[w // 2 for w in window])
-        q = q.flatten(2)
+        q = (_dilate(q.to(torch.uint8), reach).float() if reach > 0 else q).flatten(2)
         refs = bank["masks"]
         ref_sizes = torch.as_tensor(bank["sizes"]).to(q.device, torch.float32)
 
@@ -217,36 +228,79 @@ class SegmentationLevel(Level):
         return chunked_topk(score_chunk, len(refs), REFINE_CANDIDATES, chunk_size=rows, exclude=exclude)
 
     @staticmethod
-    def _shifts(query: torch.Tensor, ref, flip: tuple, reach: int) -> list[tuple[int, ...]]:
-        """The shift the mask centroids predict for ``query`` ``[L, *grid]`` against bank masks ``ref`` under
-        ``flip`` (within ``reach``), and its neighbours one voxel along each axis."""
-        if reach == 0:
-            return []
-        oriented = query.flip([1 + a for a in flip]).cpu()  # a few centroids: on the CPU, where the bank's mask is
-        ref = torch.as_tensor(ref).bool().cpu()
-        centre = (_centroid(oriented.bool()) - _centroid(ref)).round().clamp(-reach, reach).int().tolist()
-        steps = [tuple(max(-reach, min(reach, s + step * (a == axis))) for a, s in enumerate(centre))
-                 for axis in range(len(centre)) for step in (-1, 1)]
-        return sorted({tuple(centre), *steps} - {(0,) * len(centre)})
+    def _shifts(q: torch.Tensor, bank, indices: torch.Tensor, flips: torch.Tensor,
+                reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each query ``q`` [Q, L, *grid] and each of its candidates (bank ``indices`` [Q, P], mirrored along
+        ``flips`` [Q, P, ndim]): the shift their mask centroids predict (within ``reach``) and its neighbours one
+        voxel along each axis, in ascending order, ``[Q, P, 1 + 2 ndim, ndim]``, and which of them to try
+        ``[Q, P, 1 + 2 ndim]`` (not the zero shift, each shift once)."""
+        ndim, grid = q.ndim - 2, torch.tensor(q.shape[2:], device=q.device)
+        centre = torch.where(flips, grid - 1 - _centroids(q)[:, None], _centroids(q)[:, None])  # of the mirrored
+        refs = torch.cat([_centroids(take_rows(bank["masks"], part, q.device))  # a few masks at a time
+                          for part in indices.flatten().split(max(1, PAIR_BYTES // (4 * q[0].numel())))])
+        centre = centre - refs.view_as(centre)
+        centre = centre.round().clamp(-reach, reach).long()  # [Q, P, ndim]
+        steps = torch.cat([torch.zeros(1, ndim, dtype=torch.long), torch.eye(ndim, dtype=torch.long).repeat_interleave(
+            2, 0) * torch.tensor([-1, 1]).repeat(ndim)[:, None]]).to(q.device)  # [1 + 2 ndim, ndim]
+        shifts = (centre[:, :, None] + steps).clamp(-reach, reach)
+        key = (shifts + reach) @ (2 * reach + 1) ** torch.arange(ndim - 1, -1, -1, device=q.device)  # their order
+        key, order = key.sort(dim=2)
+        shifts = shifts.gather(2, order[..., None].expand_as(shifts))
+        first = torch.cat([torch.ones_like(key[..., :1], dtype=torch.bool), key[..., 1:] != key[..., :-1]], 2)
+        return shifts, first & shifts.ne(0).any(3)
 
     @staticmethod
-    def _best(q: torch.Tensor, bank, pairs: list[list[tuple[int, str]]], transform_grid: tuple) -> Nearest:
-        """Per query ``q[i]``, the best Dice over its (bank index, transform) ``pairs``, each bank mask moved
-        into the query's frame by ``undo_match`` on ``transform_grid`` (nearest-neighbour)."""
-        refs, grid = bank["masks"], tuple(q.shape[2:])
-        similarity, index, transforms = [], [], []
-        for query, candidates in zip(q, pairs):
-            scores = []
-            for j, transform in candidates:
-                ref = as_tensor(refs[j], query.device)
-                if rigid_part(transform) != "identity":  # a bend alone is not undone: no round trip of grids
-                    moved = undo_match(resample(ref, transform_grid, nearest=True), transform) > 0.5
-                    ref = resample(moved.float(), grid, nearest=True)
-                overlap = (query * ref).flatten(1).sum(1)
-                total = query.flatten(1).sum(1) + ref.flatten(1).sum(1)
-                scores.append(float(mean_dice(overlap, total)))
-            best = int(np.argmax(scores))
-            similarity.append(scores[best])
-            index.append(candidates[best][0])
-            transforms.append(candidates[best][1])
-        return Nearest(np.array(similarity, dtype=np.float32), np.array(index, dtype=np.int64), transforms)
+    def _dice(q: torch.Tensor, bank, index: torch.Tensor, mirror: torch.Tensor, shift: torch.Tensor,
+              transform_grid: tuple) -> torch.Tensor:
+        """Dice ``[Q, C, S]`` of each query ``q[i]`` [L, *grid] with its candidates' bank masks (``index`` [Q, C],
+        mirrored along ``mirror`` [Q, C, ndim]) at each of their ``shift`` [Q, C, S, ndim], moved into the query's
+        frame as :func:`undo_match` moves them on ``transform_grid`` (shifted, then mirrored; nearest-neighbour):
+        each candidate padded once for all its shifts, a few queries at a time."""
+        grid, (nq, nc, ns) = tuple(q.shape[2:]), shift.shape[:3]
+        regrid = transform_grid != grid
+        per_query = nc * (ns + 1) * q.shape[1] * int(np.prod(transform_grid)) * 4 * (2 if regrid else 1)
+        at_once = max(1, (PAIR_BYTES if q.device.type == "cpu" else DEVICE_PAIR_BYTES) // per_query)
+        parts = []
+        for chunk in torch.arange(nq, device=q.device).split(at_once):
+            refs = take_rows(bank["masks"], index[chunk].flatten(), q.device)  # [n, L, *grid]
+            moving = resample_batch(refs, transform_grid, nearest=True) if regrid else refs
+            flips, moves = mirror[chunk].flatten(0, 1), shift[chunk].flatten(0, 1)  # [n, ndim], [n, S, ndim]
+            pad = int(moves.abs().max()) if moves.numel() else 0
+            moved = _windows(_padded(moving, pad, flips), pad, -moves, flips)  # [n, S, L, *transform_grid]
+            if regrid:  # back to the masks' grid, where the transform moves a mask at all
+                moved = resample_batch(moved.flatten(0, 1), grid, nearest=True).view(len(refs), ns, *q.shape[1:])
+                still = (moves.eq(0).all(2) & ~flips.any(1, keepdim=True)).view(len(refs), ns, *[1] * (q.ndim - 1))
+                moved = torch.where(still, refs[:, None], moved)
+            moved = moved.reshape(len(chunk), nc * ns, q.shape[1], -1)  # [c, C x S, L, D]
+            queries = q[chunk].flatten(2)  # [c, L, D]
+            overlap = torch.einsum("cnld,cld->cnl", moved, queries)  # sums of 0/1 products: exact in any order
+            parts.append(mean_dice(overlap, moved.sum(3) + queries.sum(2)[:, None]).view(len(chunk), nc, ns))
+        return torch.cat(parts)
+
+
+def _dilate(masks: torch.Tensor, reach: int) -> torch.Tensor:
+    """Masks ``[B, L, *spatial]`` (0/1) dilated by ``reach`` voxels along each spatial axis in turn: a separable
+    max filter, the maximum of shifted views (torch's max pooling, the same values, also computes its indices:
+    10x slower)."""
+    for axis in range(2, masks.ndim):
+        n = masks.shape[axis]
+        padded = F.pad(masks, [0, 0] * (masks.ndim - 1 - axis) + [reach, reach])
+        out = padded.narrow(axis, 0, n).clone()
+        for step in range(1, 2 * reach + 1):
+            torch.maximum(out, padded.narrow(axis, step, n), out=out)
+        masks = out
+    return masks
+
+
+def _centroids(masks: torch.Tensor) -> torch.Tensor:
+    """Centroids ``[B, ndim]`` (voxels) of the union of each ``[L, *spatial]`` mask set of ``masks`` (mid-grid where
+    empty), from exact integer sums of the voxel coordinates."""
+    union = masks.flatten(2).gt(0.5).any(1).view(len(masks), *masks.shape[2:])  # bool, summed as int64
+    count = union.flatten(1).sum(1)
+    sums = []
+    for axis in range(union.ndim - 1):
+        profile = union.sum([d for d in range(1, union.ndim) if d != axis + 1], dtype=torch.long)  # [B, n]
+        sums.append((profile * torch.arange(profile.shape[1], device=masks.device)).sum(1))  # no integer matmul on CUDA
+    middle = torch.tensor([(n - 1) / 2 for n in masks.shape[2:]], device=masks.device)
+    centre = torch.stack(sums, 1).float() / count.clamp_min(1)[:, None].float()
+    return torch.where(count[:, None] > 0, centre, middle)

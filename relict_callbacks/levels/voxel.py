@@ -700,11 +700,23 @@ def undo_match(reference: torch.Tensor, transform: str) -> torch.Tensor:
     >>> undo_match(ref, "flip1+shift(0,1)+bend(1.8)").tolist()
     [[[2.0, 1.0, 0.0, 0.0]]]
     """
+    flip, shift = rigid_transform(transform, reference.ndim - 1)
+    if any(shift):
+        offsets = torch.tensor([[[-s for s in shift]]], device=reference.device)
+        reference = _displace(reference[None].float(), offsets)[0, 0].to(reference.dtype)  # masks too
+    return reference.flip([1 + a for a in flip]) if flip else reference
+
+
+def rigid_transform(transform: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The mirrored spatial axes and the shift (grid voxels per axis) of a match's ``transform`` (see
+    :func:`undo_match`); a bend is left out.
+
+    >>> rigid_transform("flip1+shift(0,-2)+bend(1.8)", 2), rigid_transform("identity", 3)
+    (((1,), (0, -2)), ((), (0, 0, 0)))
+    """
     if transform != "identity" and not all(re.fullmatch(_TRANSFORM_PART, p) for p in transform.split("+")):
         raise ValueError(f"transform {transform!r} is not one a voxel match reports (flipA, shift(...), bend(m))")
     flip = re.search(r"flip(\d+)", transform)
     shift = re.search(r"shift\(([-\d,]+)\)", transform)
-    if shift is not None:
-        offsets = torch.tensor([[[-int(s) for s in shift.group(1).split(",")]]], device=reference.device)
-        reference = _displace(reference[None].float(), offsets)[0, 0].to(reference.dtype)  # masks too
-    return reference if flip is None else reference.flip(1 + int(flip.group(1)))
+    return (() if flip is None else (int(flip.group(1)),),
+            (0,) * ndim if shift is None else tuple(int(s) for s in shift.group(1).split(",")))
