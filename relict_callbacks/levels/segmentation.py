@@ -235,7 +235,8 @@ class SegmentationLevel(Level):
         voxel along each axis, in ascending order, ``[Q, P, 1 + 2 ndim, ndim]``, and which of them to try
         ``[Q, P, 1 + 2 ndim]`` (not the zero shift, each shift once)."""
         ndim, grid = q.ndim - 2, torch.tensor(q.shape[2:], device=q.device)
-        centre = torch.where(flips, grid - 1 - _centroids(q)[:, None], _centroids(q)[:, None])  # of the mirrored
+        own = _centroids(q)[:, None]
+        centre = torch.where(flips, grid - 1 - own, own)  # of the queries as mirrored
         refs = torch.cat([_centroids(take_rows(bank["masks"], part, q.device))  # a few masks at a time
                           for part in indices.flatten().split(max(1, PAIR_BYTES // (4 * q[0].numel())))])
         centre = centre - refs.view_as(centre)
