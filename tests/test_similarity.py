@@ -416,3 +416,17 @@ def test_gauss_newton_bend_is_the_same_whatever_the_thread_count():
     images = smooth_field(16, (16, 16, 16), seed=8)
     bends = on_threads(lambda: register(images[:8], images[8:], None, 0.5))
     assert torch.equal(*bends) and bends[0].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("fit", ["gauss-newton", "adam"])
+def test_a_bend_is_the_same_fitted_alone_or_among_more_pairs_than_are_fitted_at_once(fit):
+    """Pairs are fitted ``FIT_PAIRS`` at a time; each pair's bend does not depend on the others or on where the
+    chunks split them."""
+    from relict_callbacks.levels.voxel import FIT_PAIRS, register
+
+    n = FIT_PAIRS + 3
+    images = smooth_field(2 * n, (12, 12, 12), seed=5)
+    together = register(images[:n], images[n:], None, 0.5, fit)
+    alone = torch.cat([register(images[i : i + 1], images[n + i : n + i + 1], None, 0.5, fit) for i in (0, n - 1)])
+    assert together.shape == (n, 3, 4, 4, 4) and together.abs().max() > 0.1
+    torch.testing.assert_close(together[[0, n - 1]], alone, rtol=0, atol=1e-6)
