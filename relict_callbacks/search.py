@@ -60,7 +60,7 @@ DEVICE_BUDGET_FRACTION = 0.25  # default share of a CUDA device's memory (of the
 FREE_MEMORY_FRACTION = 0.5  # and at most this share of a CUDA device's free memory, so that a full one still trains
 SCORE_BYTES = 64 * 2**20  # largest [Q, chunk] float32 score block when rows are searched in place
 RESCORE_BYTES = 4 * 2**20  # float32 rows read at a time to re-score bfloat16-ranked rows exactly (cache-sized)
-# values a long product sums in one run (:func:`blocked_dots`), the runs' sums then added: over the 262,144 values of
+# values a long product sums in one run (:func:`blocked_dots_`), the runs' sums then added: over the 262,144 values of
 # a 64³ image, one run (MKL's matrix-vector product, torch's vector_norm) was off by up to 1e-5 (the dot) and 2e-4
 # (the squares) where a constant background adds the same product thousands of times, and differed with the thread
 # count; runs of 512 are as accurate as float64 to 1e-7, and each is summed by one thread whatever the batch
@@ -473,31 +473,30 @@ def _exact_scores(queries: torch.Tensor, refs: RankedRows, indices: torch.Tensor
             part = indices[block]
             rows = converted[: part.numel()]
             rows.copy_(torch.index_select(flat, 0, part.flatten(), out=stored[: part.numel()]))
-            scores[block] = blocked_dots(rows.view(*part.shape, -1), queries[block[0], None], in_place=True)
+            scores[block] = blocked_dots_(rows.view(*part.shape, -1), queries[block[0], None])
     return scores
 
 
 @functools.lru_cache(maxsize=64)
 def sum_block(size: int) -> int:
-    """The largest divisor of ``size`` up to ``SUM_BLOCK``: the run :func:`blocked_dots` sums at once."""
+    """The largest divisor of ``size`` up to ``SUM_BLOCK``: the run :func:`blocked_dots_` sums at once."""
     return max(b for b in range(1, min(size, SUM_BLOCK) + 1) if size % b == 0)
 
 
-def blocked_dots(rows: torch.Tensor, vectors: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """``(rows * vectors).sum(-1)`` (broadcast; last axis of length ``D``), each product's values summed in runs of
-    :func:`sum_block` of ``D``, then the runs' sums added (see ``SUM_BLOCK``): within about 1e-7 of float64 sums,
-    and the same to the last digit whatever the batch or thread count. On the CPU it takes up to twice the time of
-    one matrix-vector product of a few rows (whose single run is less accurate), a third of that of batched products
-    run by run, and a tenth of a batch of one-row products. ``in_place``: ``rows`` is overwritten by the products (a
-    scratch buffer: no copy of its size is made).
+def blocked_dots_(scratch: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``(scratch * vectors).sum(-1)`` (broadcast; last axis of length ``D``), each product's values summed in runs
+    of :func:`sum_block` of ``D``, then the runs' sums added (see ``SUM_BLOCK``): within about 1e-7 of float64 sums,
+    and the same to the last digit whatever the batch or thread count. ``scratch`` is overwritten by the products
+    (no copy of its size is made). On the CPU it takes up to twice the time of one matrix-vector product of a few
+    rows (whose single run is less accurate), a third of that of batched products run by run, and a tenth of a batch
+    of one-row products.
 
-    >>> rows = torch.ones(2, 1024)
-    >>> blocked_dots(rows, torch.full((1024,), 0.5)).tolist()
-    [512.0, 512.0]
+    >>> scratch = torch.ones(2, 1024)
+    >>> blocked_dots_(scratch, torch.full((1024,), 0.5)).tolist(), scratch[0, 0].item()
+    ([512.0, 512.0], 0.5)
     """
-    block = sum_block(rows.shape[-1])
-    runs, factors = rows.unflatten(-1, (-1, block)), vectors.unflatten(-1, (-1, block))
-    return (runs.mul_(factors) if in_place else runs * factors).sum(-1).sum(-1)
+    block = sum_block(scratch.shape[-1])
+    return scratch.unflatten(-1, (-1, block)).mul_(vectors.unflatten(-1, (-1, block))).sum(-1).sum(-1)
 
 
 def host_memory() -> int:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..items import Item, ItemError
-from ..search import blocked_dots, inner_product_topk, row_pieces, sum_block, take_rows
+from ..search import blocked_dots_, inner_product_topk, row_pieces, sum_block, take_rows
 from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
@@ -665,7 +665,7 @@ class VoxelLevel(Level):
         squares = squares.square().sum(3)
         # each window times its query's form, in place: the windows are read no more
         grouped = windows.view(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
-        dots = blocked_dots(grouped, forms.flatten(2)[:, None], in_place=True).view(windows.shape[:3])
+        dots = blocked_dots_(grouped, forms.flatten(2)[:, None]).view(windows.shape[:3])
         std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
         return (dots / std).mean(dim=2) / count
 
