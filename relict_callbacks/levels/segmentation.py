@@ -241,8 +241,8 @@ class SegmentationLevel(Level):
                           for part in indices.flatten().split(max(1, PAIR_BYTES // (4 * q[0].numel())))])
         centre = centre - refs.view_as(centre)
         centre = centre.round().clamp(-reach, reach).long()  # [Q, P, ndim]
-        steps = torch.cat([torch.zeros(1, ndim, dtype=torch.long), torch.eye(ndim, dtype=torch.long).repeat_interleave(
-            2, 0) * torch.tensor([-1, 1]).repeat(ndim)[:, None]]).to(q.device)  # [1 + 2 ndim, ndim]
+        unit = torch.eye(ndim, dtype=torch.long, device=q.device)
+        steps = torch.cat([torch.zeros_like(unit[:1]), unit, -unit])  # [1 + 2 ndim, ndim], sorted below
         shifts = (centre[:, :, None] + steps).clamp(-reach, reach)
         key = (shifts + reach) @ (2 * reach + 1) ** torch.arange(ndim - 1, -1, -1, device=q.device)  # their order
         key, order = key.sort(dim=2)
