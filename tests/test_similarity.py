@@ -288,7 +288,8 @@ def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
 
 @pytest.mark.parametrize("shape", [(24, 20), (12, 10, 8)])
 def test_bend_warp_samples_as_monai_warp_does(shape):
-    """The bend search's warp (an identity grid built once per grid) samples exactly where MONAI ``Warp`` does."""
+    """The bend search's warp samples where MONAI ``Warp`` does (volumes: within the float32 rounding of a tall image's
+    rows, a few 1e-5 voxels on these grids), edges replicated, whatever the displacement."""
     from monai.networks.blocks import Warp
 
     from relict_callbacks.levels.voxel import _warp
@@ -298,7 +299,7 @@ def test_bend_warp_samples_as_monai_warp_does(shape):
     field = 3 * torch.randn(3, len(shape), *shape, generator=gen)  # voxels, some beyond the edge
     expected = Warp(mode="bilinear", padding_mode="border")(image, field)
     torch.testing.assert_close(_warp(image, field), expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("grid", [(64, 48), (13, 7, 9)])

@@ -226,11 +226,38 @@ def _identity_grid(grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     """``x`` ``[B, C, *grid]`` sampled at each voxel plus its displacement ``field`` ``[B, ndim, *grid]`` (voxels),
-    bilinearly, edges replicated: MONAI ``Warp``'s ``(x, ddf)``, with the identity grid built once per grid."""
+    bi/trilinearly, edges replicated: MONAI ``Warp``'s ``(x, ddf)``, with the identity grid built once per grid
+    (volumes: :func:`_warp_volume`)."""
+    if x.ndim == 5:
+        return _warp_volume(x, field)
     grid = tuple(x.shape[2:])
     scale = torch.tensor([2 / max(n - 1, 1) for n in grid][::-1], device=x.device, dtype=field.dtype)
     where = torch.addcmul(_identity_grid(grid, x.device).to(field.dtype), field.flip(1).movedim(1, -1), scale)
     return F.grid_sample(x, where, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _warp_volume(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """:func:`_warp` of volumes ``[B, C, D, H, W]`` by two 2D bilinear samples of their slices stacked into one tall
+    image, at each point's row in the slice below it and in the slice above, blended linearly along the first axis:
+    trilinear sampling, about 1.8x faster on the CPU (torch's 2D kernel is vectorized, its 3D one is not). Each
+    slice is stacked with its first and last rows repeated, so a row read a rounding error beyond a slice's edge
+    reads the edge again, not the next slice. Positions are within about ``D * H * 1e-7`` voxels of a 3D sample's
+    (float32 rows of the tall image), 5e-4 on a 64³ grid: below the float16 rounding of the bank's rows."""
+    (b, c, d, h, w), dtype = x.shape, field.dtype
+    tall = F.pad(x.reshape(b * c, d, h, w), (0, 0, 1, 1), mode="replicate").view(b, c, d * (h + 2), w)
+    rows, columns = 2 / (d * (h + 2) - 1), 2 / max(w - 1, 1)  # grid_sample's normalized units, corners on corners
+    at = [torch.arange(n, device=x.device, dtype=dtype) for n in (d, h, w)]  # voxel indices along each axis
+    depth = (field[:, 0] + at[0].view(d, 1, 1)).clamp(0, d - 1)
+    below = depth.detach().floor().clamp_(max=max(d - 2, 0))  # the slice below (the last point: the top of d - 2)
+    # each point's column, and its row in the slice below and in the one above (the small part normalized first,
+    # so that the sum keeps its digits), as grid_sample's (x, y) pairs of the two reads side by side
+    column = torch.add(at[2] * columns - 1, field[:, 2], alpha=columns)  # beyond the edges: the border clamps it
+    row = torch.add((at[1] * rows + rows - 1).view(h, 1), field[:, 1], alpha=rows).clamp(rows - 1, h * rows - 1)
+    row = torch.add(row, below, alpha=(h + 2) * rows)
+    where = torch.stack([column, row, column, row + (h + 2) * rows], -1).view(b, d * h, w * 2, 2)
+    both = F.grid_sample(tall, where, mode="bilinear", padding_mode="border", align_corners=True)
+    both = both.view(b, c, d, h, w, 2)
+    return torch.lerp(both[..., 0], both[..., 1], (depth - below)[:, None])
 
 
 @functools.lru_cache(maxsize=8)
