@@ -569,40 +569,38 @@ class VoxelLevel(Level):
         transforms = [_describe(orientations[int(f)], tuple(s)) for f, s in zip(flip.tolist(), shift.tolist())]
         if self.bend_reach(grid) > 0:
             with record_function("relict.voxel.bend"):
-                sim, size = self._bend(q, rows, best_index, flip, shift, orientations, mask, chunks)
+                sim, size = self._bend(q, rows, best_index, flip, shift, orientations, mask)
             better = sim > best
             best = torch.where(better, sim, best)
             for i in torch.nonzero(better).flatten().tolist():
                 transforms[i] = _describe(orientations[int(flip[i])], tuple(shift[i].tolist()), float(size[i]))
         return Nearest(best.clamp(-1, 1).cpu().numpy(), best_index.cpu().numpy(), transforms)
 
-    def _bend(self, q, rows, index, flip, shift, orientations, mask, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
-        bent onto it, and the largest displacement of that bend, in grid voxels. The bends are fitted
-        (:func:`register`, all pairs at once) on copies pooled to about ``BEND_SIDE`` voxels per axis, then scored
-        at full resolution, a chunk of queries at a time, where they move some voxel at least ``BEND_MIN``
-        (elsewhere the NCC is ``-inf``: the bend is not kept)."""
-        grid = tuple(q.shape[2:])
+        bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
+        (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
+        made once at full resolution; the bends are fitted (:func:`register`) on copies pooled to about
+        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time, where
+        they move some voxel at least ``BEND_MIN`` (elsewhere the NCC is ``-inf``: the bend is not kept)."""
+        grid, ndim = tuple(q.shape[2:]), q.ndim - 2
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
-
-        def pair(chunk):  # the query as matched (mirrored) and its match moved into the query's frame; made again
-            # for the full-resolution score rather than held for every query (2 images a query, beyond the chunks)
-            still = torch.zeros(len(chunk), 1, q.ndim - 2, dtype=torch.long, device=q.device)
-            oriented = _displace(q[chunk].float(), still, _mirrored_axes(orientations, flip[chunk], q.ndim - 2))[:, 0]
-            return oriented, _displace(take_rows(rows, index[chunk], q.device), -shift[chunk, None])[:, 0]
-
-        small = [tuple(map(pooled, pair(chunk))) for chunk in chunks]
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
-        controls = factor * register(torch.cat([s[0] for s in small]), torch.cat([s[1] for s in small]), mask_small,
-                                     self.bend_reach(grid) / factor, self.bend_fit)
-        size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+        size = torch.empty(len(q), dtype=torch.float32, device=q.device)
         sim = torch.full_like(size, -torch.inf)
-        for chunk in chunks:
-            kept = chunk[size[chunk] >= BEND_MIN]
-            if len(kept):
-                oriented, refs = pair(kept)
-                sim[kept] = _ncc_pairs(_warp(refs, bend_field(controls[kept], grid)), oriented, mask)
+        for group in torch.arange(len(q), device=q.device).split(self._bend_group(q)):
+            still = torch.zeros(len(group), 1, ndim, dtype=torch.long, device=q.device)
+            oriented = _displace(q[group].float(), still, _mirrored_axes(orientations, flip[group], ndim))[:, 0]
+            refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
+            controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor,
+                                         self.bend_fit)
+            size[group] = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+            for part in torch.arange(len(group), device=q.device).split(self._chunk(q)):
+                kept = part[size[group[part]] >= BEND_MIN]
+                if len(kept):
+                    warped = _warp(refs[kept], bend_field(controls[kept], grid))
+                    sim[group[kept]] = _ncc_pairs(warped, oriented[kept], mask)
         return sim, size
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
@@ -618,6 +616,14 @@ class VoxelLevel(Level):
         indices = indices.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)
         top = values.topk(min(REFINE_CANDIDATES, values.shape[1]), dim=1).indices
         return indices.gather(1, top), torch.div(top, values.shape[1] // len(orientations), rounding_mode="floor")
+
+    @staticmethod
+    def _bend_group(q: torch.Tensor) -> int:
+        """Queries whose bends are fitted and scored together: ``FIT_PAIRS`` (``DEVICE_FIT_PAIRS`` off the CPU), fewer
+        where their pairs of full-resolution images would take more than ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES``):
+        12 of 64³ on the CPU."""
+        pairs, held = (FIT_PAIRS, REFINE_BYTES) if q.device.type == "cpu" else (DEVICE_FIT_PAIRS, DEVICE_REFINE_BYTES)
+        return max(1, min(pairs, held // (2 * q[0].numel() * 4)))
 
     @staticmethod
     def _chunk(q: torch.Tensor) -> int:
