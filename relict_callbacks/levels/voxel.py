@@ -237,27 +237,29 @@ def _warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
 
 
 def _warp_volume(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """:func:`_warp` of volumes ``[B, C, D, H, W]`` by two 2D bilinear samples of their slices stacked into one tall
-    image, at each point's row in the slice below it and in the slice above, blended linearly along the first axis:
-    trilinear sampling, about 1.8x faster on the CPU (torch's 2D kernel is vectorized, its 3D one is not). Each
-    slice is stacked with its first and last rows repeated, so a row read a rounding error beyond a slice's edge
-    reads the edge again, not the next slice. Positions are within about ``D * H * 1e-7`` voxels of a 3D sample's
-    (float32 rows of the tall image), 5e-4 on a 64³ grid: below the float16 rounding of the bank's rows."""
+    """:func:`_warp` of volumes ``[B, C, D, H, W]`` by 2D bilinear samples of their slices stacked into a tall image,
+    at each point's row in the slice below it and, from the same image read a slice further on, in the slice
+    above, blended linearly along the first axis: trilinear sampling, about 1.8x faster on the CPU (torch's 2D
+    kernel is vectorized, its 3D one is not). Each slice is stacked with its first and last rows repeated, so a row
+    read a rounding error beyond a slice's edge reads the edge again, not the next slice. Positions are within
+    about ``D * H * 1e-7`` voxels of a 3D sample's (float32 rows of the tall image), 5e-4 on a 64³ grid: below the
+    float16 rounding of the bank's rows."""
     (b, c, d, h, w), dtype = x.shape, field.dtype
-    tall = F.pad(x.reshape(b * c, d, h, w), (0, 0, 1, 1), mode="replicate").view(b, c, d * (h + 2), w)
+    # the slices, each with its edge rows repeated, and the last slice repeated (read with weight 0 at the top)
+    padded = F.pad(x.reshape(b * c, 1, d, h, w), (0, 0, 1, 1, 0, 1), mode="replicate").view(b, c, -1, w)
+    tall, above = padded[:, :, : d * (h + 2)], padded[:, :, h + 2 :]  # the same rows, a slice apart
     rows, columns = 2 / (d * (h + 2) - 1), 2 / max(w - 1, 1)  # grid_sample's normalized units, corners on corners
     at = [torch.arange(n, device=x.device, dtype=dtype) for n in (d, h, w)]  # voxel indices along each axis
     depth = (field[:, 0] + at[0].view(d, 1, 1)).clamp(0, d - 1)
-    below = depth.detach().floor().clamp_(max=max(d - 2, 0))  # the slice below (the last point: the top of d - 2)
-    # each point's column, and its row in the slice below and in the one above (the small part normalized first,
-    # so that the sum keeps its digits), as grid_sample's (x, y) pairs of the two reads side by side
+    below = depth.detach().floor()
+    # each point's column and its row in the slice below (the small part normalized first, so that the sum keeps
+    # its digits), as grid_sample's (x, y)
     column = torch.add(at[2] * columns - 1, field[:, 2], alpha=columns)  # beyond the edges: the border clamps it
     row = torch.add((at[1] * rows + rows - 1).view(h, 1), field[:, 1], alpha=rows).clamp(rows - 1, h * rows - 1)
-    row = torch.add(row, below, alpha=(h + 2) * rows)
-    where = torch.stack([column, row, column, row + (h + 2) * rows], -1).view(b, d * h, w * 2, 2)
-    both = F.grid_sample(tall, where, mode="bilinear", padding_mode="border", align_corners=True)
-    both = both.view(b, c, d, h, w, 2)
-    return torch.lerp(both[..., 0], both[..., 1], (depth - below)[:, None])
+    where = torch.stack([column, torch.add(row, below, alpha=(h + 2) * rows)], -1).view(b, d * h, w, 2)
+    low, high = (F.grid_sample(image, where, mode="bilinear", padding_mode="border", align_corners=True)
+                 for image in (tall, above))
+    return torch.lerp(low, high, (depth - below).view(b, 1, d * h, w)).view(b, c, d, h, w)
 
 
 @functools.lru_cache(maxsize=8)
@@ -581,27 +583,25 @@ class VoxelLevel(Level):
         bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
         (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
         made once at full resolution; the bends are fitted (:func:`register`) on copies pooled to about
-        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time, where
-        they move some voxel at least ``BEND_MIN`` (elsewhere the NCC is ``-inf``: the bend is not kept)."""
+        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time. Where a
+        bend moves no voxel as far as ``BEND_MIN``, the NCC is ``-inf``: the bend is not kept."""
         grid, ndim = tuple(q.shape[2:]), q.ndim - 2
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
-        size = torch.empty(len(q), dtype=torch.float32, device=q.device)
-        sim = torch.full_like(size, -torch.inf)
-        for group in torch.arange(len(q), device=q.device).split(self._bend_group(q)):
-            still = torch.zeros(len(group), 1, ndim, dtype=torch.long, device=q.device)
+        sizes, sims = [], []
+        for first in range(0, len(q), self._bend_group(q)):
+            group = slice(first, first + self._bend_group(q))
+            still = torch.zeros(len(q[group]), 1, ndim, dtype=torch.long, device=q.device)
             oriented = _displace(q[group].float(), still, _mirrored_axes(orientations, flip[group], ndim))[:, 0]
             refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
             controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor,
                                          self.bend_fit)
-            size[group] = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
-            for part in torch.arange(len(group), device=q.device).split(self._chunk(q)):
-                kept = part[size[group[part]] >= BEND_MIN]
-                if len(kept):
-                    warped = _warp(refs[kept], bend_field(controls[kept], grid))
-                    sim[group[kept]] = _ncc_pairs(warped, oriented[kept], mask)
-        return sim, size
+            sizes.append(torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1))
+            sims += [_ncc_pairs(_warp(r, bend_field(c, grid)), o, mask)
+                     for r, c, o in zip(*(x.split(self._chunk(q)) for x in (refs, controls, oriented)))]
+        size, sim = torch.cat(sizes), torch.cat(sims)
+        return torch.where(size >= BEND_MIN, sim, -torch.inf), size
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
