@@ -302,6 +302,24 @@ def test_bend_warp_samples_as_monai_warp_does(shape):
     torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_warped_volume_is_read_where_its_field_points_even_past_a_slice_edge(axis):
+    """A volume warped on a 64³ grid (its slices stacked into a tall image, :func:`_warp_volume`) takes each voxel's
+    value from where its displacement points, edges replicated, within 1e-3 voxels: a ramp along ``axis`` comes back
+    as the displaced, clamped coordinate. Points pushed past a slice's first or last row read that row, not the
+    neighbouring slice's (which a ramp along the first two axes would show as errors of whole voxels)."""
+    from relict_callbacks.levels.voxel import _warp
+
+    n = 64
+    shape = [n if a == axis else 1 for a in range(3)]
+    ramp = torch.arange(n, dtype=torch.float32).view(shape).expand(n, n, n)
+    field = 2.5 * torch.randn(1, 3, n, n, n, generator=torch.Generator().manual_seed(3))
+    warped = _warp(ramp[None, None].contiguous(), field)[0, 0]
+    expected = (torch.arange(n, dtype=torch.float32).view(shape) + field[0, axis]).clamp(0, n - 1)
+    assert (field[0, 1] + torch.arange(n).view(1, n, 1) > n - 1).any()  # some points past a slice's last row
+    torch.testing.assert_close(warped, expected, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("grid", [(64, 48), (13, 7, 9)])
 def test_bend_field_interpolates_its_control_points_as_torch_does(grid):
     from relict_callbacks.levels.voxel import BEND_CONTROL, bend_field
