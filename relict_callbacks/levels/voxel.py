@@ -549,8 +549,8 @@ class VoxelLevel(Level):
         flip = torch.zeros(len(q), dtype=torch.long, device=device)
         shift = torch.zeros(len(q), ndim, dtype=torch.long, device=device)
         reach, orientations = self.shift_reach(grid), mirror_orientations(self.flip_axes(ndim))
-        chunks = torch.arange(len(q), device=device).split(self._chunk(q))
         if reach > 0 or len(orientations) > 1:
+            chunks = torch.arange(len(q), device=device).split(self._chunk(q))
             with record_function("relict.voxel.thumbnails"):
                 candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
             with record_function("relict.voxel.refine"):
@@ -590,9 +590,9 @@ class VoxelLevel(Level):
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
-        sizes, sims = [], []
-        for first in range(0, len(q), self._bend_group(q)):
-            group = slice(first, first + self._bend_group(q))
+        sizes, sims, group_size = [], [], self._bend_group(q)
+        for first in range(0, len(q), group_size):
+            group = slice(first, first + group_size)
             still = torch.zeros(len(q[group]), 1, ndim, dtype=torch.long, device=q.device)
             oriented = _displace(q[group].float(), still, _mirrored_axes(orientations, flip[group], ndim))[:, 0]
             refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
