@@ -249,27 +249,43 @@ def test_banks_saved_without_centroids_score_as_banks_with_them(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(7, 6), (5, 6, 7)])
-def test_displace_reads_mirrored_what_flipping_its_displaced_copy_gives(shape):
+def test_windows_read_mirrored_what_flipping_the_displaced_copy_gives(shape):
     """The refinement's windows of each shifted image are mirrored along the axes asked for: the same as displacing
     it and then flipping the copy, on every axis, shifts beyond the edge included; and a plain displacement reads
     each voxel at its shifted index clamped to the grid (edges replicated)."""
-    from relict_callbacks.levels.voxel import _displace
+    from relict_callbacks.levels.voxel import _displace, _padded, _windows
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 2, *shape, generator=gen)
     shifts = torch.randint(-8, 9, (5, 3, len(shape)), generator=gen)
     mirror = torch.rand(5, len(shape), generator=gen) < 0.5
     mirror[0], mirror[1] = False, True
-    plain, mirrored = _displace(x, shifts), _displace(x, shifts, mirror)
+    plain, mirrored = _displace(x, shifts), _windows(_padded(x, 8, mirror), 8, shifts, mirror)
     for b in range(5):
         axes = [2 + a for a in range(len(shape)) if mirror[b, a]]
         assert torch.equal(mirrored[b], plain[b].flip(axes) if axes else plain[b])
-    unshifted = torch.zeros_like(shifts[:, :1])
-    assert torch.equal(_displace(x, unshifted, torch.ones_like(mirror))[:, 0], x.flip(list(range(2, 2 + len(shape)))))
+    unshifted, everywhere = torch.zeros_like(shifts[:, :1]), torch.ones_like(mirror)
+    assert torch.equal(_windows(_padded(x, 0, everywhere), 0, unshifted, everywhere)[:, 0],
+                       x.flip(list(range(2, 2 + len(shape)))))
     for b in range(5):
         for s in range(3):
             indices = [(torch.arange(n) + int(shift)).clamp(0, n - 1) for n, shift in zip(shape, shifts[b, s])]
             assert torch.equal(plain[b, s], x[b][(slice(None), *torch.meshgrid(*indices, indexing="ij"))])
+
+
+def test_each_image_is_mirrored_along_the_axes_of_its_orientation_into_a_float32_copy():
+    """The bend search's queries as matched: each mirrored as its orientation says, the images given untouched."""
+    from relict_callbacks.levels.voxel import _mirrored, mirror_orientations
+
+    orientations = mirror_orientations([0, 1, 2]) + [(0, 2)]
+    x = torch.randn(7, 2, 4, 5, 6)
+    flips = torch.tensor([0, 1, 2, 3, 4, 3, 1])
+    given = x.clone()
+    out = _mirrored(x, orientations, flips)
+    assert torch.equal(x, given) and out.dtype == torch.float32
+    for b, f in enumerate(flips.tolist()):
+        assert torch.equal(out[b], x[b].flip([1 + a for a in orientations[f]]) if orientations[f] else x[b])
+    assert torch.equal(_mirrored(x.half(), orientations, flips), _mirrored(x.half().float(), orientations, flips))
 
 
 def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():

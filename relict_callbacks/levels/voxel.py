@@ -109,15 +109,14 @@ def _centroids(x: torch.Tensor) -> torch.Tensor:
                        1) / moments[0].sum(1, keepdim=True).clamp_min(1e-12)
 
 
-def _displace(x: torch.Tensor, shifts: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+def _displace(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """``out[b, s][y] = x[b][y + shifts[b, s]]``: each ``[C, *spatial]`` image of ``x`` displaced by each of its
-    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside, then mirrored along the spatial
-    axes ``mirror`` ``[B, ndim]`` (bool) sets, read mirrored rather than copied twice; ``[B, S, C, *spatial]``."""
+    integer ``shifts`` ``[B, S, ndim]``, edge-replicated where that falls outside; ``[B, S, C, *spatial]``."""
     pad = int(shifts.abs().max()) if shifts.numel() else 0
-    if pad == 0 and (mirror is None or not mirror.any()):
+    if pad == 0:
         return x[:, None].expand(-1, shifts.shape[1], *x.shape[1:])
-    mirror = torch.zeros(len(x), x.ndim - 2, dtype=torch.bool, device=x.device) if mirror is None else mirror
-    return _windows(_padded(x, pad, mirror), pad, shifts, mirror)
+    still = torch.zeros(len(x), x.ndim - 2, dtype=torch.bool, device=x.device)
+    return _windows(_padded(x, pad, still), pad, shifts, still)
 
 
 def _padded(x: torch.Tensor, pad: int, mirror: torch.Tensor) -> torch.Tensor:
@@ -133,9 +132,10 @@ def _padded(x: torch.Tensor, pad: int, mirror: torch.Tensor) -> torch.Tensor:
 
 def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch.Tensor,
              images: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`_displace` of the images :func:`_padded` made (``pad``, ``mirror`` as given to it), read by their
-    index ``images`` ``[B]`` (default: each once) with the ``shifts`` ``[B, S, ndim]`` (at most ``pad``) and
-    ``mirror`` ``[B, ndim]`` of each read; ``[B, S, C, *spatial]``, written into the start of ``out`` (a flat
+    """:func:`_displace` of the images :func:`_padded` made (``pad``, ``mirror`` as given to it), then mirrored along
+    the spatial axes ``mirror`` sets (read mirrored rather than copied twice), read by their index ``images`` ``[B]``
+    (default: each once) with the ``shifts`` ``[B, S, ndim]`` (at most ``pad``) and ``mirror`` ``[B, ndim]`` of each
+    read; ``[B, S, C, *spatial]``, written into the start of ``out`` (a flat
     buffer of at least that many values) where given."""
     (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
     grid, device = [n - 2 * pad for n in sizes], padded.device
@@ -166,8 +166,19 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mirrored_axes(orientations: list[tuple[int, ...]], flips: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``[*flips.shape, ndim]`` (bool): the spatial axes ``orientations[flips]`` mirrors, for :func:`_displace`."""
+    """``[*flips.shape, ndim]`` (bool): the spatial axes ``orientations[flips]`` mirrors, for :func:`_windows`."""
     return torch.tensor([[a in axes for a in range(ndim)] for axes in orientations], device=flips.device)[flips]
+
+
+def _mirrored(x: torch.Tensor, orientations: list[tuple[int, ...]], flips: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, *spatial]`` in float32, each image mirrored along the spatial axes of its orientation
+    ``orientations[flips[b]]``: one copy, then the images of each mirroring orientation flipped together."""
+    out = x.to(torch.float32, copy=True)
+    for f in flips.unique().tolist():
+        if orientations[f]:
+            at = torch.nonzero(flips == f).flatten()
+            out[at] = out[at].flip([2 + a for a in orientations[f]])
+    return out
 
 
 def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
@@ -584,25 +595,27 @@ class VoxelLevel(Level):
         bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
         (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
         made once at full resolution; the bends are fitted (:func:`register`) on copies pooled to about
-        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time. Where a
-        bend moves no voxel as far as ``BEND_MIN``, the NCC is ``-inf``: the bend is not kept."""
-        grid, ndim = tuple(q.shape[2:]), q.ndim - 2
+        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time. A bend that
+        moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``): it is not kept."""
+        grid = tuple(q.shape[2:])
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
         sizes, sims, group_size = [], [], self._bend_group(q)
         for first in range(0, len(q), group_size):
             group = slice(first, first + group_size)
-            still = torch.zeros(len(q[group]), 1, ndim, dtype=torch.long, device=q.device)
-            oriented = _displace(q[group].float(), still, _mirrored_axes(orientations, flip[group], ndim))[:, 0]
+            oriented = _mirrored(q[group], orientations, flip[group])
             refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
             controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor,
                                          self.bend_fit)
-            sizes.append(torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1))
-            sims += [_ncc_pairs(_warp(r, bend_field(c, grid)), o, mask)
-                     for r, c, o in zip(*(x.split(self._chunk(q)) for x in (refs, controls, oriented)))]
-        size, sim = torch.cat(sizes), torch.cat(sims)
-        return torch.where(size >= BEND_MIN, sim, -torch.inf), size
+            size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+            sim = torch.full_like(size, -torch.inf)
+            for kept in torch.nonzero(size >= BEND_MIN).flatten().split(self._chunk(q)):
+                if len(kept):  # (one empty part where none is kept)
+                    sim[kept] = _ncc_pairs(_warp(refs[kept], bend_field(controls[kept], grid)), oriented[kept], mask)
+            sizes.append(size)
+            sims.append(sim)
+        return torch.cat(sims), torch.cat(sizes)
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
