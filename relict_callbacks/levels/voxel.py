@@ -60,6 +60,10 @@ BEND_STEPS = 20  # Adam steps of the bend search of banks built before the Gauss
 SAVED_BEFORE = {"smoothing": 0.0, "max_bend": 0.0, "bend_fit": "adam"}
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
+# float32 images a bend's full-resolution score holds at once per pair (its field, sampling grid, two-channel sample,
+# standardized copies): bends are scored a few at a time so that these stay within REFINE_BYTES, which the allocator
+# reuses (the bend phase of 64 3D queries took 312 ms 2 pairs at a time, 358 ms 3 at a time, 474 ms 6 at a time)
+BEND_SCORE_COPIES = 12
 FIT_PAIRS = 16  # bends fitted at once on the CPU: their float64 normal matrices (295 KB a 3D pair) stay reusable
 DEVICE_FIT_PAIRS = 1024  # off the CPU
 
@@ -561,7 +565,7 @@ class VoxelLevel(Level):
         shift = torch.zeros(len(q), ndim, dtype=torch.long, device=device)
         reach, orientations = self.shift_reach(grid), mirror_orientations(self.flip_axes(ndim))
         if reach > 0 or len(orientations) > 1:
-            chunks = torch.arange(len(q), device=device).split(self._chunk(q))
+            chunks = torch.arange(len(q), device=device).split(self._chunk(q, 2 * ndim))
             with record_function("relict.voxel.thumbnails"):
                 candidates, flips = self._propose(query["thumbs"].float(), thumbs, orientations, grid, exclude)
             with record_function("relict.voxel.refine"):
@@ -610,7 +614,7 @@ class VoxelLevel(Level):
                                          self.bend_fit)
             size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
             sim = torch.full_like(size, -torch.inf)
-            for kept in torch.nonzero(size >= BEND_MIN).flatten().split(self._chunk(q)):
+            for kept in torch.nonzero(size >= BEND_MIN).flatten().split(self._chunk(q, BEND_SCORE_COPIES)):
                 if len(kept):  # (one empty part where none is kept)
                     sim[kept] = _ncc_pairs(_warp(refs[kept], bend_field(controls[kept], grid)), oriented[kept], mask)
             sizes.append(size)
@@ -640,11 +644,12 @@ class VoxelLevel(Level):
         return max(1, min(pairs, held // (2 * q[0].numel() * 4)))
 
     @staticmethod
-    def _chunk(q: torch.Tensor) -> int:
-        """Queries refined at once, so that the shifted copies of their best pairs one voxel along each axis take
-        about ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES`` off the CPU)."""
+    def _chunk(q: torch.Tensor, copies: int) -> int:
+        """Queries worked on at once, so that ``copies`` float32 images of each take about ``REFINE_BYTES``
+        (``DEVICE_REFINE_BYTES`` off the CPU): the refinement's shifted copies of each query's best pair one voxel
+        along each axis (``2 ndim``), or what a bend's full-resolution score holds (``BEND_SCORE_COPIES``)."""
         held = REFINE_BYTES if q.device.type == "cpu" else DEVICE_REFINE_BYTES
-        return max(1, held // (q[0].numel() * 4 * 2 * (q.ndim - 2)))
+        return max(1, held // (q[0].numel() * 4 * copies))
 
     def _refine(self, q, rows, candidates, flips, orientations, reach, mask, centres=(None, None), windows=None):
         """Best full-resolution NCC of each query ``q`` [Q, C, *grid] over its (bank index, orientation)
