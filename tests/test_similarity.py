@@ -273,6 +273,25 @@ def test_windows_read_mirrored_what_flipping_the_displaced_copy_gives(shape):
             assert torch.equal(plain[b, s], x[b][(slice(None), *torch.meshgrid(*indices, indexing="ij"))])
 
 
+@pytest.mark.parametrize("shape, channels, factor", [((40, 36), 1, 4), ((30, 34), 2, 4), ((64, 64, 64), 1, 4),
+                                                      ((17, 19, 23), 2, 4), ((16, 16), 1, 1)])
+def test_thumbnails_are_the_pooled_copies_centred_on_their_centroids(shape, channels, factor):
+    """Each thumbnail is its image moved by whole voxels so that its centroid is mid-grid (edges replicated), then
+    average-pooled: as displacing and pooling a copy give it, within float32 rounding, for blobs far off-centre
+    (shifts of a quarter of the grid or more), several channels, sizes the factor does not divide and no pooling at all."""
+    from relict_callbacks.levels.voxel import _centred_thumbnails, _centroids, _displace, _pool
+
+    gen = torch.Generator().manual_seed(8)
+    x, side = 0.01 * torch.rand(4, channels, *shape, generator=gen), min(shape) // 4
+    for b in range(4):  # a bright blob near a corner, a different one in each image
+        x[(b, slice(None), *[slice(1 + b, 1 + b + side)] * len(shape))] += 1 + torch.rand(side, generator=gen)
+    middle = torch.tensor([(n - 1) / 2 for n in shape])
+    shifts = (_centroids(x) - middle).round().long()
+    assert shifts.abs().max() >= side
+    expected = _pool(_displace(x, shifts[:, None])[:, 0], factor)
+    assert torch.allclose(_centred_thumbnails(x, factor), expected, rtol=0, atol=1e-6)
+
+
 def test_each_image_is_mirrored_along_the_axes_of_its_orientation_into_a_float32_copy():
     """The bend search's queries as matched: each mirrored as its orientation says, the images given untouched."""
     from relict_callbacks.levels.voxel import _mirrored, mirror_orientations

@@ -163,10 +163,25 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
     return torch.index_select(runs, 0, starts.flatten(), out=into).view(b, s, c, *grid)
 
 
-def _centre(x: torch.Tensor) -> torch.Tensor:
-    """Translate each ``[C, *spatial]`` image of a batch by whole voxels so that its centroid is mid-grid."""
+def _centred_thumbnails(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Each ``[C, *spatial]`` image of a batch translated by whole voxels so that its centroid is mid-grid (edges
+    replicated, as :func:`_displace` does), then average-pooled by ``factor`` per axis (as :func:`_pool`): both in
+    one matrix product per axis and image (:func:`_shift_pool_matrices`), without a padded copy of each image."""
     middle = torch.tensor([(n - 1) / 2 for n in x.shape[2:]], device=x.device)
-    return _displace(x, (_centroids(x) - middle).round().long()[:, None])[:, 0]
+    shifts = (_centroids(x) - middle).round().long()  # [B, ndim]
+    return along_axes(x, [_shift_pool_matrices(shifts[:, axis], n, factor).to(x.dtype)
+                          for axis, n in enumerate(x.shape[2:])])
+
+
+def _shift_pool_matrices(shifts: torch.Tensor, n: int, factor: int) -> torch.Tensor:
+    """``[B, n // factor, n]``: for each of the ``shifts`` ``[B]``, the matrix that reads an axis of length ``n``
+    displaced by that many voxels (``out[y] = x[y + shift]``, edges replicated) and averages runs of ``factor``."""
+    pooled = n // factor
+    source = (torch.arange(pooled * factor, device=shifts.device) + shifts[:, None]).clamp(0, n - 1)
+    weights = torch.full(source.shape, 1 / factor, device=shifts.device).view(-1, pooled, factor)
+    # the weights a row adds up are equal (replicated edges), so any order of adding them gives the same sum
+    return torch.zeros(len(shifts), pooled, n, device=shifts.device).scatter_add_(
+        2, source.view(-1, pooled, factor), weights)
 
 
 def _mirrored_axes(orientations: list[tuple[int, ...]], flips: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -530,7 +545,7 @@ class VoxelLevel(Level):
                 raise ItemError(f"item {item.id!r}: image is constant (in a channel or inside the mask); NCC is undefined")
         rows = centred.div_(std.clamp_min(1e-12))
         factor = min(THUMBNAIL_FACTOR, *(g // 4 for g in grid)) or 1
-        thumbs = _standardize(_pool(_centre(rows), factor), self._mask(grid, factor, device))
+        thumbs = _standardize(_centred_thumbnails(rows, factor), self._mask(grid, factor, device))
         rows = rows.half()
         # the refinement predicts shifts from the centroids of the stored rows: taken once here, not at every search
         centroids = _centroids(rows.float())
