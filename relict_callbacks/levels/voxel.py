@@ -382,7 +382,7 @@ def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITE
         best_objective = torch.where(better, objective, best_objective)
         if step == iterations:
             break
-        slopes = torch.stack(torch.gradient(warped, dim=spatial), 1) / std[:, None]  # [B, ndim, C, *grid]
+        slopes = torch.stack(torch.gradient(warped, dim=spatial), 1).div_(std[:, None])  # [B, ndim, C, *grid]
         slopes = slopes if mask is None else slopes * mask
         outer = torch.einsum("bdc...,bec...->bde...", slopes, slopes).reshape(b * ndim * ndim, 1, *grid)
         normal = along_axes(outer, products).view(b, ndim, ndim, *(BEND_CONTROL,) * (2 * ndim))
@@ -390,7 +390,7 @@ def _fit_gauss_newton(sample, reference, mask, reach, iterations: int = BEND_ITE
         # the residual is centred: less the outer product of each channel's Jacobian summed over the voxels
         sums = along_axes(slopes.flatten(0, 1), adjoints).view(b, ndim, channels, -1).transpose(1, 2)
         sums = sums.reshape(b, channels, size)
-        normal = (normal - torch.einsum("bcp,bcq->bpq", sums, sums) / count) / (count * channels) + stiffness
+        normal = normal.sub_(torch.einsum("bcp,bcq->bpq", sums, sums) / count).div_(count * channels).add_(stiffness)
         ascent = along_axes((slopes * residual[:, None]).sum(2), adjoints).view(b, size) / (count * channels)
         ascent = ascent - controls @ stiffness
         diagonal = normal.diagonal(dim1=1, dim2=2)
