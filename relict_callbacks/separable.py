@@ -1,4 +1,5 @@
-"""Separable linear maps of images: one matrix per spatial axis (Gaussian blur, interpolation, cosine transforms).
+"""Separable linear maps of images: one matrix per spatial axis (Gaussian blur, interpolation, cosine transforms,
+shifted pooling).
 
 >>> import torch
 >>> along_axes(torch.ones(1, 1, 2, 3), [torch.eye(2), torch.ones(1, 3)]).tolist()

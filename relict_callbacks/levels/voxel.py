@@ -62,7 +62,7 @@ BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this ma
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
 # float32 images a bend's full-resolution score holds at once per pair (its field, sampling grid, two-channel sample,
 # standardized copies): bends are scored a few at a time so that these stay within REFINE_BYTES, which the allocator
-# reuses (the bend phase of 64 3D queries took 312 ms 2 pairs at a time, 358 ms 3 at a time, 474 ms 6 at a time)
+# reuses (the bend phase of 64 3D queries took 312 ms 2 pairs at a time, 340-358 ms 3 or 4 at a time, 474 ms 6)
 BEND_SCORE_COPIES = 12
 FIT_PAIRS = 16  # bends fitted at once on the CPU: their float64 normal matrices (295 KB a 3D pair) stay reusable
 DEVICE_FIT_PAIRS = 1024  # off the CPU
@@ -139,8 +139,8 @@ def _windows(padded: torch.Tensor, pad: int, shifts: torch.Tensor, mirror: torch
     """:func:`_displace` of the images :func:`_padded` made (``pad``, ``mirror`` as given to it), then mirrored along
     the spatial axes ``mirror`` sets (read mirrored rather than copied twice), read by their index ``images`` ``[B]``
     (default: each once) with the ``shifts`` ``[B, S, ndim]`` (at most ``pad``) and ``mirror`` ``[B, ndim]`` of each
-    read; ``[B, S, C, *spatial]``, written into the start of ``out`` (a flat
-    buffer of at least that many values) where given."""
+    read; ``[B, S, C, *spatial]``, written into the start of ``out`` (a flat buffer of at least that many values)
+    where given."""
     (c, *sizes), (b, s, ndim) = padded.shape[1:], shifts.shape
     grid, device = [n - 2 * pad for n in sizes], padded.device
     images = torch.arange(b, device=device) if images is None else images
@@ -614,8 +614,9 @@ class VoxelLevel(Level):
         bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
         (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
         made once at full resolution; the bends are fitted (:func:`register`) on copies pooled to about
-        ``BEND_SIDE`` voxels per axis, then scored at full resolution, :meth:`_chunk` queries at a time. A bend that
-        moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``): it is not kept."""
+        ``BEND_SIDE`` voxels per axis, then scored at full resolution a few at a time (:meth:`_chunk` of
+        ``BEND_SCORE_COPIES``). A bend that moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``):
+        it is not kept."""
         grid = tuple(q.shape[2:])
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
