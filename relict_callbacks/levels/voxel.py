@@ -178,10 +178,8 @@ def _shift_pool_matrices(shifts: torch.Tensor, n: int, factor: int) -> torch.Ten
     displaced by that many voxels (``out[y] = x[y + shift]``, edges replicated) and averages runs of ``factor``."""
     pooled = n // factor
     source = (torch.arange(pooled * factor, device=shifts.device) + shifts[:, None]).clamp(0, n - 1)
-    weights = torch.full(source.shape, 1 / factor, device=shifts.device).view(-1, pooled, factor)
-    # the weights a row adds up are equal (replicated edges), so any order of adding them gives the same sum
-    return torch.zeros(len(shifts), pooled, n, device=shifts.device).scatter_add_(
-        2, source.view(-1, pooled, factor), weights)
+    reads = source.view(-1, pooled, factor, 1) == torch.arange(n, device=shifts.device)  # [B, pooled, factor, n]
+    return reads.sum(2).float() / factor  # how often each voxel is read (edges replicated), over the run
 
 
 def _mirrored_axes(orientations: list[tuple[int, ...]], flips: torch.Tensor, ndim: int) -> torch.Tensor:
