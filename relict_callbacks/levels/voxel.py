@@ -619,13 +619,13 @@ class VoxelLevel(Level):
         factor = max(1, min(grid) // BEND_SIDE)
         pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
         mask_small = None if mask is None else pooled(mask).gt(0.5).float()
+        reach = self.bend_reach(grid) / factor
         sizes, sims, group_size = [], [], self._bend_group(q)
         for first in range(0, len(q), group_size):
             group = slice(first, first + group_size)
             oriented = _mirrored(q[group], orientations, flip[group])
             refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
-            controls = factor * register(pooled(oriented), pooled(refs), mask_small, self.bend_reach(grid) / factor,
-                                         self.bend_fit)
+            controls = factor * register(pooled(oriented), pooled(refs), mask_small, reach, self.bend_fit)
             size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
             sim = torch.full_like(size, -torch.inf)
             for kept in torch.nonzero(size >= BEND_MIN).flatten().split(self._chunk(q, BEND_SCORE_COPIES)):
@@ -652,10 +652,9 @@ class VoxelLevel(Level):
     @staticmethod
     def _bend_group(q: torch.Tensor) -> int:
         """Queries whose bends are fitted and scored together: ``FIT_PAIRS`` (``DEVICE_FIT_PAIRS`` off the CPU), fewer
-        where their pairs of full-resolution images would take more than ``REFINE_BYTES`` (``DEVICE_REFINE_BYTES``):
-        12 of 64³ on the CPU."""
-        pairs, held = (FIT_PAIRS, REFINE_BYTES) if q.device.type == "cpu" else (DEVICE_FIT_PAIRS, DEVICE_REFINE_BYTES)
-        return max(1, min(pairs, held // (2 * q[0].numel() * 4)))
+        where their pairs of full-resolution images would take more than ``REFINE_BYTES`` (:meth:`_chunk` of 2
+        images): 12 of 64³ on the CPU."""
+        return min(FIT_PAIRS if q.device.type == "cpu" else DEVICE_FIT_PAIRS, VoxelLevel._chunk(q, 2))
 
     @staticmethod
     def _chunk(q: torch.Tensor, copies: int) -> int:
