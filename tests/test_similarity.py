@@ -322,36 +322,39 @@ def test_undo_match_puts_the_training_image_onto_its_mirrored_shifted_copy():
 
 
 @pytest.mark.parametrize("shape", [(24, 20), (12, 10, 8)])
-def test_bend_warp_samples_as_monai_warp_does(shape):
-    """The bend search's warp samples where MONAI ``Warp`` does (volumes: within the float32 rounding of a tall image's
-    rows, a few 1e-5 voxels on these grids), edges replicated, whatever the displacement."""
+def test_a_bend_samples_as_monai_warp_does_with_its_field(shape):
+    """A bend samples where MONAI ``Warp`` does with the bend's field (volumes: within the float32 rounding of a tall
+    image's rows, a few 1e-5 voxels on these grids), edges replicated, whatever the displacement; no bend leaves an
+    image as it is."""
     from monai.networks.blocks import Warp
 
-    from relict_callbacks.levels.voxel import _warp
+    from relict_callbacks.levels.voxel import BEND_CONTROL, _bent, bend_field
 
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(3, 2, *shape, generator=gen)
-    field = 3 * torch.randn(3, len(shape), *shape, generator=gen)  # voxels, some beyond the edge
-    expected = Warp(mode="bilinear", padding_mode="border")(image, field)
-    torch.testing.assert_close(_warp(image, field), expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(_warp(image, torch.zeros_like(field)), image, atol=1e-4, rtol=0)
+    controls = 3 * torch.randn(3, len(shape), *(BEND_CONTROL,) * len(shape), generator=gen)  # voxels, some past edges
+    expected = Warp(mode="bilinear", padding_mode="border")(image, bend_field(controls, shape))
+    torch.testing.assert_close(_bent(image, controls), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_bent(image, torch.zeros_like(controls)), image, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_a_warped_volume_is_read_where_its_field_points_even_past_a_slice_edge(axis):
-    """A volume warped on a 64³ grid (its slices stacked into a tall image, :func:`_warp_volume`) takes each voxel's
-    value from where its displacement points, edges replicated, within 1e-3 voxels: a ramp along ``axis`` comes back
+def test_a_bent_volume_is_read_where_its_field_points_even_past_a_slice_edge(axis):
+    """A volume bent on a 64³ grid (its slices stacked into a tall image, :func:`_sample_volume`) takes each voxel's
+    value from where the bend's field points, edges replicated, within 1e-3 voxels: a ramp along ``axis`` comes back
     as the displaced, clamped coordinate. Points pushed past a slice's first or last row read that row, not the
     neighbouring slice's: with the edge rows not repeated, the ramp along the rows came back up to 0.015 voxels off."""
-    from relict_callbacks.levels.voxel import _warp
+    from relict_callbacks.levels.voxel import BEND_CONTROL, _bent, bend_field
 
     n = 64
     shape = [n if a == axis else 1 for a in range(3)]
     ramp = torch.arange(n, dtype=torch.float32).view(shape).expand(n, n, n)
-    field = 2.5 * torch.randn(1, 3, n, n, n, generator=torch.Generator().manual_seed(3))
-    warped = _warp(ramp[None, None].contiguous(), field)[0, 0]
+    controls = 2.5 * torch.randn(1, 3, *(BEND_CONTROL,) * 3, generator=torch.Generator().manual_seed(3))
+    field = bend_field(controls, (n, n, n))
+    warped = _bent(ramp[None, None].contiguous(), controls)[0, 0]
     expected = (torch.arange(n, dtype=torch.float32).view(shape) + field[0, axis]).clamp(0, n - 1)
-    assert (field[0, 1] + torch.arange(n).view(1, n, 1) > n - 1).any()  # some points past a slice's last row
+    for past in (field[0, 1] + torch.arange(n).view(1, n, 1) > n - 1, field[0, 1] + torch.arange(n).view(1, n, 1) < 0):
+        assert past.any()  # some points past a slice's last row, some before its first
     torch.testing.assert_close(warped, expected, atol=1e-3, rtol=0)
 
 
@@ -382,12 +385,12 @@ def test_bend_energy_from_control_points_is_monai_bending_energy(grid):
 
 def _bend_objective(sample, reference, mask, controls):
     """What the bend search maximizes: NCC of the bent reference with the sample less the bending energy."""
-    from relict_callbacks.levels.voxel import _bending_form, _energy_scale, _ncc_pairs, _warp, bend_field
+    from relict_callbacks.levels.voxel import _bending_form, _bent, _energy_scale, _ncc_pairs
 
     grid = tuple(sample.shape[2:])
     flat = controls.flatten(2)
     energy = torch.einsum("bcp,pq,bcq->b", flat, _bending_form(grid), flat) / _energy_scale(grid)
-    return _ncc_pairs(_warp(reference, bend_field(controls, grid)), sample, mask) - energy
+    return _ncc_pairs(_bent(reference, controls), sample, mask) - energy
 
 
 @pytest.mark.parametrize("ndim,size", [(2, 64), (3, 32)])
@@ -397,7 +400,7 @@ def test_gauss_newton_bend_scores_copies_as_adam_did_and_never_below_no_bend(ndi
     copies, unrelated pairs, two channels and a mask alike, its controls stay within reach and no pair ends with a
     worse objective than no bend at all (it keeps each pair's best step)."""
     from relict_callbacks.data import make_phantoms, make_replica
-    from relict_callbacks.levels.voxel import BEND, _ncc_pairs, _pool, _warp, bend_field, register
+    from relict_callbacks.levels.voxel import BEND, _bent, _ncc_pairs, _pool, register
 
     phantoms = make_phantoms(6, kind="head_ct", ndim=ndim, size=size, seed=3)
     copies = [make_replica(p, ["bend", "rotate"][i % 2], seed=i) for i, p in enumerate(phantoms)]
@@ -407,8 +410,7 @@ def test_gauss_newton_bend_scores_copies_as_adam_did_and_never_below_no_bend(ndi
     factor = size // 16
     pooled = [_pool(r, factor) for r in rows]
     reach = BEND * size / factor
-    bent = {fit: _ncc_pairs(_warp(rows[0], bend_field(factor * register(pooled[1], pooled[0], None, reach, fit),
-                                                             rows[1].shape[2:])), rows[1], None)
+    bent = {fit: _ncc_pairs(_bent(rows[0], factor * register(pooled[1], pooled[0], None, reach, fit)), rows[1], None)
             for fit in ("gauss-newton", "adam")}
     straight = _ncc_pairs(rows[0], rows[1], None)
     assert (bent["gauss-newton"] > bent["adam"] - 1e-3).all(), (bent, straight)
