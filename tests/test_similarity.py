@@ -273,6 +273,59 @@ def test_windows_read_mirrored_what_flipping_the_displaced_copy_gives(shape):
             assert torch.equal(plain[b, s], x[b][(slice(None), *torch.meshgrid(*indices, indexing="ij"))])
 
 
+@pytest.mark.parametrize("shape, channels", [((40, 36), 1), ((30, 34), 2), ((12, 10, 14), 1), ((9, 11, 8), 2)])
+def test_windows_summed_where_they_lie_score_as_the_windows_read(shape, channels):
+    """The CPU refinement's NCC of each window summed where it lies in its training image (:func:`window_sums`)
+    equals the NCC of the window read from a padded copy, within 1e-6: for every mirror, shifts past the edges, pairs
+    sharing a query and images read by index; and it is the same to the last bit on 1 or 2 threads."""
+    from relict_callbacks.levels.voxel import VoxelLevel, _padded, _standardize
+    from relict_callbacks.window_sums import window_sums
+
+    gen = torch.Generator().manual_seed(4)
+    forms = _standardize(torch.randn(3, channels, *shape, generator=gen), None)
+    images = torch.randn(6, channels, *shape, generator=gen) + 0.5
+    shifts = torch.randint(-5, 6, (6, 4, len(shape)), generator=gen)
+    mirror = torch.rand(6, len(shape), generator=gen) < 0.5
+    mirror[0], mirror[1] = False, True
+    padded = _padded(images, 5, mirror)
+    for args in [(shifts, mirror), (shifts[:3], mirror[[4, 1, 2]], torch.tensor([4, 1, 2]))]:
+        read = VoxelLevel._ncc(forms, padded, 5, *args[:2], None, *args[2:])
+        summed = VoxelLevel._ncc_summed(forms, images, 5, *args[:2], None, *args[2:])
+        torch.testing.assert_close(summed, read, atol=1e-6, rtol=0)
+    threads = torch.get_num_threads()
+    sums = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            sums.append(window_sums(forms, images, torch.arange(6) // 2, torch.arange(6), shifts, mirror))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(sums[0], sums[1])
+
+
+def _sums_of_ones():
+    from relict_callbacks.window_sums import window_sums
+
+    ones, pairs = torch.ones(4, 1, 3, 4, 5), torch.arange(4)
+    return window_sums(ones, ones, pairs, pairs, torch.zeros(4, 2, 3, dtype=torch.long),
+                       torch.zeros(4, 3, dtype=torch.bool))[..., 0].sum().item()
+
+
+def test_window_sums_run_in_a_process_forked_after_they_ran():
+    """A process that summed windows can fork a child that sums them too (numba's OpenMP layer
+    terminated such a child: DataLoader workers, multiprocessing pools)."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _sums_of_ones() == 4 * 2 * 60
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_sums_of_ones).get(timeout=120) == 4 * 2 * 60
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("shape, channels, factor", [((40, 36), 1, 4), ((30, 34), 2, 4), ((64, 64, 64), 1, 4),
                                                       ((17, 19, 23), 2, 4), ((16, 16), 1, 1)])
 def test_thumbnails_are_the_pooled_copies_centred_on_their_centroids(shape, channels, factor):

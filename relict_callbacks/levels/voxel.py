@@ -39,6 +39,7 @@ from ..search import blocked_dots_, inner_product_topk, row_pieces, sum_block, t
 from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
+from ..window_sums import window_sums
 from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
@@ -594,9 +595,9 @@ class VoxelLevel(Level):
                 # stored centroids (None in banks saved before they were kept)
                 query_centres, bank_centres = query.get("centroids"), bank.get("centroids")
                 # the windows every chunk reads, in one buffer: allocated afresh for each read, they took longer
-                # than reading them (new pages from the OS)
-                windows = torch.empty(len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(),
-                                      dtype=torch.float32, device=device)
+                # than reading them (new pages from the OS); none where they are summed in place
+                windows = None if self._sums_in_place(q, mask) else torch.empty(
+                    len(chunks[0]) * max(REFINE_CANDIDATES, 2 * ndim) * q[0].numel(), dtype=torch.float32, device=device)
                 found = [self._refine(q[chunk].float(), rows, candidates[chunk], flips[chunk], orientations, reach,
                                       mask, (None if query_centres is None else query_centres[chunk], bank_centres),
                                       windows)
@@ -682,8 +683,8 @@ class VoxelLevel(Level):
         orientation, shift) per query.
 
         NCC is unchanged when both images are mirrored, so the shifted training image is mirrored as it is read
-        (:func:`_windows` of the pair's :func:`_padded` copy) and compared with the query as is, rather than each
-        pair copying a mirrored query."""
+        (on the CPU without a mask, summed where it lies: :meth:`_ncc_summed`; else :func:`_windows` of the pair's
+        :func:`_padded` copy) and compared with the query as is, rather than each pair copying a mirrored query."""
         nq, npairs = candidates.shape
         ndim = q.ndim - 2
         pair_flips = flips.flatten()
@@ -701,22 +702,25 @@ class VoxelLevel(Level):
         else:  # the query standardized inside the mask mirrored as its pair's training image is
             masks = torch.cat([mask.flip([2 + a for a in axes]) for axes in orientations])[pair_flips]
             forms = _standardize(q.repeat_interleave(npairs, 0), masks) * masks
-        # every window of a pair is read from one padded copy: its predicted shift, then within a voxel of it
+        # every window of a pair is read from its training image (summed where it lies) or one padded copy of it: its
+        # predicted shift, then within a voxel of it
         pad = min(reach, int(shift.abs().max()) + 1) if shift.numel() else 0
-        padded = _padded(refs, pad, mirror)
+        summed = self._sums_in_place(q, mask)
+        source = refs if summed else _padded(refs, pad, mirror)
         del refs
-        scores = self._ncc(forms, padded, pad, shift[:, None], mirror, masks, out=windows)[:, 0].view(nq, npairs)
+        ncc = self._ncc_summed if summed else self._ncc
+        scores = ncc(forms, source, pad, shift[:, None], mirror, masks, out=windows)[:, 0].view(nq, npairs)
         centre, pick = scores.max(1)
         chosen = torch.arange(nq, device=q.device) * npairs + pick
         shift, mirror = shift[chosen], mirror[chosen]
         forms, masks = (forms, None) if mask is None else (forms[chosen], masks[chosen])
         steps = torch.cat([torch.eye(ndim, dtype=torch.long), -torch.eye(ndim, dtype=torch.long)]).to(q.device)
         around = (shift[:, None] + steps).clamp(-reach, reach)  # [Q, 2 ndim, ndim]
-        near = self._ncc(forms, padded, pad, around, mirror, masks, chosen, windows)
+        near = ncc(forms, source, pad, around, mirror, masks, chosen, windows)
         up, down = near[:, :ndim], near[:, ndim:]
         step = torch.where((up > centre[:, None]) & (up >= down), 1, torch.where(down > centre[:, None], -1, 0))
         around = torch.cat([shift[:, None], around, (shift + step).clamp(-reach, reach)[:, None]], 1)
-        last = self._ncc(forms, padded, pad, around[:, -1:], mirror, masks, chosen, windows)
+        last = ncc(forms, source, pad, around[:, -1:], mirror, masks, chosen, windows)
         near = torch.cat([centre[:, None], near, last], 1)
         sim, j = near.max(1)
         arange = torch.arange(nq, device=q.device)
@@ -742,6 +746,25 @@ class VoxelLevel(Level):
         dots = blocked_dots_(grouped, forms.flatten(2)[:, None]).view(windows.shape[:3])
         std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
         return (dots / std).mean(dim=2) / count
+
+    @staticmethod
+    def _sums_in_place(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether the refinement of queries ``q`` sums each window where it lies (:meth:`_ncc_summed`): on the CPU,
+        without a mask (else it reads windows from padded copies, :meth:`_ncc`)."""
+        return q.device.type == "cpu" and mask is None
+
+    @staticmethod
+    def _ncc_summed(forms, refs, pad, shifts, mirror, masks=None, images=None, out=None) -> torch.Tensor:
+        """:meth:`_ncc` on the CPU without a mask, from the training images ``refs`` themselves (not padded: ``pad``
+        and ``out`` go unused), each window summed where it lies (:func:`window_sums`, in float64): about 4x faster
+        than reading the windows into a buffer, and no padded copy."""
+        b, count = len(shifts), forms[0, 0].numel()
+        images = torch.arange(b) if images is None else images
+        dots, totals, squares = window_sums(forms, refs, torch.arange(b) // (b // len(forms)), images, -shifts,
+                                            mirror).unbind(-1)
+        mean = totals / count
+        std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+        return ((dots / std).mean(dim=2) / count).float()
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...], bend: float = 0.0) -> str:
