@@ -1,13 +1,15 @@
 """Sums over shifted, mirrored windows of training images, for the voxel level's refinement on the CPU: each window's
-voxels read once from the unpadded image, without copying the window (a numba kernel, parallel over windows).
+voxels read once from the unpadded image, without copying the window (a numba kernel, compiled once per machine and
+cached).
 
 A window is a training image displaced by whole voxels (edges replicated), then mirrored: ``w[y] = r[clamp(m(y) +
 s)]`` with ``m`` mirroring the chosen axes and ``s`` the shift. Its sums with a query's form ``q`` are the dot
 ``sum q w``, ``sum w`` and ``sum w²``, from which NCC follows. Mirroring along the last axis is read as the query
 mirrored instead (a dot is unchanged when both sides are permuted alike), so every row of a window is a run of its
 image's row, its ends the row's edge values. Each row's sums are float32 (vectorized), added up in float64: within
-about 1e-7 of float64 sums, and the same whatever the thread count. One thread: it reads as fast as two on a 2-core
-machine (its memory bandwidth), and, unlike numba's OpenMP layer, lets a forked process sum windows too.
+about 1e-7 of float64 sums, and the same whatever the thread count. It runs on one thread, releasing the GIL: as
+fast as two on a 2-core machine (bound by its memory bandwidth), and, unlike numba's OpenMP layer, it lets a forked
+process (a DataLoader worker, a multiprocessing pool) sum windows too.
 
 >>> import torch
 >>> image = torch.arange(4.0).view(1, 1, 1, 1, 4)  # read one voxel on: [1, 2, 3, 3]
