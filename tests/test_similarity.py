@@ -303,6 +303,30 @@ def test_windows_summed_where_they_lie_score_as_the_windows_read(shape, channels
     assert torch.equal(sums[0], sums[1])
 
 
+@pytest.mark.parametrize("shape", [(32, 28), (20, 18, 16)])
+def test_a_search_summing_windows_in_place_finds_what_reading_them_finds(shape, monkeypatch):
+    """A whole voxel search on the CPU (windows summed where they lie) matches the same training images with the same
+    mirrors and shifts as the search reading its windows from padded copies (the path of GPUs and masks), its
+    similarities within 1e-6: mirrored and shifted copies and unrelated samples alike."""
+    from relict_callbacks.levels.voxel import VoxelLevel
+
+    refs = smooth_field(12, shape, seed=11)
+    copies = [torch.roll(refs[i].flip(1 + i % len(shape)), shifts=1 - i % 3, dims=1 + (i + 1) % len(shape))
+              for i in range(4)]
+    samples = torch.stack(copies + list(smooth_field(4, shape, seed=12)))
+    level = rc.VoxelLevel(grid=shape, max_shift=3)
+    bank = _bank(list(refs), level)
+    query = level.embed([Item(s, None, str(i)) for i, s in enumerate(samples)])
+    summed = bank.nearest(level, query)
+    calls = []
+    monkeypatch.setattr(VoxelLevel, "_sums_in_place", staticmethod(lambda q, mask: calls.append(q.shape) or False))
+    read = bank.nearest(level, query)
+    assert calls  # the refinement asked, and read its windows
+    assert list(summed.index) == list(read.index) and list(summed.transform) == list(read.transform)
+    assert list(summed.index[:4]) == [0, 1, 2, 3] and all(t.startswith("flip") for t in summed.transform[:4])
+    np.testing.assert_allclose(summed.similarity, read.similarity, atol=1e-6, rtol=0)
+
+
 def _sums_of_ones():
     from relict_callbacks.window_sums import window_sums
 
