@@ -25,7 +25,18 @@ import numpy as np
 import torch
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _compiled(kernel):
+    """``kernel`` compiled by numba (releasing the GIL, float sums reassociated so that they vectorize), cached on
+    disk where numba finds a writable place (next to this module, or the user's cache), else compiled again in each
+    process: a read-only install still imports."""
+    options = {"nogil": True, "fastmath": {"reassoc", "contract"}}
+    try:
+        return numba.njit(cache=True, **options)(kernel)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(**options)(kernel)
+
+
+@_compiled
 def _sums(forms, flipped, form_of, images, image_of, shifts, mirror, out):  # pragma: no cover (compiled)
     pairs, shift_count = shifts.shape[0], shifts.shape[1]
     channels, depth, height, width = images.shape[1], images.shape[2], images.shape[3], images.shape[4]

@@ -350,6 +350,23 @@ def test_window_sums_run_in_a_process_forked_after_they_ran():
         torch.set_num_threads(threads)
 
 
+def test_window_sums_import_and_run_where_numba_cannot_cache():
+    """Where numba finds no writable place for its cache (a read-only install and home, here a cache locator that
+    never applies), the kernel is compiled in the process instead: the package imports and sums (numba refused to
+    decorate it, so importing relict_callbacks failed)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import relict_callbacks, torch; from relict_callbacks.window_sums import window_sums; "
+            "print(window_sums(torch.ones(1, 1, 1, 1, 4), torch.arange(4.0).view(1, 1, 1, 1, 4), torch.tensor([0]), "
+            "torch.tensor([0]), torch.tensor([[[0, 0, 1]]]), torch.zeros(1, 3, dtype=torch.bool))[0, 0, 0].tolist())")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[9.0, 9.0, 23.0]"
+
+
 @pytest.mark.parametrize("shape, channels, factor", [((40, 36), 1, 4), ((30, 34), 2, 4), ((64, 64, 64), 1, 4),
                                                       ((17, 19, 23), 2, 4), ((16, 16), 1, 1)])
 def test_thumbnails_are_the_pooled_copies_centred_on_their_centroids(shape, channels, factor):
