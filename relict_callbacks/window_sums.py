@@ -89,7 +89,7 @@ def window_sums(forms: torch.Tensor, images: torch.Tensor, form_of: torch.Tensor
                            torch.cat([torch.zeros_like(mirror[:, :1]), mirror], 1))
     forms, images = forms.float().contiguous(), images.float().contiguous()
     out = np.empty((*shifts.shape[:2], images.shape[1], 3))
-    arrays = (forms.numpy(), forms.flip(-1).contiguous().numpy(), form_of.long().numpy(), images.numpy(),
-              image_of.long().numpy(), shifts.long().contiguous().numpy(), mirror.bool().numpy(), out)
-    _sums(*arrays)
+    flipped = forms.flip(-1).contiguous() if mirror[:, -1].any() else forms  # read only by pairs mirrored there
+    _sums(forms.numpy(), flipped.numpy(), form_of.long().numpy(), images.numpy(), image_of.long().numpy(),
+          shifts.long().contiguous().numpy(), mirror.bool().numpy(), out)
     return torch.from_numpy(out)

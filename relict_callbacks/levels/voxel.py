@@ -738,14 +738,13 @@ class VoxelLevel(Level):
         if masks is not None:
             windows = windows * masks.flatten(2)[:, None]
         count = windows.shape[3] if masks is None else masks[0].sum()
-        mean = windows.sum(dim=3) / count
+        totals = windows.sum(dim=3)
         squares = torch.linalg.vector_norm(windows.unflatten(3, (-1, sum_block(windows.shape[3]))), dim=4)
         squares = squares.square().sum(3)
         # each window times its query's form, in place: the windows are read no more
         grouped = windows.view(len(forms), -1, *windows.shape[2:])  # [G, pairs x S, C, D]
         dots = blocked_dots_(grouped, forms.flatten(2)[:, None]).view(windows.shape[:3])
-        std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-        return (dots / std).mean(dim=2) / count
+        return _correlation(dots, totals, squares, count)
 
     @staticmethod
     def _sums_in_place(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -760,11 +759,16 @@ class VoxelLevel(Level):
         than reading the windows into a buffer, and no padded copy."""
         b, count = len(shifts), forms[0, 0].numel()
         images = torch.arange(b) if images is None else images
-        dots, totals, squares = window_sums(forms, refs, torch.arange(b) // (b // len(forms)), images, -shifts,
-                                            mirror).unbind(-1)
-        mean = totals / count
-        std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-        return ((dots / std).mean(dim=2) / count).float()
+        sums = window_sums(forms, refs, torch.arange(b) // (b // len(forms)), images, -shifts, mirror)
+        return _correlation(*sums.unbind(-1), count).float()
+
+
+def _correlation(dots, totals, squares, count) -> torch.Tensor:
+    """NCC ``[B, S]`` of windows with standardized query forms from their sums per channel ``[B, S, C]`` over
+    ``count`` voxels: the dots with the forms, the windows' values and their squares; averaged over the channels."""
+    mean = totals / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return (dots / std).mean(dim=2) / count
 
 
 def _describe(flip: tuple[int, ...], shift: tuple[int, ...], bend: float = 0.0) -> str:
