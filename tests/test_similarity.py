@@ -452,6 +452,58 @@ def test_a_bent_volume_is_read_where_its_field_points_even_past_a_slice_edge(axi
     torch.testing.assert_close(warped, expected, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("shape, channels", [((30, 26), 1), ((21, 17), 2), ((12, 10, 14), 1), ((9, 11, 8), 2)])
+def test_bent_windows_summed_where_they_lie_score_as_the_bent_copies(shape, channels, monkeypatch):
+    """The CPU bend score summed where each bent window lies (:func:`bent_window_sums`) equals the NCC of the bent copy
+    (the training image displaced, bent by :func:`_bent`, against the query mirrored: the path of GPUs and masks),
+    within 1e-6: every mirror, shifts and bends past the edges, several channels; and it is the same to the last bit
+    on 1 or 2 threads."""
+    from relict_callbacks.levels.voxel import BEND_CONTROL, VoxelLevel, _linear_matrix, mirror_orientations
+    from relict_callbacks.window_sums import bent_window_sums
+
+    gen = torch.Generator().manual_seed(6)
+    ndim = len(shape)
+    queries = torch.randn(8, channels, *shape, generator=gen)
+    refs = 0.7 * queries + torch.randn(8, channels, *shape, generator=gen) + 0.3
+    controls = 3 * torch.randn(8, ndim, *(BEND_CONTROL,) * ndim, generator=gen)  # voxels, some past the edges
+    moved = torch.randint(-4, 5, (8, ndim), generator=gen)
+    orientations = mirror_orientations(range(ndim))
+    flips = torch.arange(8) % len(orientations)
+    summed = VoxelLevel._bent_ncc(queries, refs, controls, moved, orientations, flips, None)
+    monkeypatch.setattr(VoxelLevel, "_sums_in_place", staticmethod(lambda q, mask: False))
+    copied = VoxelLevel._bent_ncc(queries, refs, controls, moved, orientations, flips, None)
+    torch.testing.assert_close(summed, copied, atol=1e-6, rtol=0)
+    tents = [_linear_matrix(n, BEND_CONTROL, controls) for n in shape]
+    mirror = torch.rand(8, ndim, generator=gen) < 0.5
+    threads, sums = torch.get_num_threads(), []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            sums.append(bent_window_sums(queries, refs, torch.arange(8), controls, tents, moved, mirror))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(sums[0], sums[1])
+
+
+@pytest.mark.parametrize("shape, factor", [((16, 12), 4), ((13, 9, 10), 2), ((6, 5, 7), 1)])
+def test_a_pair_pools_straight_from_its_images_as_from_their_moved_copies(shape, factor):
+    """The bend search pools each query mirrored and each match displaced (edges replicated) in one matrix product per
+    axis (:func:`_shift_pool_matrices`), as pooling the mirrored and displaced copies does, the remainder of an axis
+    that ``factor`` does not divide left out as ``avg_pool`` leaves it."""
+    from relict_callbacks.levels.voxel import _displace, _pool, _shift_pool_matrices
+    from relict_callbacks.separable import along_axes
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 2, *shape, generator=gen)
+    shifts = torch.randint(-3, 4, (5, len(shape)), generator=gen)
+    mirror = torch.rand(5, len(shape), generator=gen) < 0.5
+    pooled = along_axes(x, [_shift_pool_matrices(shifts[:, a], n, factor, mirror[:, a]) for a, n in enumerate(shape)])
+    copies = torch.stack([_displace(x[b : b + 1], shifts[b].view(1, 1, -1))[0, 0].flip(
+        [1 + a for a in range(len(shape)) if mirror[b, a]]) for b in range(5)])  # displaced, then mirrored
+    expected = copies if factor == 1 else _pool(copies, factor)
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("grid", [(64, 48), (13, 7, 9)])
 def test_bend_field_interpolates_its_control_points_as_torch_does(grid):
     from relict_callbacks.levels.voxel import BEND_CONTROL, bend_field

@@ -39,7 +39,7 @@ from ..search import blocked_dots_, inner_product_topk, row_pieces, sum_block, t
 from ..separable import along_axes
 from ..torch_modes import tolerating_nondeterministic_backward
 from ..validation import check_grid, check_number
-from ..window_sums import window_sums
+from ..window_sums import bent_window_sums, window_sums
 from .base import Level, Nearest, plain_grid, resample, resample_all, resolve_grid
 
 LR_AXIS = {2: 1, 3: 0}  # left-right: columns of a [C, H, W] slice; first axis of a RAS [C, X, Y, Z] volume
@@ -174,11 +174,15 @@ def _centred_thumbnails(x: torch.Tensor, factor: int) -> torch.Tensor:
                           for axis, n in enumerate(x.shape[2:])])
 
 
-def _shift_pool_matrices(shifts: torch.Tensor, n: int, factor: int) -> torch.Tensor:
+def _shift_pool_matrices(shifts: torch.Tensor, n: int, factor: int, mirror: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, n // factor, n]``: for each of the ``shifts`` ``[B]``, the matrix that reads an axis of length ``n``
-    displaced by that many voxels (``out[y] = x[y + shift]``, edges replicated) and averages runs of ``factor``."""
+    displaced by that many voxels (``out[y] = x[y + shift]``, edges replicated), mirrored where ``mirror`` ``[B]``
+    is set (``out[y] = x[n - 1 - y + shift]``), and averages runs of ``factor``."""
     pooled = n // factor
-    source = (torch.arange(pooled * factor, device=shifts.device) + shifts[:, None]).clamp(0, n - 1)
+    source = torch.arange(pooled * factor, device=shifts.device).expand(len(shifts), -1)
+    if mirror is not None:
+        source = torch.where(mirror[:, None], n - 1 - source, source)
+    source = (source + shifts[:, None]).clamp(0, n - 1)
     reads = source.view(-1, pooled, factor, 1) == torch.arange(n, device=shifts.device)  # [B, pooled, factor, n]
     return reads.sum(2).float() / factor  # how often each voxel is read (edges replicated), over the run
 
@@ -621,29 +625,59 @@ class VoxelLevel(Level):
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
         bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
         (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
-        made once at full resolution; the bends are fitted (:func:`register`) on copies pooled to about
-        ``BEND_SIDE`` voxels per axis, then scored at full resolution a few at a time (:meth:`_chunk` of
-        ``BEND_SCORE_COPIES``). A bend that moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``):
-        it is not kept."""
-        grid = tuple(q.shape[2:])
+        pooled to about ``BEND_SIDE`` voxels per axis straight from the query and its match (one matrix product per
+        axis: :func:`_shift_pool_matrices`); the bends are fitted there (:func:`register`), then scored at full
+        resolution (:meth:`_bent_ncc`). A bend that moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is
+        ``-inf``): it is not kept."""
+        grid, ndim = tuple(q.shape[2:]), q.ndim - 2
         factor = max(1, min(grid) // BEND_SIDE)
-        pooled = (lambda x: x) if factor == 1 else (lambda x: _pool(x, factor))
-        mask_small = None if mask is None else pooled(mask).gt(0.5).float()
+        mask_small = None if mask is None else self._mask(grid, factor, q.device)
         reach = self.bend_reach(grid) / factor
         sizes, sims, group_size = [], [], self._bend_group(q)
         for first in range(0, len(q), group_size):
             group = slice(first, first + group_size)
-            oriented = _mirrored(q[group], orientations, flip[group])
-            refs = _displace(take_rows(rows, index[group], q.device), -shift[group, None])[:, 0]
-            controls = factor * register(pooled(oriented), pooled(refs), mask_small, reach, self.bend_fit)
+            queries, refs = q[group].float(), take_rows(rows, index[group], q.device)
+            mirror, moved = _mirrored_axes(orientations, flip[group], ndim), -shift[group]
+            still = torch.zeros_like(moved)
+            pooled = [along_axes(x, [_shift_pool_matrices(s[:, axis], n, factor, m[:, axis])
+                                     for axis, n in enumerate(grid)])
+                      for x, s, m in [(queries, still, mirror), (refs, moved, torch.zeros_like(mirror))]]
+            controls = factor * register(*pooled, mask_small, reach, self.bend_fit)
             size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
             sim = torch.full_like(size, -torch.inf)
-            for kept in torch.nonzero(size >= BEND_MIN).flatten().split(self._chunk(q, BEND_SCORE_COPIES)):
-                if len(kept):  # (one empty part where none is kept)
-                    sim[kept] = _ncc_pairs(_bent(refs[kept], controls[kept]), oriented[kept], mask)
+            kept = torch.nonzero(size >= BEND_MIN).flatten()
+            if len(kept) == len(size):  # (no copies of the images)
+                sim = self._bent_ncc(queries, refs, controls, moved, orientations, flip[group], mask)
+            elif len(kept):
+                sim[kept] = self._bent_ncc(queries[kept], refs[kept], controls[kept], moved[kept], orientations,
+                                           flip[group][kept], mask)
             sizes.append(size)
             sims.append(sim)
         return torch.cat(sims), torch.cat(sizes)
+
+    @staticmethod
+    def _bent_ncc(queries, refs, controls, moved, orientations, flips, mask) -> torch.Tensor:
+        """NCC ``[B]`` of each query (``[B, C, *grid]``) in its orientation ``orientations[flips]`` with its
+        training image ``refs`` displaced by ``moved`` [B, ndim] (``w[y] = ref[y + moved]``, edges replicated)
+        and bent by ``controls`` (:func:`_bent`), over ``mask``. On the CPU without a mask, summed where the bent
+        image lies (:func:`bent_window_sums`, in float64; no mirrored, displaced or bent copy); else from those
+        copies, a few pairs at a time (:meth:`_chunk` of ``BEND_SCORE_COPIES``)."""
+        grid = tuple(refs.shape[2:])
+        if VoxelLevel._sums_in_place(refs, mask):
+            tents = [_linear_matrix(n, c, controls) for n, c in zip(grid, controls.shape[2:])]
+            mirror = _mirrored_axes(orientations, flips, len(grid))
+            sums = bent_window_sums(queries, refs, torch.arange(len(refs)), controls, tents, moved, mirror)
+            count = refs[0, 0].numel()
+            means = sums[..., [1, 3]] / count  # of the window and of the query
+            spreads = (sums[..., [2, 4]] / count - means.square()).clamp_min(1e-24).sqrt()
+            covariance = sums[..., 0] / count - means.prod(-1)
+            return (covariance / spreads.prod(-1)).mean(1).float()
+        sims = []
+        for part in torch.arange(len(refs), device=refs.device).split(VoxelLevel._chunk(refs, BEND_SCORE_COPIES)):
+            displaced = _displace(refs[part], moved[part, None])[:, 0]
+            sims.append(_ncc_pairs(_bent(displaced, controls[part]), _mirrored(queries[part], orientations, flips[part]),
+                                   mask))
+        return torch.cat(sims)
 
     def _propose(self, query_thumbs, thumbs, orientations, grid, exclude) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``REFINE_CANDIDATES`` best (bank index, orientation) pairs per query ``[Q, P]`` by thumbnail NCC of
