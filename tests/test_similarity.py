@@ -126,6 +126,23 @@ def test_segmentation_uses_segmenter_for_items_without_labels():
     assert found.index[0] == 2 and found.similarity[0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("shape, channels", [((20, 18, 16), 1), ((24, 20), 2)])
+def test_an_embedding_made_a_few_images_at_a_time_is_the_batch_embedding(shape, channels, monkeypatch):
+    """On the CPU the voxel level embeds a batch a few images at a time (``PIECE_BYTES`` of float32 each, so that the
+    allocator reuses their temporaries): its rows, thumbnails and centroids are those of the whole batch at once, to
+    the last bit."""
+    import relict_callbacks.search as search
+
+    items = [Item(image, None, str(i)) for i, image in enumerate(smooth_field(9, shape, seed=21, channels=channels))]
+    level = rc.VoxelLevel(grid=shape)
+    whole = level.embed(items)
+    monkeypatch.setattr(search, "PIECE_BYTES", 3 * 4 * channels * int(np.prod(shape)))  # pieces of 3 images
+    pieces = level.embed(items)
+    assert search.row_pieces(9, 4 * channels * int(np.prod(shape))) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    for key in whole:
+        assert np.array_equal(whole[key], pieces[key]), key
+
+
 def test_feature_similarity_is_cosine_of_embeddings():
     torch.manual_seed(0)
     extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
