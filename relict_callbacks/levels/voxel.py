@@ -632,37 +632,39 @@ class VoxelLevel(Level):
 
     def _bend(self, q, rows, index, flip, shift, orientations, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
-        bent onto it, and the largest displacement of that bend, in grid voxels. A group of queries at a time
-        (:meth:`_bend_group`), each pair (the query as matched, mirrored, and its match moved into its frame) is
-        pooled to about ``BEND_SIDE`` voxels per axis straight from the query and its match (one matrix product per
-        axis: :func:`_shift_pool_matrices`); the bends are fitted there (:func:`register`), then scored at full
-        resolution (:meth:`_bent_ncc`). A bend that moves no voxel as far as ``BEND_MIN`` is not scored (its NCC is
-        ``-inf``): it is not kept."""
+        bent onto it, and the largest displacement of that bend, in grid voxels. Each pair (the query as matched,
+        mirrored, and its match moved into its frame) is pooled to about ``BEND_SIDE`` voxels per axis straight from
+        the query and its match (one matrix product per axis: :func:`_shift_pool_matrices`); the bends are fitted
+        there (:func:`register`), then scored at full resolution (:meth:`_bent_ncc`), a few queries at a time (on the
+        CPU :func:`row_pieces`, whose temporaries the allocator reuses; else :meth:`_chunk` of 2). A bend that moves no
+        voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``): it is not kept."""
         grid, ndim = tuple(q.shape[2:]), q.ndim - 2
         factor = max(1, min(grid) // BEND_SIDE)
+        mirror, moved = _mirrored_axes(orientations, flip, ndim), -shift
+        every = torch.arange(len(q), device=q.device)
+        pieces = ([every[piece] for piece in row_pieces(len(q), 4 * q[0].numel())] if q.device.type == "cpu"
+                  else every.split(self._chunk(q, 2)))
+
+        def pair(piece):  # the queries and their matches at full resolution, in float32
+            return q[piece].float(), take_rows(rows, index[piece], q.device)
+
+        pooled = []
+        for piece in pieces:
+            still = torch.zeros_like(mirror[piece])
+            pooled.append([along_axes(x, [_shift_pool_matrices(s[:, axis], n, factor, m[:, axis])
+                                          for axis, n in enumerate(grid)])
+                           for x, s, m in zip(pair(piece), (0 * moved[piece], moved[piece]), (mirror[piece], still))])
+        pooled_queries, pooled_refs = (torch.cat(part) for part in zip(*pooled))
         mask_small = None if mask is None else self._mask(grid, factor, q.device)
-        reach = self.bend_reach(grid) / factor
-        sizes, sims, group_size = [], [], self._bend_group(q)
-        for first in range(0, len(q), group_size):
-            group = slice(first, first + group_size)
-            queries, refs = q[group].float(), take_rows(rows, index[group], q.device)
-            mirror, moved = _mirrored_axes(orientations, flip[group], ndim), -shift[group]
-            still = torch.zeros_like(moved)
-            pooled = [along_axes(x, [_shift_pool_matrices(s[:, axis], n, factor, m[:, axis])
-                                     for axis, n in enumerate(grid)])
-                      for x, s, m in [(queries, still, mirror), (refs, moved, torch.zeros_like(mirror))]]
-            controls = factor * register(*pooled, mask_small, reach, self.bend_fit)
-            size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
-            sim = torch.full_like(size, -torch.inf)
-            kept = torch.nonzero(size >= BEND_MIN).flatten()
-            if len(kept) == len(size):  # (no copies of the images)
-                sim = self._bent_ncc(queries, refs, controls, moved, orientations, flip[group], mask)
-            elif len(kept):
-                sim[kept] = self._bent_ncc(queries[kept], refs[kept], controls[kept], moved[kept], orientations,
-                                           flip[group][kept], mask)
-            sizes.append(size)
-            sims.append(sim)
-        return torch.cat(sims), torch.cat(sizes)
+        controls = factor * register(pooled_queries, pooled_refs, mask_small, self.bend_reach(grid) / factor,
+                                     self.bend_fit)
+        size = torch.linalg.vector_norm(controls, dim=1).flatten(1).amax(1)
+        sim = torch.full_like(size, -torch.inf)
+        for piece in pieces:
+            kept = piece[size[piece] >= BEND_MIN]
+            if len(kept):
+                sim[kept] = self._bent_ncc(*pair(kept), controls[kept], moved[kept], orientations, flip[kept], mask)
+        return sim, size
 
     @staticmethod
     def _bent_ncc(queries, refs, controls, moved, orientations, flips, mask) -> torch.Tensor:
@@ -701,13 +703,6 @@ class VoxelLevel(Level):
         indices = indices.view(len(orientations), nq, -1).transpose(0, 1).flatten(1)
         top = values.topk(min(REFINE_CANDIDATES, values.shape[1]), dim=1).indices
         return indices.gather(1, top), torch.div(top, values.shape[1] // len(orientations), rounding_mode="floor")
-
-    @staticmethod
-    def _bend_group(q: torch.Tensor) -> int:
-        """Queries whose bends are fitted and scored together: ``FIT_PAIRS`` (``DEVICE_FIT_PAIRS`` off the CPU), fewer
-        where their pairs of full-resolution images would take more than ``REFINE_BYTES`` (:meth:`_chunk` of 2
-        images): 12 of 64³ on the CPU."""
-        return min(FIT_PAIRS if q.device.type == "cpu" else DEVICE_FIT_PAIRS, VoxelLevel._chunk(q, 2))
 
     @staticmethod
     def _chunk(q: torch.Tensor, copies: int) -> int:
