@@ -505,16 +505,15 @@ def test_bent_windows_summed_where_they_lie_score_as_the_bent_copies(shape, chan
 @pytest.mark.parametrize("shape, factor", [((16, 12), 4), ((13, 9, 10), 2), ((6, 5, 7), 1)])
 def test_a_pair_pools_straight_from_its_images_as_from_their_moved_copies(shape, factor):
     """The bend search pools each query mirrored and each match displaced (edges replicated) in one matrix product per
-    axis (:func:`_shift_pool_matrices`), as pooling the mirrored and displaced copies does, the remainder of an axis
+    axis (:func:`_moved_pooled`), as pooling the mirrored and displaced copies does, the remainder of an axis
     that ``factor`` does not divide left out as ``avg_pool`` leaves it."""
-    from relict_callbacks.levels.voxel import _displace, _pool, _shift_pool_matrices
-    from relict_callbacks.separable import along_axes
+    from relict_callbacks.levels.voxel import _displace, _moved_pooled, _pool
 
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 2, *shape, generator=gen)
     shifts = torch.randint(-3, 4, (5, len(shape)), generator=gen)
     mirror = torch.rand(5, len(shape), generator=gen) < 0.5
-    pooled = along_axes(x, [_shift_pool_matrices(shifts[:, a], n, factor, mirror[:, a]) for a, n in enumerate(shape)])
+    pooled = _moved_pooled(x, factor, shifts, mirror)
     copies = torch.stack([_displace(x[b : b + 1], shifts[b].view(1, 1, -1))[0, 0].flip(
         [1 + a for a in range(len(shape)) if mirror[b, a]]) for b in range(5)])  # displaced, then mirrored
     expected = copies if factor == 1 else _pool(copies, factor)

@@ -61,9 +61,10 @@ BEND_STEPS = 20  # Adam steps of the bend search of banks built before the Gauss
 SAVED_BEFORE = {"smoothing": 0.0, "max_bend": 0.0, "bend_fit": "adam"}
 BEND_SIDE = 16  # the bend is searched on a grid pooled to at most about this many voxels per side
 BEND_MIN = 0.5  # a bend kept must move some voxel at least this far (smaller ones only fit interpolation noise)
-# float32 images a bend's full-resolution score holds at once per pair (its field, sampling grid, two-channel sample,
-# standardized copies): bends are scored a few at a time so that these stay within REFINE_BYTES, which the allocator
-# reuses (the bend phase of 64 3D queries took 312 ms 2 pairs at a time, 340-358 ms 3 or 4 at a time, 474 ms 6)
+# float32 images a bend's full-resolution score holds at once per pair where it scores the bent copies (CUDA, masks:
+# its field, sampling grid, two-channel sample, standardized copies): bends are scored a few at a time so that these
+# stay within REFINE_BYTES, which the allocator reuses (the bend phase of 64 3D queries on the CPU took 312 ms 2 pairs
+# at a time, 340-358 ms 3 or 4 at a time, 474 ms 6)
 BEND_SCORE_COPIES = 12
 FIT_PAIRS = 16  # bends fitted at once on the CPU: their float64 normal matrices (295 KB a 3D pair) stay reusable
 DEVICE_FIT_PAIRS = 1024  # off the CPU
@@ -169,9 +170,15 @@ def _centred_thumbnails(x: torch.Tensor, factor: int) -> torch.Tensor:
     replicated, as :func:`_displace` does), then average-pooled by ``factor`` per axis (as :func:`_pool`): both in
     one matrix product per axis and image (:func:`_shift_pool_matrices`), without a padded copy of each image."""
     middle = torch.tensor([(n - 1) / 2 for n in x.shape[2:]], device=x.device)
-    shifts = (_centroids(x) - middle).round().long()  # [B, ndim]
-    return along_axes(x, [_shift_pool_matrices(shifts[:, axis], n, factor).to(x.dtype)
-                          for axis, n in enumerate(x.shape[2:])])
+    return _moved_pooled(x, factor, (_centroids(x) - middle).round().long())
+
+
+def _moved_pooled(x: torch.Tensor, factor: int, shifts: torch.Tensor, mirror: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[B, C, *spatial]`` displaced by whole voxels (``out[y] = x[y + shift]``, each image by its ``shifts``
+    ``[B, ndim]``, edges replicated), mirrored along the axes ``mirror`` ``[B, ndim]`` sets, and average-pooled by
+    ``factor``: one matrix product per axis and image (:func:`_shift_pool_matrices`), no full-resolution copy."""
+    return along_axes(x, [_shift_pool_matrices(shifts[:, axis], n, factor, None if mirror is None else mirror[:, axis])
+                          .to(x.dtype) for axis, n in enumerate(x.shape[2:])])
 
 
 def _shift_pool_matrices(shifts: torch.Tensor, n: int, factor: int, mirror: torch.Tensor | None = None) -> torch.Tensor:
@@ -634,7 +641,7 @@ class VoxelLevel(Level):
         """NCC of each query ``q`` [Q, C, *grid] with its match (bank ``index``, orientation ``flip``, ``shift``)
         bent onto it, and the largest displacement of that bend, in grid voxels. Each pair (the query as matched,
         mirrored, and its match moved into its frame) is pooled to about ``BEND_SIDE`` voxels per axis straight from
-        the query and its match (one matrix product per axis: :func:`_shift_pool_matrices`); the bends are fitted
+        the query and its match (:func:`_moved_pooled`); the bends are fitted
         there (:func:`register`), then scored at full resolution (:meth:`_bent_ncc`), a few queries at a time (on the
         CPU :func:`row_pieces`, whose temporaries the allocator reuses; else :meth:`_chunk` of 2). A bend that moves no
         voxel as far as ``BEND_MIN`` is not scored (its NCC is ``-inf``): it is not kept."""
@@ -650,10 +657,9 @@ class VoxelLevel(Level):
 
         pooled = []
         for piece in pieces:
-            still = torch.zeros_like(mirror[piece])
-            pooled.append([along_axes(x, [_shift_pool_matrices(s[:, axis], n, factor, m[:, axis])
-                                          for axis, n in enumerate(grid)])
-                           for x, s, m in zip(pair(piece), (0 * moved[piece], moved[piece]), (mirror[piece], still))])
+            queries, refs = pair(piece)
+            pooled.append((_moved_pooled(queries, factor, torch.zeros_like(moved[piece]), mirror[piece]),
+                           _moved_pooled(refs, factor, moved[piece])))
         pooled_queries, pooled_refs = (torch.cat(part) for part in zip(*pooled))
         mask_small = None if mask is None else self._mask(grid, factor, q.device)
         controls = factor * register(pooled_queries, pooled_refs, mask_small, self.bend_reach(grid) / factor,
