@@ -115,48 +115,49 @@ def _bent_sums(forms, form_of, images, controls, tents_z, tents_y, tents_x, shif
     step_z, step_y, step_x = np.empty(width, np.int32), np.empty(width, np.int32), np.empty(width, np.int32)
     plane_controls = np.empty((3, cy, cx), np.float32)  # the controls interpolated onto a slice
     row_controls = np.empty((3, cx), np.float32)  # and onto a row
+    images, forms = images.reshape(pairs, channels, -1), forms.reshape(forms.shape[0], channels, -1)
+    out[:] = 0.0
     for b in range(pairs):
         sz, sy, sx = f32(shifts[b, 0]), f32(shifts[b, 1]), f32(shifts[b, 2])
-        for c in range(channels):
-            dot, total, square, form_total, form_square = 0.0, 0.0, 0.0, 0.0, 0.0
-            image, form = images[b, c].reshape(-1), forms[form_of[b], c].reshape(-1)
-            for z in range(depth):
-                bz = depth - 1 - z if mirror[b, 0] else z  # the slice in the bend's frame
+        for z in range(depth):
+            bz = depth - 1 - z if mirror[b, 0] else z  # the slice in the bend's frame
+            for k in range(3):
+                for j in range(cy):
+                    for i in range(cx):
+                        value = f32(0.0)
+                        for a in range(cz):
+                            value += tents_z[bz, a] * controls[b, k, a, j, i]
+                        plane_controls[k, j, i] = value
+            for y in range(height):
+                by = height - 1 - y if mirror[b, 1] else y
                 for k in range(3):
-                    for j in range(cy):
-                        for i in range(cx):
-                            value = f32(0.0)
-                            for a in range(cz):
-                                value += tents_z[bz, a] * controls[b, k, a, j, i]
-                            plane_controls[k, j, i] = value
-                for y in range(height):
-                    by = height - 1 - y if mirror[b, 1] else y
-                    for k in range(3):
-                        for i in range(cx):
-                            value = f32(0.0)
-                            for j in range(cy):
-                                value += tents_y[by, j] * plane_controls[k, j, i]
-                            row_controls[k, i] = value
+                    for i in range(cx):
+                        value = f32(0.0)
+                        for j in range(cy):
+                            value += tents_y[by, j] * plane_controls[k, j, i]
+                        row_controls[k, i] = value
+                for x in range(width):
+                    at_z[x], at_y[x], at_x[x] = f32(bz), f32(by), columns[x]
+                for i in range(cx):  # the displacement along the row: its controls interpolated
+                    dz, dy, dx = row_controls[0, i], row_controls[1, i], row_controls[2, i]
                     for x in range(width):
-                        at_z[x], at_y[x], at_x[x] = f32(bz), f32(by), columns[x]
-                    for i in range(cx):  # the displacement along the row: its controls interpolated
-                        dz, dy, dx = row_controls[0, i], row_controls[1, i], row_controls[2, i]
-                        for x in range(width):
-                            t = tents_x[i, x]
-                            at_z[x] += t * dz
-                            at_y[x] += t * dy
-                            at_x[x] += t * dx
-                    for x in range(width):  # read at the bent point (edges replicated), then shifted (edges again)
-                        pz = min(max(min(max(at_z[x], f32(0.0)), top_z) + sz, f32(0.0)), top_z)
-                        py = min(max(min(max(at_y[x], f32(0.0)), top_y) + sy, f32(0.0)), top_y)
-                        px = min(max(min(max(at_x[x], f32(0.0)), top_x) + sx, f32(0.0)), top_x)
-                        iz, iy, ix = i32(pz), i32(py), i32(px)
-                        wz[x], wy[x], wx[x] = pz - f32(iz), py - f32(iy), px - f32(ix)
-                        first[x] = iz * i32(plane) + iy * i32(width) + ix
-                        step_z[x] = i32(plane) if iz < i32(depth - 1) else i32(0)
-                        step_y[x] = i32(width) if iy < i32(height - 1) else i32(0)
-                        step_x[x] = i32(1) if ix < i32(width - 1) else i32(0)
-                    row = (z * height + y) * width
+                        t = tents_x[i, x]
+                        at_z[x] += t * dz
+                        at_y[x] += t * dy
+                        at_x[x] += t * dx
+                for x in range(width):  # read at the bent point (edges replicated), then shifted (edges again)
+                    pz = min(max(min(max(at_z[x], f32(0.0)), top_z) + sz, f32(0.0)), top_z)
+                    py = min(max(min(max(at_y[x], f32(0.0)), top_y) + sy, f32(0.0)), top_y)
+                    px = min(max(min(max(at_x[x], f32(0.0)), top_x) + sx, f32(0.0)), top_x)
+                    iz, iy, ix = i32(pz), i32(py), i32(px)
+                    wz[x], wy[x], wx[x] = pz - f32(iz), py - f32(iy), px - f32(ix)
+                    first[x] = iz * i32(plane) + iy * i32(width) + ix
+                    step_z[x] = i32(plane) if iz < i32(depth - 1) else i32(0)
+                    step_y[x] = i32(width) if iy < i32(height - 1) else i32(0)
+                    step_x[x] = i32(1) if ix < i32(width - 1) else i32(0)
+                row = (z * height + y) * width
+                for c in range(channels):  # every channel read at the row's points, found once
+                    image, form = images[b, c], forms[form_of[b], c]
                     d, t_, sq, ft, fs = f32(0.0), f32(0.0), f32(0.0), f32(0.0), f32(0.0)
                     for x in range(width):
                         q = form[np.uint64(row + (width - 1 - x if mirror[b, 2] else x))]
@@ -173,10 +174,11 @@ def _bent_sums(forms, form_of, images, controls, tents_z, tents_y, tents_x, shif
                         sq += v * v
                         ft += q
                         fs += q * q
-                    dot, total, square, form_total, form_square = (dot + d, total + t_, square + sq, form_total + ft,
-                                                                   form_square + fs)
-            out[b, c, 0], out[b, c, 1], out[b, c, 2], out[b, c, 3], out[b, c, 4] = (dot, total, square, form_total,
-                                                                                      form_square)
+                    out[b, c, 0] += d
+                    out[b, c, 1] += t_
+                    out[b, c, 2] += sq
+                    out[b, c, 3] += ft
+                    out[b, c, 4] += fs
 
 
 def bent_window_sums(forms: torch.Tensor, images: torch.Tensor, form_of: torch.Tensor, controls: torch.Tensor,
